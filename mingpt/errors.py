@@ -1,0 +1,33 @@
+"""Errors a user can act on. Each message is one sentence that says what was wrong and what to do.
+
+Code that catches these (the patch-run CLI) prints str(error) and exits non-zero; nothing else in
+mingpt raises for user mistakes, and `assert` is kept for internal invariants only.
+"""
+
+
+class MinGPTError(Exception):
+    """Base class of every user-facing error raised by mingpt."""
+
+
+class ModelNotFoundError(MinGPTError):
+    """The model name is unknown, the folder does not exist, or the Hub has no such repository."""
+
+
+class OfflineError(MinGPTError):
+    """Files must come from the Hub but we are offline (or it is unreachable) and they are not cached."""
+
+
+class WeightsError(MinGPTError):
+    """The weight file is missing, truncated, corrupt, unsafe, or its tensors do not fit the config."""
+
+
+class ConfigError(MinGPTError):
+    """A model configuration value is invalid or unsupported."""
+
+
+class VocabularyError(MinGPTError):
+    """The BPE vocabulary files are missing or malformed."""
+
+
+class InputError(MinGPTError):
+    """The token ids given to the model do not fit it (too long, out of the vocabulary, wrong shape)."""

@@ -1,0 +1,459 @@
+"""GPT-2 (small to xl) written from scratch, with a record/patch seam for activation patching.
+
+The network is OpenAI's GPT-2: token + position embeddings, n_layer pre-LayerNorm blocks (causal
+self-attention, then a 4x MLP with the tanh GELU, each added back to the residual stream), a final
+LayerNorm and an unembedding tied to the token embedding. Parameter names follow OpenAI/Hugging Face
+(`transformer.wte`, `transformer.h.{i}.attn.c_attn`, `transformer.ln_f`, ...) so loading a checkpoint
+is a name-aligned copy; HF stores the four Conv1D weights as (in, out), which we transpose once, in
+`_hf_to_ours`/`_ours_to_hf`.
+
+Activation patching needs two things from forward(), and nothing else of the model's inside:
+- `record=Recording()` fills the recording with detached copies of the residual stream after every
+  block at every position (and, with `Recording(kv=True)`, every block's attention keys and values,
+  so a later run can resume from it), plus the last position's logits.
+- `patch=Patch(layer, pos, value)` replaces the output of block `layer` at position `pos` by `value`
+  before it flows into block `layer + 1` (tensors of shape (B,) give each batch row its own patch).
+
+`forward_patched` is the same patch, many at once and exactly: for patch (l, p) blocks 0..l are the
+base run's, positions < p are untouched (causal attention), and only a few logits are wanted, so it
+resumes at block l+1 from the recording, recomputes positions >= p only, and unembeds selected columns.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mingpt.errors import ConfigError, InputError, WeightsError
+from mingpt.hub import locate
+
+# ----------------------------------------------------------------------------- configuration
+
+PRESETS = {  # name: (n_layer, n_head, n_embd); all share GPT-2's 50257 tokens and 1024 positions
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+ACTIVATIONS = {
+    "gelu_new": partial(F.gelu, approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+@dataclass
+class GPTConfig:
+    """Hyper-parameters of a GPT-2; defaults are GPT-2 small."""
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    block_size: int = 1024  # context length (HF: n_positions)
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0  # one rate for embeddings, attention and residuals (0 for analysis)
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config {name} must be a positive integer, got {value!r}.")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"config n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.activation!r} is not supported: use one of {', '.join(ACTIVATIONS)}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config dropout must be in [0, 1), got {self.dropout!r}.")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}.")
+        n_layer, n_head, n_embd = PRESETS[name]
+        return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "GPTConfig":
+        """Read a Hugging Face config.json dict, refusing options our forward does not implement."""
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ConfigError(f"config.json describes a {hf.get('model_type')!r} model: only GPT-2 checkpoints load.")
+        unsupported = {"scale_attn_by_inverse_layer_idx": True, "add_cross_attention": True,
+                       "scale_attn_weights": False, "tie_word_embeddings": False}
+        for key, bad in unsupported.items():
+            if hf.get(key) is bad:
+                raise ConfigError(f"config.json sets {key}={bad}, which this GPT-2 does not implement.")
+        try:
+            return cls(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                       vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_inner=hf.get("n_inner"),
+                       activation=hf.get("activation_function", "gelu_new"),
+                       layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        except KeyError as missing:
+            raise ConfigError(f"config.json lacks {missing}: it is not a GPT-2 config.") from None
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers' GPT2LMHeadModel reads back into this same network."""
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": self.n_layer,
+                "n_head": self.n_head, "n_embd": self.n_embd, "vocab_size": self.vocab_size,
+                "n_positions": self.block_size, "n_ctx": self.block_size, "n_inner": self.n_inner,
+                "activation_function": self.activation, "layer_norm_epsilon": self.layer_norm_epsilon,
+                "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
+                "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True}
+
+
+# ----------------------------------------------------------------------------- the seam
+
+
+@dataclass
+class Recording:
+    """What forward(record=...) keeps: detached copies, never references into the live graph."""
+
+    kv: bool = False  # also keep every block's keys and values (forward_patched resumes from them)
+    resid: torch.Tensor | None = None  # (n_layer, B, T, C): row l = output of block l
+    keys: torch.Tensor | None = None  # (n_layer, B, nh, T, hs)
+    values: torch.Tensor | None = None  # (n_layer, B, nh, T, hs)
+    last_logits: torch.Tensor | None = None  # (B, vocab) logits at the last position
+
+    def _start(self, n_layer: int, x: torch.Tensor, n_head: int):
+        L, (B, T, C) = n_layer, x.shape
+        self.resid = x.new_empty(L, B, T, C)
+        if self.kv:
+            self.keys = x.new_empty(L, B, n_head, T, C // n_head)
+            self.values = x.new_empty(L, B, n_head, T, C // n_head)
+
+    def _keep_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.keys[layer].copy_(k.detach())
+        self.values[layer].copy_(v.detach())
+
+
+@dataclass
+class Patch:
+    """Replace the output of block `layer` at position `pos` by `value` (C,) before block layer+1.
+
+    With `layer` and `pos` LongTensors of shape (B,) and `value` (B, C), batch row b is patched at
+    (layer[b], pos[b]) with value[b]; a layer of -1 leaves that row unpatched.
+    """
+
+    layer: int | torch.Tensor
+    pos: int | torch.Tensor
+    value: torch.Tensor
+
+    def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        if isinstance(self.layer, int):
+            if self.layer != layer:
+                return x
+            x = x.clone()
+            x[:, self.pos] = self.value.to(x.dtype)
+            return x
+        rows = (self.layer == layer).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return x
+        return x.index_put((rows, self.pos[rows]), self.value[rows].to(x.dtype))
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, attend: Callable | None = None) -> torch.Tensor:
+        """x: (B, T, C); a custom `attend` maps q|k|v rows to mixed rows and may use another layout."""
+        qkv = self.c_attn(x)
+        y = attend(self, qkv) if attend is not None else self.causal(qkv)
+        return self.resid_drop(self.c_proj(y))
+
+    def heads(self, qkv: torch.Tensor) -> list[torch.Tensor]:
+        """(B, T, 3C) -> q, k, v, each (B, nh, T, hs)."""
+        hs = self.n_embd // self.n_head
+        return [t.unflatten(-1, (self.n_head, hs)).transpose(1, 2) for t in qkv.split(self.n_embd, dim=-1)]
+
+    def causal(self, qkv: torch.Tensor, keep: Callable | None = None) -> torch.Tensor:
+        q, k, v = self.heads(qkv)  # (B, nh, T, hs) each
+        if keep is not None:
+            keep(k, v)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, nh, T, hs)
+        return y.transpose(1, 2).flatten(-2)  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation]
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.drop(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, attend: Callable | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attend)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # GPT-2 ties unembedding to embedding
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.name = "random"
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                record: Recording | None = None, patch: Patch | None = None, last_only: bool = False):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
+
+        record: a Recording to fill (see module docstring); patch: a Patch to apply.
+        last_only: compute logits at the last position only (B, 1, vocab); no loss then.
+        """
+        self._check_ids(idx)
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        if record is not None:
+            record._start(self.config.n_layer, x, self.config.n_head)
+        for l, block in enumerate(self.transformer.h):
+            keep = partial(record._keep_kv, l) if record is not None and record.kv else None
+            x = block(x, partial(CausalSelfAttention.causal, keep=keep) if keep else None)
+            if patch is not None:
+                x = patch.apply(x, l)
+            if record is not None:
+                record.resid[l].copy_(x.detach())
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x[:, -1:] if last_only else x)  # (B, T or 1, vocab)
+        if record is not None:
+            record.last_logits = logits[:, -1].detach().clone()
+        loss = None
+        if targets is not None and not last_only:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def _check_ids(self, idx: torch.Tensor):
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise InputError(f"token ids must be a LongTensor of shape (batch, tokens), got {idx.dtype} {tuple(idx.shape)}.")
+        T = idx.shape[1]
+        if T == 0:
+            raise InputError("the prompt is empty: give at least one token.")
+        if T > self.config.block_size:
+            raise InputError(f"the prompt has {T} tokens but this model's context holds {self.config.block_size}: shorten it.")
+
+    # ------------------------------------------------------------------------- many patches at once
+
+    @torch.no_grad()
+    def forward_patched(self, base: Recording, layers: Sequence[int], positions: Sequence[int],
+                        values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Last-position logits of `token_ids` for the base run patched at every (layer, position) pair.
+
+        base: a Recording(kv=True) of one prompt (B = 1); values: (len(layers), len(positions), C), the
+        vectors to put at each pair; token_ids: (K,). Returns (len(layers), len(positions), K), equal to
+        forward(idx, patch=Patch(l, p, values[i, j]))[0][0, -1, token_ids] for each pair.
+        Rows live in a flat (active layers, R, C) block: for each patched layer, the suffix positions
+        p..T-1 of every patched position p, one after the other (R = sum of suffix lengths).
+        """
+        assert base.kv and base.resid is not None and base.resid.shape[1] == 1, "base must be a kv recording of B=1"
+        L, T, C = self.config.n_layer, base.resid.shape[2], self.config.n_embd
+        order = sorted(range(len(layers)), key=lambda i: layers[i])  # slabs join in layer order
+        dev = base.resid.device
+        starts = torch.tensor([0] + [T - p for p in positions]).cumsum(0).to(dev)  # group offsets in R
+        suffix = torch.cat([torch.arange(p, T) for p in positions]).to(dev)  # (R,) position of each row
+        groups = [(p, int(starts[j]), T - p) for j, p in enumerate(positions)]
+        x = None
+        for k in range(layers[order[0]] + 1, L + 1):
+            for i in (i for i in order if layers[i] == k - 1):  # patches after block k-1 join here
+                slab = base.resid[k - 1, 0, suffix].clone()  # (R, C): the base run's suffix rows
+                slab[starts[:-1]] = values[i].to(slab.dtype)  # each group's first row is the patched one
+                x = slab[None] if x is None else torch.cat([x, slab[None]])  # (n, R, C)
+            if k == L:
+                break
+            mix = partial(_suffix_attention, groups=groups, n=x.shape[0],
+                          prefix=(base.keys[k, 0], base.values[k, 0]))
+            x = self.transformer.h[k](x.flatten(0, 1), mix).view(x.shape)  # (n, R, C)
+        h = self.transformer.ln_f(x[:, starts[1:] - 1])  # (n, P, C): every group's last row is position T-1
+        out = h @ self.transformer.wte.weight[token_ids.to(dev)].T  # (n, P, K)
+        return out[torch.argsort(torch.tensor(order)).to(dev)]  # back to the caller's layer order
+
+    # ------------------------------------------------------------------------- loading and saving
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, *, dtype: torch.dtype = torch.float32) -> "GPT":
+        """Load GPT-2 weights from a Hub id (gpt2, gpt2-medium, ...), a demo name, or a local folder."""
+        src = locate(name_or_dir)
+        config_path = src.fetch("config.json")
+        try:
+            config = GPTConfig.from_hf(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"{config_path} is not valid JSON: re-download or re-save the checkpoint.") from None
+        weights = src.fetch("model.safetensors", "pytorch_model.bin")
+        model = cls(config)
+        model.load_hf_state_dict(read_weights(weights))
+        model.name = str(name_or_dir)
+        return model.to(dtype).eval()
+
+    def load_hf_state_dict(self, hf_sd: dict[str, torch.Tensor]):
+        """Copy a Hugging Face GPT-2 state dict in, checking every key and shape by name."""
+        ours = self.state_dict()
+        expected = {k for k in ours if k != "lm_head.weight"}  # tied to wte
+        got = _hf_to_ours(hf_sd)
+        if "lm_head.weight" in got:
+            head = got.pop("lm_head.weight")
+            wte = got.get("transformer.wte.weight")
+            if wte is None or head.shape != wte.shape or not torch.equal(head, wte):
+                raise WeightsError("lm_head.weight differs from the token embedding: untied GPT-2 heads are not supported.")
+        missing, unexpected = sorted(expected - got.keys()), sorted(got.keys() - expected)
+        if missing:
+            raise WeightsError(f"the checkpoint lacks tensor {missing[0]}"
+                               f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}: it does not match config.json.")
+        if unexpected:
+            raise WeightsError(f"the checkpoint has unexpected tensor {unexpected[0]}"
+                               f"{f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}: it does not match config.json.")
+        for k in sorted(expected):
+            if got[k].shape != ours[k].shape:
+                raise WeightsError(f"tensor {k} has shape {tuple(got[k].shape)} in the checkpoint but "
+                                   f"config.json needs {tuple(_to_hf_shape(k, ours[k].shape))}.")
+        with torch.no_grad():
+            for k in expected:
+                ours[k].copy_(got[k])
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our weights under Hugging Face names and layouts (what save_pretrained writes)."""
+        sd = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}
+        return _ours_to_hf(sd)
+
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.float32):
+        """Write config.json + model.safetensors in Hub layout (readable by GPT2LMHeadModel too)."""
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.hf_state_dict().items()}
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2) + "\n")
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 do_sample: bool = False, top_k: int | None = None) -> torch.Tensor:
+        """Append max_new_tokens tokens to idx (B, T), greedily or by sampling, cropping to the context."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:], last_only=True)
+            logits = logits[:, -1] / temperature  # (B, vocab)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1) if do_sample else probs.argmax(-1, keepdim=True)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def _suffix_attention(attn: CausalSelfAttention, qkv: torch.Tensor, *, groups, n, prefix) -> torch.Tensor:
+    """Causal attention for forward_patched's flat rows: group (p, start, S) holds positions p..T-1
+    of each of n patched runs; their keys before p are the base run's (prefix: (nh, T, hs) each)."""
+    R = qkv.shape[0] // n
+    qkv = qkv.view(n, R, -1)  # (n, R, 3C)
+    y = qkv.new_empty(n, R, attn.n_embd)
+    pk, pv = prefix
+    for p, start, S in groups:
+        q, k, v = attn.heads(qkv[:, start:start + S])  # (n, nh, S, hs) each
+        k = torch.cat([pk[None, :, :p].expand(n, -1, -1, -1), k], dim=2)  # (n, nh, T, hs)
+        v = torch.cat([pv[None, :, :p].expand(n, -1, -1, -1), v], dim=2)  # (n, nh, T, hs)
+        mask = torch.ones(S, p + S, dtype=torch.bool, device=qkv.device).tril(diagonal=p)  # query i sees <= p+i
+        y[:, start:start + S] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(-2)
+    return y.view(n * R, -1)  # (n*R, C)
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
+BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in older checkpoints, not weights
+
+
+def _hf_to_ours(hf_sd: dict) -> dict:
+    out = {}
+    for k, v in hf_sd.items():
+        if k.endswith(BUFFERS):
+            continue
+        if not k.startswith(("transformer.", "lm_head.")):
+            k = "transformer." + k  # GPT2Model checkpoints (the Hub's gpt2) have no prefix
+        out[k] = v.t() if k.endswith(CONV1D) else v
+    return out
+
+
+def _ours_to_hf(sd: dict) -> dict:
+    return {k: (v.t() if k.endswith(CONV1D) else v) for k, v in sd.items()}
+
+
+def _to_hf_shape(k: str, shape) -> tuple:
+    return tuple(reversed(shape)) if k.endswith(CONV1D) else tuple(shape)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read safetensors, or a .bin through torch.load(weights_only=True): never run pickled code."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise WeightsError(f"{path} holds Python objects besides tensors and was not loaded (it could run code): "
+                               f"use a safetensors checkpoint or one saved with plain tensors.") from None
+        raise WeightsError(f"{path} is truncated or corrupt: delete it and download or save it again.") from None
+    except Exception as exc:  # safetensors and zip readers raise their own types for damaged files
+        raise WeightsError(f"{path} is truncated or corrupt ({exc.__class__.__name__}): "
+                           f"delete it and download or save it again.") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors: save the model's state_dict().")
+    return sd
