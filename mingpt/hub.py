@@ -93,10 +93,10 @@ def _hub_fetch(repo_id: str, name: str, candidates: tuple[str, ...], required: b
                                      f"after accepting its terms, or pass a local folder.") from None
         except RepositoryNotFoundError:
             raise ModelNotFoundError(f"the Hub has no model {repo_id!r}: check the name, or pass a local folder.") from None
+        except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: test it first
+            offline = True  # not cached and the Hub cannot be asked; a later candidate may be cached
         except EntryNotFoundError:
             continue  # the repository lacks this file; try the next candidate
-        except LocalEntryNotFoundError:
-            offline = True  # not cached and the Hub cannot be asked; a later candidate may be cached
         except HfHubHTTPError as exc:
             raise OfflineError(f"downloading {filename} of {name} from the Hub failed ({exc.__class__.__name__}): "
                                f"try again, or pass a local folder.") from None
