@@ -1,0 +1,275 @@
+"""Activation patching as a Python API: settings in, numpy matrix and tables out.
+
+    from patching.api import Settings, load, run
+    model, tok = load(Settings(model="demo-names"))
+    result = run(model, tok, clean="Michelle Jones was a top-notch student. Michelle",
+                 corrupt="Michelle Smith was a top-notch student. Michelle", target="Jones", foil="Smith")
+    result.matrix  # (n_layer, n_tokens) numpy: row l = patching the output of block l
+
+Method: run the clean prompt and the corrupt prompt (same token count) once each, recording the
+residual stream after every block; then, for every (layer, position), run the corrupt prompt with
+that one vector replaced by the clean run's and measure the metric at the last position (default
+logit(foil) - logit(target)). Where the clean run's information matters, the patch moves the metric
+towards its clean value.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mingpt.bpe import BPETokenizer
+from mingpt.errors import MinGPTError
+from mingpt.model import GPT
+from patching import engines
+from patching.engines import ENGINES, METRICS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class PatchingError(Exception):
+    """A user mistake in what was asked of patch-run; the message is one sentence saying what to do."""
+
+
+USER_ERRORS = (PatchingError, MinGPTError)  # what the CLI turns into one line
+
+
+@dataclass
+class Settings:
+    """How to run an experiment; every field can come from the CLI or a YAML batch's defaults/overrides."""
+
+    model: str = "gpt2"
+    metric: str = "logit-diff"
+    top_k: int = 20
+    engine: str = "fast"
+    device: str = "auto"
+    dtype: str = "float32"
+    max_rows: int = 8192  # fast engine: suffix rows per batched chunk (bounds memory)
+
+    def __post_init__(self):
+        choices = {"metric": METRICS, "engine": ENGINES, "device": DEVICES, "dtype": DTYPES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise PatchingError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+        for name in ("top_k", "max_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PatchingError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.model, str) or not self.model:
+            raise PatchingError(f"model must be a name or folder, got {self.model!r}.")
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "Settings":
+        """Build from a YAML mapping, failing loudly on keys we do not know."""
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            raise PatchingError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(known)}.")
+        return cls(**data)
+
+    def merged(self, overrides: dict, where: str) -> "Settings":
+        return Settings.from_dict({**asdict(self), **overrides}, where)
+
+
+@dataclass
+class TopEntry:
+    rank: int
+    token_id: int
+    token: str
+    prob: float
+    logit: float
+
+
+@dataclass
+class RunSummary:
+    """The unpatched run's last position: its top-k table and the target's and foil's standing."""
+
+    topk: list[TopEntry]
+    target_logit: float
+    target_prob: float
+    foil_logit: float
+    foil_prob: float
+    value: float  # the metric without any patch
+
+
+@dataclass
+class Prepared:
+    """Both prompts tokenized and checked, ready to run."""
+
+    clean_ids: list[int]
+    corrupt_ids: list[int]
+    tokens: list[str]
+    corrupt_tokens: list[str]
+    target: str
+    target_id: int
+    foil: str
+    foil_id: int
+
+    @property
+    def differing(self) -> list[int]:
+        return [i for i, (a, b) in enumerate(zip(self.clean_ids, self.corrupt_ids)) if a != b]
+
+
+@dataclass
+class PatchResult:
+    """Everything one experiment produced; `matrix` is (n_layers, n_tokens) numpy, row l = block l's output."""
+
+    prepared: Prepared
+    settings: Settings
+    model: str
+    n_layers: int
+    matrix: np.ndarray
+    clean: RunSummary
+    corrupt: RunSummary
+    timing: dict
+    versions: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """The results.json document (schema in README)."""
+        p = self.prepared
+        return {
+            "model": self.model, "metric": self.settings.metric, "metric_definition": METRICS[self.settings.metric],
+            "engine": self.settings.engine, "device": self.timing.get("device"), "dtype": self.settings.dtype,
+            "tokens": p.tokens, "corrupt_tokens": p.corrupt_tokens, "clean_ids": p.clean_ids,
+            "corrupt_ids": p.corrupt_ids, "differing_positions": p.differing,
+            "target": {"text": p.target, "id": p.target_id}, "foil": {"text": p.foil, "id": p.foil_id},
+            "n_layers": self.n_layers, "n_tokens": len(p.tokens),
+            "matrix": [[_finite(v) for v in row] for row in self.matrix.tolist()],
+            "clean_value": _finite(self.clean.value), "corrupt_value": _finite(self.corrupt.value),
+            "runs": {name: {k: _finite(v) for k, v in asdict(run).items() if k != "topk"}
+                     for name, run in (("clean", self.clean), ("corrupt", self.corrupt))},
+            "topk": {"clean": [asdict(e) for e in self.clean.topk], "corrupt": [asdict(e) for e in self.corrupt.topk]},
+            "timing": self.timing, "versions": self.versions,
+        }
+
+
+def _finite(v: float):
+    return v if math.isfinite(v) else None  # JSON has no NaN
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ours = version("patch-run")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"patch-run": ours, "torch": torch.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PatchingError("--device cuda was asked for but no CUDA GPU is visible to torch: use --device cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PatchingError("--device mps was asked for but MPS is not available here: use --device cpu.")
+    return torch.device(name)
+
+
+def load(settings: Settings) -> tuple[GPT, BPETokenizer]:
+    """Load the model (weights + vocabulary) once, on the requested device and dtype."""
+    device = resolve_device(settings.device)
+    if settings.dtype != "float32" and device.type == "cpu":
+        raise PatchingError(f"--dtype {settings.dtype} is for GPUs; on the CPU use float32.")
+    model = GPT.from_pretrained(settings.model)
+    tok = BPETokenizer(settings.model)
+    return model.to(device=device, dtype=DTYPES[settings.dtype]), tok
+
+
+# ----------------------------------------------------------------------------- one experiment
+
+
+def single_token(tok: BPETokenizer, word: str, role: str) -> tuple[str, int]:
+    """A target/foil word follows the prompt, so it is looked up with a leading space (' Jones')."""
+    if not isinstance(word, str) or not word.strip():
+        raise PatchingError(f"the {role} is empty: give the word the model should predict next, e.g. Jones.")
+    text = word if word.startswith(" ") else " " + word
+    ids = tok.encode(text)
+    if len(ids) != 1:
+        pieces = " + ".join(repr(tok.token_str(i)) for i in ids)
+        raise PatchingError(f"the {role} {text!r} is {len(ids)} tokens ({pieces}), not one: pick a word that is a "
+                            f"single GPT-2 token, e.g. its first piece {tok.token_str(ids[0])!r}.")
+    return text, ids[0]
+
+
+def prepare(tok: BPETokenizer, clean: str, corrupt: str, target: str, foil: str, block_size: int) -> Prepared:
+    """Tokenize and check both prompts and both answer words; raise PatchingError on any misfit."""
+    for role, text in (("clean", clean), ("corrupt", corrupt)):
+        if not isinstance(text, str) or not text.strip():
+            raise PatchingError(f"the {role} prompt is empty: give the text whose next token is predicted.")
+    a, b = tok.encode(clean), tok.encode(corrupt)
+    show = lambda ids: "|".join(tok.token_str(i) for i in ids)  # noqa: E731
+    if len(a) != len(b):
+        raise PatchingError(f"the clean prompt is {len(a)} tokens [{show(a)}] but the corrupt prompt is {len(b)} "
+                            f"[{show(b)}]: edit them until both have the same number of tokens.")
+    if len(a) > block_size:
+        raise PatchingError(f"the prompts are {len(a)} tokens but the model's context holds {block_size}: shorten them.")
+    t_text, t_id = single_token(tok, target, "target")
+    f_text, f_id = single_token(tok, foil, "foil")
+    if t_id == f_id:
+        raise PatchingError(f"target and foil are the same token {t_text!r}: the metric compares two different tokens.")
+    return Prepared(a, b, [tok.token_str(i) for i in a], [tok.token_str(i) for i in b], t_text, t_id, f_text, f_id)
+
+
+def summarize(logits: torch.Tensor, tok: BPETokenizer, prep: Prepared, k: int, value: float) -> RunSummary:
+    """Top-k table and target/foil standing from one run's last-position logits (vocab,)."""
+    logits = logits.float().cpu()
+    probs = torch.softmax(logits, dim=-1)
+    top = torch.topk(probs, min(k, probs.numel()))
+    table = [TopEntry(r + 1, int(i), tok.token_str(int(i)), float(pv), float(logits[i]))
+             for r, (pv, i) in enumerate(zip(top.values, top.indices))]
+    return RunSummary(table, float(logits[prep.target_id]), float(probs[prep.target_id]),
+                      float(logits[prep.foil_id]), float(probs[prep.foil_id]), value)
+
+
+def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, foil: str,
+        settings: Settings | None = None, progress: engines.Progress | None = None) -> PatchResult:
+    """The whole experiment: tokenize, record both runs, sweep every (layer, position), summarize."""
+    settings = settings or Settings(model=getattr(model, "name", "random"))
+    prep = prepare(tok, clean, corrupt, target, foil, model.config.block_size)
+    device = next(model.parameters()).device
+    clean_ids = torch.tensor([prep.clean_ids], device=device)
+    corrupt_ids = torch.tensor([prep.corrupt_ids], device=device)
+    lse = engines.needs_lse(settings.metric)
+
+    t0 = time.perf_counter()
+    rec_clean, rec_corrupt = engines.record(model, clean_ids), engines.record(model, corrupt_ids)
+    r_clean = engines.readout(rec_clean.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
+    r_corrupt = engines.readout(rec_corrupt.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
+    if settings.metric == "recovery" and math.isclose(float(r_clean[1] - r_clean[0]), float(r_corrupt[1] - r_corrupt[0])):
+        raise PatchingError("recovery is undefined here: the clean and corrupt runs give the same logit difference; "
+                            "use --metric logit-diff.")
+    t1 = time.perf_counter()
+    if settings.engine == "loop":
+        readouts = engines.loop_sweep(model, corrupt_ids, rec_clean, prep.target_id, prep.foil_id, lse, progress)
+    else:
+        readouts = engines.fast_sweep(model, rec_corrupt, rec_clean, prep.target_id, prep.foil_id, lse,
+                                      settings.max_rows, progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+
+    value = lambda r: float(engines.metric_values(settings.metric, r, r_clean, r_corrupt))  # noqa: E731
+    matrix = engines.metric_values(settings.metric, readouts, r_clean, r_corrupt).numpy().astype(np.float64)
+    return PatchResult(
+        prepared=prep, settings=settings, model=getattr(model, "name", settings.model),
+        n_layers=model.config.n_layer, matrix=matrix,
+        clean=summarize(rec_clean.last_logits[0], tok, prep, settings.top_k, value(r_clean)),
+        corrupt=summarize(rec_corrupt.last_logits[0], tok, prep, settings.top_k, value(r_corrupt)),
+        timing={"record_seconds": round(t1 - t0, 6), "sweep_seconds": round(t2 - t1, 6),
+                "patches": model.config.n_layer * len(prep.clean_ids), "device": str(device)},
+        versions=versions(),
+    )

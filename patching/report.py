@@ -1,0 +1,160 @@
+"""What a person reads: the token table, top-k tables, the heatmap, and the files of one experiment.
+
+Files of an experiment are written into a hidden staging folder beside the destination and renamed
+into place at the end, so a folder under --out is either complete or absent, even after Ctrl-C.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from patching.api import PatchingError, PatchResult, Prepared, RunSummary
+
+# ----------------------------------------------------------------------------- terminal tables
+
+
+def show(token: str) -> str:
+    """A token as printable text: spaces visible at the edges, newlines and tabs escaped."""
+    return repr(token)[1:-1] if token.strip() != token or not token.isprintable() else token
+
+
+def token_table(prep: Prepared) -> str:
+    """Position | id | clean token | corrupt token, with the differing positions marked."""
+    rows = [("pos", "clean id", "clean token", "corrupt id", "corrupt token", "note")]
+    for i, (a, b) in enumerate(zip(prep.clean_ids, prep.corrupt_ids)):
+        rows.append((str(i), str(a), show(prep.tokens[i]), str(b), show(prep.corrupt_tokens[i]), "<- differs" if a != b else ""))
+    return _columns(rows)
+
+
+def topk_table(title: str, run: RunSummary, prep: Prepared) -> str:
+    """The seed's table: Position | Token index | Token | Probability, plus the target and foil."""
+    rows = [("Position", "Token index", "Token", "Probability")]
+    rows += [(str(e.rank), str(e.token_id), show(e.token), f"{e.prob:.4f}") for e in run.topk]
+    foot = (f"target {show(prep.target)!s} (id {prep.target_id}): logit {run.target_logit:.4f}, p {run.target_prob:.4f}; "
+            f"foil {show(prep.foil)} (id {prep.foil_id}): logit {run.foil_logit:.4f}, p {run.foil_prob:.4f}")
+    return f"{title}\n{_columns(rows)}\n{foot}"
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def strongest(result: PatchResult, n: int = 3) -> list[tuple[int, int, float]]:
+    """The n patches that move the metric furthest from the corrupt value: (layer, pos, value)."""
+    delta = np.abs(result.matrix - result.corrupt.value)
+    order = np.argsort(delta, axis=None)[::-1][:n]
+    return [(int(l), int(p), float(result.matrix[l, p])) for l, p in zip(*np.unravel_index(order, delta.shape))]
+
+
+# ----------------------------------------------------------------------------- heatmap
+
+
+def heatmap(result: PatchResult, path: Path):
+    """matshow of the matrix: layers down, positions (labelled by token) across, diverging at zero."""
+    import matplotlib
+    matplotlib.use("Agg")  # headless: no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    m = result.matrix
+    L, T = m.shape
+    lim = float(np.nanmax(np.abs(m))) or 1.0
+    fig, ax = plt.subplots(figsize=(min(2.0 + 0.55 * T, 40), 1.5 + 0.4 * L))
+    im = ax.matshow(m, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")
+    step = max(1, T // 60)  # keep labels legible on long prompts
+    ticks = list(range(0, T, step))
+    ax.set_xticks(ticks, [f"{show(result.prepared.tokens[i])} ({i})" for i in ticks], rotation=90)
+    ax.set_yticks(range(L), [str(l) for l in range(L)])
+    ax.xaxis.set_ticks_position("bottom")
+    ax.set_xlabel("position (clean token)")
+    ax.set_ylabel("layer (output of block)")
+    p = result.prepared
+    what = {"logit-diff": f"logit({p.foil.strip()}) − logit({p.target.strip()})",
+            "prob-diff": f"p({p.foil.strip()}) − p({p.target.strip()})",
+            "target-logit": f"logit({p.target.strip()})",
+            "recovery": f"recovery of logit({p.foil.strip()}) − logit({p.target.strip()})"}[result.settings.metric]
+    ax.set_title(f"{what} after patching clean into corrupt\n{result.model}: clean {result.clean.value:.3g}, "
+                 f"corrupt {result.corrupt.value:.3g}", fontsize=10)
+    fig.colorbar(im, ax=ax, label=result.settings.metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A safe file name: lowercase letters, digits and single dashes, never empty or a dot name."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    return s or "experiment"
+
+
+def default_folder(prep: Prepared) -> str:
+    """outputs/<clean prompt>-vs-<the corrupt tokens that differ>."""
+    changed = " ".join(prep.corrupt_tokens[i] for i in prep.differing) or "same"
+    return f"{slug(''.join(prep.tokens), 50)}-vs-{slug(changed, 20)}"
+
+
+def results_csv(result: PatchResult) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer"] + [f"{i}:{t}" for i, t in enumerate(result.prepared.tokens)])
+    for l, row in enumerate(result.matrix):
+        w.writerow([l] + [repr(float(v)) for v in row])
+    return buf.getvalue()
+
+
+def check_writable(folder: Path):
+    """Fail before any computing if the output folder cannot be made or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".patch-run-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise PatchingError(f"cannot write to output folder {folder} ({exc.strerror or exc}): "
+                            f"pass a writable --out.") from None
+
+
+def write_experiment(result: PatchResult, folder: Path, png: bool = True) -> Path:
+    """results.json, results.csv and heatmap.png into `folder`, all or nothing."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        (stage / "results.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        (stage / "results.csv").write_text(results_csv(result))
+        if png:
+            heatmap(result, stage / "heatmap.png")
+        replace_dir(stage, folder)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return folder
+
+
+def replace_dir(new: Path, dest: Path):
+    """Move a finished folder into place, replacing an older one of the same name."""
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
