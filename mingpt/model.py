@@ -258,7 +258,8 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
 
         record: a Recording to fill (see module docstring); patch: a Patch to apply.
-        last_only: compute logits at the last position only (B, 1, vocab); no loss then.
+        last_only: compute logits at the last position only (B, 1, vocab); targets are then (B, 1).
+        targets: next-token ids aligned with idx (targets[:, t] follows idx[:, t]); -1 is ignored.
         """
         self._check_ids(idx)
         T = idx.shape[1]
@@ -278,7 +279,9 @@ class GPT(nn.Module):
         if record is not None:
             record.last_logits = logits[:, -1].detach().clone()
         loss = None
-        if targets is not None and not last_only:
+        if targets is not None:  # targets (B, T), or (B, 1) for the last position with last_only
+            if targets.shape != logits.shape[:2]:
+                raise InputError(f"targets have shape {tuple(targets.shape)} but logits cover {tuple(logits.shape[:2])}.")
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
@@ -295,11 +298,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def forward_patched(self, base: Recording, layers: Sequence[int], positions: Sequence[int],
-                        values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+                        values: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Last-position logits of `token_ids` for the base run patched at every (layer, position) pair.
 
         base: a Recording(kv=True) of one prompt (B = 1); values: (len(layers), len(positions), C), the
-        vectors to put at each pair; token_ids: (K,). Returns (len(layers), len(positions), K), equal to
+        vectors to put at each pair; token_ids: (K,), or None for all. Returns (len(layers), len(positions), K), equal to
         forward(idx, patch=Patch(l, p, values[i, j]))[0][0, -1, token_ids] for each pair.
         Rows live in a flat (active layers, R, C) block: for each patched layer, the suffix positions
         p..T-1 of every patched position p, one after the other (R = sum of suffix lengths).
@@ -323,7 +326,8 @@ class GPT(nn.Module):
                           prefix=(base.keys[k, 0], base.values[k, 0]))
             x = self.transformer.h[k](x.flatten(0, 1), mix).view(x.shape)  # (n, R, C)
         h = self.transformer.ln_f(x[:, starts[1:] - 1])  # (n, P, C): every group's last row is position T-1
-        out = h @ self.transformer.wte.weight[token_ids.to(dev)].T  # (n, P, K)
+        head = self.transformer.wte.weight  # tied unembedding; only the wanted columns if given
+        out = h @ (head if token_ids is None else head[token_ids.to(dev)]).T  # (n, P, K)
         return out[torch.argsort(torch.tensor(order)).to(dev)]  # back to the caller's layer order
 
     # ------------------------------------------------------------------------- loading and saving
