@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -89,6 +90,8 @@ class GPTConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> "GPTConfig":
         """Read a Hugging Face config.json dict, refusing options our forward does not implement."""
+        if not isinstance(hf, dict):
+            raise ConfigError("config.json is not a JSON object of settings: it is not a GPT-2 config.")
         if hf.get("model_type", "gpt2") != "gpt2":
             raise ConfigError(f"config.json describes a {hf.get('model_type')!r} model: only GPT-2 checkpoints load.")
         unsupported = {"scale_attn_by_inverse_layer_idx": True, "add_cross_attention": True,
@@ -293,6 +296,10 @@ class GPT(nn.Module):
             raise InputError("the prompt is empty: give at least one token.")
         if T > self.config.block_size:
             raise InputError(f"the prompt has {T} tokens but this model's context holds {self.config.block_size}: shorten it.")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise InputError(f"token id {lo if lo < 0 else hi} is outside this model's vocabulary of "
+                             f"{self.config.vocab_size}: use ids from its tokenizer.")
 
     # ------------------------------------------------------------------------- many patches at once
 
@@ -366,7 +373,7 @@ class GPT(nn.Module):
                                f"{f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''}: it does not match config.json.")
         for k in sorted(expected):
             if got[k].shape != ours[k].shape:
-                raise WeightsError(f"tensor {k} has shape {tuple(got[k].shape)} in the checkpoint but "
+                raise WeightsError(f"tensor {k} has shape {_to_hf_shape(k, got[k].shape)} in the checkpoint but "
                                    f"config.json needs {tuple(_to_hf_shape(k, ours[k].shape))}.")
         with torch.no_grad():
             for k in expected:
@@ -449,7 +456,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # legacy-format notices would break the one-line error contract
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise WeightsError(f"{path} holds Python objects besides tensors and was not loaded (it could run code): "

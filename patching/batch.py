@@ -48,6 +48,8 @@ class Experiment:
         for k in ("clean", "corrupt", "target", "foil"):
             if not isinstance(data[k], str):
                 raise PatchingError(f"{where}: {k} must be text, got {data[k]!r} (quote it in the YAML).")
+        if data.get("name") is not None and not isinstance(data["name"], str):
+            raise PatchingError(f"{where}: name must be text, got {data['name']!r} (quote it in the YAML).")
         if not isinstance(data.get("overrides", {}), dict):
             raise PatchingError(f"{where}: overrides must be a mapping of settings.")
         return cls(**data)

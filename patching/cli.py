@@ -73,6 +73,8 @@ def single(args, say) -> int:
     prep = prepare(tok, args.clean, args.corrupt, args.target, args.foil, model.config.block_size)
     out = Path(args.out) if args.out else Path("outputs") / default_folder(prep)
     check_writable(out.parent)  # before the sweep, so no work is lost to an unwritable folder
+    if out.exists() and not out.is_dir():
+        raise PatchingError(f"--out {out} is an existing file: pass a folder.")
     say(f"model {model.name}: {model.config.n_layer} layers, {len(prep.clean_ids)} tokens; "
         f"positions that differ: {', '.join(map(str, prep.differing)) or 'none'}")
     say(token_table(prep))

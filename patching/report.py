@@ -117,6 +117,8 @@ def results_csv(result: PatchResult) -> str:
 
 def check_writable(folder: Path):
     """Fail before any computing if the output folder cannot be made or written."""
+    if folder.exists() and not folder.is_dir():
+        raise PatchingError(f"output folder {folder} is an existing file: pass a folder with --out.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".patch-run-probe-{os.getpid()}"

@@ -1,0 +1,348 @@
+"""Tests of the sweep engines: the fast engine (forward_patched, chunked) against the oracle loop_sweep.
+
+Covers: random models of several shapes with O(1) activations, prompt lengths 1..64 with clean and
+corrupt differing at one or several positions (first and last included), every metric; chunking
+(tiny and huge max_rows) and plan_chunks' cover/bound properties; the skip of identical columns;
+forward_patched's full-vocab logits; the API on GPT-2 small's shapes; dtype/device handling.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mingpt.model import GPT, GPTConfig, Patch
+from patching import engines
+from patching.api import PatchingError, Settings, load, run
+
+# 2 shared cores: one intra-op thread is much faster than several fighting each other.
+torch.set_num_threads(1)
+
+ATOL = 1e-5
+
+# name: (GPTConfig kwargs, seed)
+CONFIGS = {
+    "1L1H8": (dict(n_layer=1, n_head=1, n_embd=8, vocab_size=37, block_size=64), 0),
+    "3L2H16": (dict(n_layer=3, n_head=2, n_embd=16, vocab_size=53, block_size=80), 1),
+    "4L4H32i": (dict(n_layer=4, n_head=4, n_embd=32, vocab_size=97, block_size=64, n_inner=48), 2),
+}
+_MODELS: dict[str, GPT] = {}
+
+
+def random_model(name: str, std: float = 0.3) -> GPT:
+    """A random GPT re-initialised with a large std (LayerNorm gains around 1) so values are O(1)."""
+    if name not in _MODELS:
+        kwargs, seed = CONFIGS[name]
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(**kwargs))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if ".ln_" in pname or pname.startswith("transformer.ln_f"):
+                    p.normal_(1.0 if pname.endswith("weight") else 0.0, 0.1)
+                else:
+                    p.normal_(0.0, std)
+        _MODELS[name] = model.eval()
+    return _MODELS[name]
+
+
+def prompt_pair(vocab: int, T: int, differ: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, T) clean and corrupt ids that differ exactly at the positions in `differ`."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (1, T), generator=g)
+    corrupt = clean.clone()
+    for p in differ:
+        corrupt[0, p] = (clean[0, p] + 1 + torch.randint(0, vocab - 1, (1,), generator=g)) % vocab
+    assert [p for p in range(T) if clean[0, p] != corrupt[0, p]] == sorted(set(differ))
+    return clean, corrupt
+
+
+def differ_patterns(T: int) -> list[tuple[str, list[int]]]:
+    if T == 1:
+        return [("first", [0])]
+    pats = [("first", [0]), ("last", [T - 1])]
+    if T > 2:
+        pats += [("several", sorted({1, T // 2, T - 1}))]
+    if 2 < T < 64:  # the T=64 oracle sweeps are the slow ones: three patterns there are enough
+        pats += [("first+mid", [0, T // 3 + 1])]
+    return pats
+
+
+CASES = [(name, T, pname, differ)
+         for name in CONFIGS for T in (1, 2, 11, 64) for pname, differ in differ_patterns(T)]
+
+
+def target_foil(vocab: int, seed: int) -> tuple[int, int]:
+    rng = random.Random(seed)
+    t = rng.randrange(vocab)
+    f = (t + 1 + rng.randrange(vocab - 1)) % vocab
+    return t, f
+
+
+def sweep_both(model, clean_ids, corrupt_ids, t, f, lse, max_rows=8192):
+    rec_clean, rec_corrupt = engines.record(model, clean_ids), engines.record(model, corrupt_ids)
+    fast = engines.fast_sweep(model, rec_corrupt, rec_clean, t, f, lse, max_rows=max_rows)
+    loop = engines.loop_sweep(model, corrupt_ids, rec_clean, t, f, lse)
+    return rec_clean, rec_corrupt, fast, loop
+
+
+def assert_readouts_equal(fast: torch.Tensor, loop: torch.Tensor, lse: bool, atol: float = ATOL):
+    """fast (lse as given) against loop; a loop run with lse=True also checks a fast run without it
+    (the target/foil columns do not depend on lse), which saves a second oracle sweep."""
+    assert fast.shape == loop.shape and fast.dtype == loop.dtype == torch.float32
+    torch.testing.assert_close(fast[..., :2], loop[..., :2], atol=atol, rtol=0)
+    if lse:
+        assert torch.isfinite(fast[..., 2]).all() and torch.isfinite(loop[..., 2]).all()
+        torch.testing.assert_close(fast[..., 2], loop[..., 2], atol=atol, rtol=0)
+    else:  # not asked for: NaN, never a stale or made-up number
+        assert torch.isnan(fast[..., 2]).all()
+
+
+# ----------------------------------------------------------------------------- fast == loop
+
+
+@pytest.mark.parametrize("name,T,pname,differ", CASES, ids=[f"{c[0]}-T{c[1]}-{c[2]}" for c in CASES])
+def test_fast_matches_loop_all_metrics(name, T, pname, differ):
+    model = random_model(name)
+    V, L = model.config.vocab_size, model.config.n_layer
+    clean_ids, corrupt_ids = prompt_pair(V, T, differ, seed=T * 100 + len(differ) + differ[0])
+    t, f = target_foil(V, seed=T)
+    rec_clean, rec_corrupt = engines.record(model, clean_ids), engines.record(model, corrupt_ids)
+    loop = engines.loop_sweep(model, corrupt_ids, rec_clean, t, f, True)
+    for lse in (False, True):
+        fast = engines.fast_sweep(model, rec_corrupt, rec_clean, t, f, lse)
+        assert fast.shape == (L, T, 3)
+        assert_readouts_equal(fast, loop, lse)
+        # the magnitudes are O(1), so an absolute 1e-5 is a real check
+        assert fast[..., :2].abs().max() > 0.1
+        r_clean = engines.readout(rec_clean.last_logits[0], t, f, True)
+        r_corrupt = engines.readout(rec_corrupt.last_logits[0], t, f, True)
+        for metric in engines.METRICS:
+            if engines.needs_lse(metric) and not lse:
+                continue
+            mf = engines.metric_values(metric, fast, r_clean, r_corrupt)
+            ml = engines.metric_values(metric, loop, r_clean, r_corrupt)
+            assert mf.shape == (L, T) and torch.isfinite(mf).all(), metric
+            atol = ATOL
+            if metric == "recovery":  # divided by (clean - corrupt) logit difference
+                atol = ATOL * max(1.0, 1.0 / abs(float((r_clean[1] - r_clean[0]) - (r_corrupt[1] - r_corrupt[0]))))
+            torch.testing.assert_close(mf, ml, atol=atol, rtol=0, msg=lambda m: f"{metric}: {m}")
+        # patching the last layer at the last position gives the clean run's readout exactly-ish
+        r_last = engines.readout(rec_clean.last_logits[0], t, f, lse)
+        torch.testing.assert_close(fast[L - 1, T - 1, :2], r_last[:2], atol=ATOL, rtol=0)
+
+
+def test_prob_diff_is_a_probability_difference():
+    model = random_model("3L2H16")
+    clean_ids, corrupt_ids = prompt_pair(model.config.vocab_size, 11, [0, 5], seed=7)
+    t, f = target_foil(model.config.vocab_size, 3)
+    rec_clean, rec_corrupt, fast, loop = sweep_both(model, clean_ids, corrupt_ids, t, f, True)
+    logits = torch.stack([model(corrupt_ids, patch=Patch(l, p, rec_clean.resid[l, 0, p]), last_only=True)[0][0, -1]
+                          for l in range(3) for p in range(11)]).view(3, 11, -1)
+    probs = logits.softmax(-1)
+    want = probs[..., f] - probs[..., t]
+    got = engines.metric_values("prob-diff", fast, fast[0, 0], fast[0, 0])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- chunking
+
+
+@pytest.mark.parametrize("name,T,differ", [("3L2H16", 11, [0, 4]), ("4L4H32i", 29, [0, 13, 28]),
+                                           ("1L1H8", 64, [2]), ("4L4H32i", 2, [1])])
+def test_chunk_sizes_agree(name, T, differ):
+    model = random_model(name)
+    clean_ids, corrupt_ids = prompt_pair(model.config.vocab_size, T, differ, seed=11)
+    t, f = target_foil(model.config.vocab_size, 5)
+    rec_clean, rec_corrupt = engines.record(model, clean_ids), engines.record(model, corrupt_ids)
+    loop = engines.loop_sweep(model, corrupt_ids, rec_clean, t, f, True)
+    n_patch = model.config.n_layer * (T - min(differ))
+    for lse in (False, True):
+        huge = engines.fast_sweep(model, rec_corrupt, rec_clean, t, f, lse, max_rows=10**9)
+        assert_readouts_equal(huge, loop, lse)
+        for max_rows in (1, 7, 50):
+            calls = []
+            got = engines.fast_sweep(model, rec_corrupt, rec_clean, t, f, lse, max_rows=max_rows,
+                                     progress=lambda d, n: calls.append((d, n)))
+            # chunk shapes change BLAS blocking, so allow a few ulps of O(1) values on top of 1e-6
+            torch.testing.assert_close(got, huge, atol=1e-6, rtol=1e-6, equal_nan=True)
+            assert calls and calls[-1] == (n_patch, n_patch)
+            assert all(a[0] < b[0] for a, b in zip(calls, calls[1:]))
+
+
+def check_plan(n_layer, T, positions, max_rows, max_patches):
+    chunks = engines.plan_chunks(n_layer, T, positions, max_rows, max_patches)
+    seen = []
+    for layers, pos in chunks:
+        assert layers and pos
+        assert layers == sorted(set(layers)) and all(0 <= l < n_layer for l in layers)
+        assert len(set(pos)) == len(pos) and all(p in positions for p in pos)
+        rows = len(layers) * sum(T - p for p in pos)
+        if len(pos) > 1:
+            assert rows <= max_rows, (n_layer, T, positions, max_rows, max_patches, layers, pos)
+        elif len(layers) > 1:  # one position, several layers: only when they fit
+            assert rows <= max_rows, (n_layer, T, positions, max_rows, max_patches, layers, pos)
+        if max_patches is not None:
+            assert len(layers) * len(pos) <= max(max_patches, 1), (n_layer, T, positions, max_rows, max_patches)
+        seen += [(l, p) for l in layers for p in pos]
+    want = [(l, p) for p in positions for l in range(n_layer)]
+    assert sorted(seen) == sorted(want), (n_layer, T, positions, max_rows, max_patches)
+    return chunks
+
+
+def test_plan_chunks_examples():
+    assert engines.plan_chunks(2, 3, [0, 1, 2], 10**6) == [([0, 1], [0, 1, 2])]
+    assert engines.plan_chunks(2, 3, [], 10) == []
+    # max_rows 1: one patch per chunk
+    assert engines.plan_chunks(2, 2, [0, 1], 1) == [([0], [0]), ([1], [0]), ([0], [1]), ([1], [1])]
+    # rows (T - p) * n_layer: 3*2=6 fits in 6, then 2*2 + 1*2 = 6
+    assert engines.plan_chunks(2, 3, [0, 1, 2], 6) == [([0, 1], [0]), ([0, 1], [1, 2])]
+    check_plan(12, 11, list(range(1, 11)), 8192, None)
+
+
+def test_plan_chunks_properties():
+    rng = random.Random(1234)
+    for _ in range(800):
+        n_layer = rng.randint(1, 14)
+        T = rng.randint(1, 80)
+        positions = sorted(rng.sample(range(T), rng.randint(0, T)))
+        max_rows = rng.choice([1, 2, 3, 7, 50, rng.randint(1, 2 * n_layer * T), 10**9])
+        max_patches = rng.choice([None, None, 1, 2, 5, rng.randint(1, n_layer * T + 1), 512])
+        check_plan(n_layer, T, positions, max_rows, max_patches)
+
+
+# ----------------------------------------------------------------------------- skipped columns
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("lse", [False, True])
+def test_identical_prompts_give_corrupt_value_everywhere(name, lse):
+    model = random_model(name)
+    ids, _ = prompt_pair(model.config.vocab_size, 11, [], seed=3)
+    t, f = target_foil(model.config.vocab_size, 9)
+    rec_clean, rec_corrupt, fast, loop = sweep_both(model, ids, ids.clone(), t, f, lse)
+    corrupt_r = engines.readout(rec_corrupt.last_logits[0], t, f, lse)
+    want = corrupt_r.expand_as(fast)
+    assert torch.equal(fast[..., :2], want[..., :2])
+    torch.testing.assert_close(loop, want, atol=ATOL, rtol=0, equal_nan=True)
+    assert_readouts_equal(fast, loop, lse)
+    assert torch.isnan(loop[..., 2]).all() != lse  # the oracle, too, fills lse only when asked
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("k", [0, 1, 5, 10])
+def test_columns_before_first_difference_are_corrupt_value(name, k):
+    model = random_model(name)
+    T = 11
+    clean_ids, corrupt_ids = prompt_pair(model.config.vocab_size, T, [k], seed=20 + k)
+    t, f = target_foil(model.config.vocab_size, k)
+    for lse in (False, True):
+        rec_clean, rec_corrupt, fast, loop = sweep_both(model, clean_ids, corrupt_ids, t, f, lse)
+        corrupt_r = engines.readout(rec_corrupt.last_logits[0], t, f, lse)
+        assert torch.equal(fast[:, :k, :2], corrupt_r[:2].expand(model.config.n_layer, k, 2))
+        if lse:
+            assert torch.equal(fast[:, :k, 2], corrupt_r[2].expand(model.config.n_layer, k))
+        torch.testing.assert_close(loop[:, :k], fast[:, :k], atol=ATOL, rtol=0, equal_nan=True)
+        # column k onwards really is patched: not all equal to the corrupt value
+        assert not torch.allclose(fast[:, k:, :2], corrupt_r[:2].expand(model.config.n_layer, T - k, 2))
+        assert_readouts_equal(fast, loop, lse)
+
+
+# ----------------------------------------------------------------------------- forward_patched, full vocab
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("T", [1, 2, 11])
+def test_forward_patched_full_logits_match_loop(name, T):
+    model = random_model(name)
+    L, V = model.config.n_layer, model.config.vocab_size
+    clean_ids, corrupt_ids = prompt_pair(V, T, [0, T - 1], seed=40 + T)
+    rec_clean, rec_corrupt = engines.record(model, clean_ids), engines.record(model, corrupt_ids)
+    layers, positions = list(range(L)), list(range(T))
+    values = rec_clean.resid[:, 0][:, positions]  # (L, T, C)
+    full = model.forward_patched(rec_corrupt, layers, positions, values, None)
+    assert full.shape == (L, T, V)
+    with torch.no_grad():
+        want = torch.stack([model(corrupt_ids, patch=Patch(l, p, values[l, p]), last_only=True)[0][0, -1]
+                            for l in layers for p in positions]).view(L, T, V)
+    torch.testing.assert_close(full, want, atol=ATOL, rtol=0)
+    # selected columns are the same numbers as the full unembedding's
+    ids = torch.tensor([3, 0, V - 1])
+    part = model.forward_patched(rec_corrupt, layers, positions, values, ids)
+    torch.testing.assert_close(part, full[..., ids], atol=1e-6, rtol=0)
+
+
+def test_forward_patched_unsorted_layers_and_positions():
+    model = random_model("4L4H32i")
+    T, C, V = 9, model.config.n_embd, model.config.vocab_size
+    _, corrupt_ids = prompt_pair(V, T, [], seed=5)
+    rec = engines.record(model, corrupt_ids)
+    layers, positions = [2, 0, 3, 0], [6, 1, 8, 3]
+    values = torch.randn(len(layers), len(positions), C, generator=torch.Generator().manual_seed(0))
+    got = model.forward_patched(rec, layers, positions, values, None)
+    with torch.no_grad():
+        for i, l in enumerate(layers):
+            for j, p in enumerate(positions):
+                want = model(corrupt_ids, patch=Patch(l, p, values[i, j]), last_only=True)[0][0, -1]
+                torch.testing.assert_close(got[i, j], want, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- through the API
+
+
+MICHELLE = dict(clean="Michelle Jones was a top-notch student. Michelle",
+                corrupt="Michelle Smith was a top-notch student. Michelle", target="Jones", foil="Smith")
+
+
+def test_api_fast_equals_loop_on_small(small_ckpt):
+    model, tok = load(Settings(model=str(small_ckpt), device="cpu"))
+    assert model.config.n_layer == 12 and model.config.n_embd == 768
+    results = {e: run(model, tok, **MICHELLE, settings=Settings(model=str(small_ckpt), device="cpu", engine=e))
+               for e in ("fast", "loop")}
+    fast, loop = results["fast"], results["loop"]
+    T = len(fast.prepared.clean_ids)
+    assert fast.matrix.shape == loop.matrix.shape == (12, T)
+    assert fast.prepared.differing == [1]
+    assert np.isfinite(fast.matrix).all()
+    np.testing.assert_allclose(fast.matrix, loop.matrix, atol=1e-4, rtol=0)
+    # column 0 is before the differing token: exactly the corrupt run's value
+    assert (fast.matrix[:, 0] == fast.corrupt.value).all()
+    assert abs(fast.matrix[-1, -1] - fast.clean.value) < 1e-4
+    assert fast.clean.value == loop.clean.value and fast.corrupt.value == loop.corrupt.value
+
+
+def test_api_refuses_bf16_on_cpu(tiny_ckpt):
+    with pytest.raises(PatchingError, match="float32"):
+        load(Settings(model=str(tiny_ckpt), device="cpu", dtype="bfloat16"))
+    with pytest.raises(PatchingError):
+        load(Settings(model=str(tiny_ckpt), device="cpu", dtype="float16"))
+
+
+# ----------------------------------------------------------------------------- dtype and device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-3), (torch.bfloat16, 0.1)])
+@pytest.mark.parametrize("name", ["3L2H16", "4L4H32i"])
+def test_fast_on_cuda_matches_cpu_loop(name, dtype, rtol):
+    cpu = random_model(name)
+    V, L, T = cpu.config.vocab_size, cpu.config.n_layer, 11
+    clean_ids, corrupt_ids = prompt_pair(V, T, [0, 4, T - 1], seed=77)
+    t, f = target_foil(V, 77)
+    for lse in (False, True):
+        rec_clean, rec_corrupt = engines.record(cpu, clean_ids), engines.record(cpu, corrupt_ids)
+        loop = engines.loop_sweep(cpu, corrupt_ids, rec_clean, t, f, lse)
+        gpu = GPT(cpu.config)
+        gpu.load_state_dict(cpu.state_dict())
+        gpu = gpu.to(device="cuda", dtype=dtype).eval()
+        g_clean, g_corrupt = engines.record(gpu, clean_ids.cuda()), engines.record(gpu, corrupt_ids.cuda())
+        assert g_clean.resid.dtype == dtype
+        fast = engines.fast_sweep(gpu, g_corrupt, g_clean, t, f, lse, max_rows=50)
+        assert fast.device.type == "cpu" and fast.dtype == torch.float32
+        scale = loop[..., :2].abs().max()
+        assert (fast[..., :2] - loop[..., :2]).abs().max() <= rtol * scale
+        if lse:
+            assert (fast[..., 2] - loop[..., 2]).abs().max() <= rtol * loop[..., 2].abs().max()
+        else:
+            assert torch.isnan(fast[..., 2]).all()
