@@ -81,8 +81,8 @@ def locate(name_or_dir: str | os.PathLike) -> Source:
 def _hub_fetch(repo_id: str, name: str, candidates: tuple[str, ...], required: bool) -> Path | None:
     # Imported here so that using local folders never needs huggingface_hub's import time.
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     offline = False
     for filename in candidates:
@@ -97,7 +97,7 @@ def _hub_fetch(repo_id: str, name: str, candidates: tuple[str, ...], required: b
             offline = True  # not cached and the Hub cannot be asked; a later candidate may be cached
         except EntryNotFoundError:
             continue  # the repository lacks this file; try the next candidate
-        except HfHubHTTPError as exc:
+        except Exception as exc:  # HTTP errors, and transfers cut off mid-file (httpx, OSError)
             raise OfflineError(f"downloading {filename} of {name} from the Hub failed ({exc.__class__.__name__}): "
                                f"try again, or pass a local folder.") from None
     if not required and not offline:

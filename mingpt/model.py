@@ -349,8 +349,12 @@ class GPT(nn.Module):
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ConfigError(f"{config_path} is not valid JSON: re-download or re-save the checkpoint.") from None
         weights = src.fetch("model.safetensors", "pytorch_model.bin")
-        model = cls(config)
-        model.load_hf_state_dict(read_weights(weights))
+        state = read_weights(weights)
+        with torch.device("meta"):  # no time on a random init that loading overwrites
+            model = cls(config)
+        model = model.to_empty(device="cpu")
+        model.lm_head.weight = model.transformer.wte.weight  # re-tie after materialising
+        model.load_hf_state_dict(state)  # fills every tensor, or raises naming the missing one
         model.name = str(name_or_dir)
         return model.to(dtype).eval()
 
