@@ -69,7 +69,7 @@ def heatmap(result: PatchResult, path: Path):
     m = result.matrix
     L, T = m.shape
     lim = float(np.nanmax(np.abs(m))) or 1.0
-    fig, ax = plt.subplots(figsize=(min(2.0 + 0.55 * T, 40), 1.5 + 0.4 * L))
+    fig, ax = plt.subplots(figsize=(min(3.0 + 0.55 * T, 40), max(3.8, 2.2 + 0.4 * L)))
     im = ax.matshow(m, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")
     step = max(1, T // 60)  # keep labels legible on long prompts
     ticks = list(range(0, T, step))
