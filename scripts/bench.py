@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the cache or nothing: never wait on an unreachable Hub
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mingpt.model import GPT, GPTConfig  # noqa: E402
@@ -58,6 +59,7 @@ class PeakRSS:
         self.stop.set()
         self.thread.join()
         self.peak = max(self.peak, self.rss())
+        self.peak_total_mb = self.peak / 2**20  # the whole process: model, recordings, sweep
         if self.device.type == "cuda":
             self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
         else:
@@ -96,7 +98,6 @@ def make_model(folder: Path):
     """Real GPT-2 small from the HF cache if present (offline check), else random weights of its shape."""
     from transformers import GPT2Config, GPT2LMHeadModel
     try:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         hf = GPT2LMHeadModel.from_pretrained("openai-community/gpt2", attn_implementation="eager")
         kind = "gpt2 (real weights from the HF cache)"
     except Exception:
@@ -150,7 +151,8 @@ def main():
     ap.add_argument("--long", type=int, default=1024, help="prompt length of the bounded-memory run (0: skip)")
     ap.add_argument("--long-chunks", type=int, default=3)
     ap.add_argument("--loop-budget", type=float, default=60.0, help="seconds before the loop is extrapolated")
-    ap.add_argument("--tl-budget", type=float, default=60.0, help="seconds before TransformerLens is skipped")
+    ap.add_argument("--tl-max-n", type=int, default=64, help="longest prompt to time TransformerLens on")
+    ap.add_argument("--fast-only", action="store_true", help="skip the loop and TransformerLens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -178,23 +180,25 @@ def main():
         s_fast = min(fast_times)
         positions = [p for p in range(T) if not torch.equal(rc.resid[:, 0, p], rk.resid[:, 0, p])]
         gflops = useful_flops(model.config, T, positions) / 1e9
-        loop, s_loop, loop_est = sample_loop(model, corrupt, rc, target, foil, device, args.loop_budget)
+        loop, s_loop, loop_est = (None, float("nan"), False) if args.fast_only else \
+            sample_loop(model, corrupt, rc, target, foil, device, args.loop_budget)
         fast_m = engines.metric_values("logit-diff", fast, fast[0, 0], fast[0, 0])
         diff_loop = (engines.metric_values("logit-diff", loop, loop[0, 0], loop[0, 0]) - fast_m).abs().max().item() \
             if loop is not None else None
         s_tl = diff_tl = None
-        if has_tl and T <= 64:
+        if has_tl and T <= args.tl_max_n and not args.fast_only:
             tl_matrix, s_tl = tl_resid_sweep(hf, clean.cpu(), corrupt.cpu(), target, foil)
             diff_tl = float((torch.as_tensor(tl_matrix, dtype=torch.float32) - fast_m.cpu()).abs().max())
         row = dict(n=T, fast_s=s_fast, loop_s=s_loop, loop_extrapolated=loop_est, tl_s=s_tl,
-                   fast_peak_mb=mem.peak_mb, useful_gflop=gflops, gflops_per_s=gflops / s_fast,
+                   fast_peak_mb=mem.peak_mb, process_peak_mb=mem.peak_total_mb, useful_gflop=gflops, gflops_per_s=gflops / s_fast,
                    peak_gflops=peak, max_diff_vs_loop=diff_loop, max_diff_vs_tl=diff_tl)
         rows.append(row)
         print(f"n={T}: fast {s_fast:.3f}s, loop {'~' if loop_est else ''}{s_loop:.2f}s, "
-              f"TL {'-' if s_tl is None else f'{s_tl:.2f}s'}, peak {mem.peak_mb:.0f} MB, "
+              f"TL {'-' if s_tl is None else f'{s_tl:.2f}s'}, memory +{mem.peak_mb:.0f} MB "
+              f"(process peak {mem.peak_total_mb:.0f} MB), "
               f"{gflops:.1f} GFLOP useful at {gflops / s_fast:.1f} GFLOP/s", flush=True)
 
-    print("\n| tokens | fast engine | loop (oracle) | TransformerLens | loop / fast | TL / fast | peak extra memory "
+    print("\n| tokens | fast engine | loop (oracle) | TransformerLens | loop / fast | TL / fast | memory rise (process peak) "
           "| useful GFLOP | GFLOP/s (% of matmul peak) | max diff vs loop / TL |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -202,7 +206,8 @@ def main():
         tl_ratio = f"{r['tl_s'] / r['fast_s']:.1f}x" if r["tl_s"] is not None else "—"
         diffs = " / ".join("—" if d is None else f"{d:.1e}" for d in (r["max_diff_vs_loop"], r["max_diff_vs_tl"]))
         print(f"| {r['n']} | {r['fast_s']:.3f} s | {'~' if r['loop_extrapolated'] else ''}{r['loop_s']:.2f} s | {tl} "
-              f"| {r['loop_s'] / r['fast_s']:.1f}x | {tl_ratio} | {r['fast_peak_mb']:.0f} MB | {r['useful_gflop']:.1f} "
+              f"| {r['loop_s'] / r['fast_s']:.1f}x | {tl_ratio} | +{r['fast_peak_mb']:.0f} MB ({r['process_peak_mb']:.0f} MB) "
+              f"| {r['useful_gflop']:.1f} "
               f"| {r['gflops_per_s']:.1f} ({100 * r['gflops_per_s'] / r['peak_gflops']:.0f}%) | {diffs} |")
 
     long = None
@@ -224,10 +229,11 @@ def main():
             s = time.perf_counter() - t0
         total_flops = useful_flops(model.config, T, list(range(1, T)))
         long = dict(n=T, chunks_run=args.long_chunks, chunks=len(chunks), seconds=s, peak_mb=mem.peak_mb,
+                    process_peak_mb=mem.peak_total_mb,
                     projected_s=s * total_flops / done_flops, gflops_per_s=done_flops / s / 1e9)
         print(f"\nlong prompt: n={T}, {len(chunks)} chunks of <= 8192 rows; ran the first {args.long_chunks} "
-              f"(the longest suffixes) in {s:.1f} s at {done_flops / s / 1e9:.1f} GFLOP/s, peak extra memory "
-              f"{mem.peak_mb:.0f} MB; whole sweep {total_flops / 1e12:.1f} TFLOP, projected {long['projected_s'] / 60:.0f} min")
+              f"(the longest suffixes) in {s:.1f} s at {done_flops / s / 1e9:.1f} GFLOP/s, memory +{mem.peak_mb:.0f} MB "
+              f"(process peak {mem.peak_total_mb:.0f} MB); whole sweep {total_flops / 1e12:.1f} TFLOP, projected {long['projected_s'] / 60:.0f} min")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": kind, "device": str(device), "rows": rows, "long": long}, indent=1))
 
