@@ -35,22 +35,17 @@ class Source:
     folder: Path | None = None
     repo_id: str | None = None
 
-    def fetch(self, *candidates: str, required: bool = True) -> Path | None:
-        """Return the local path of the first candidate file that exists (downloading if needed).
-
-        With required=False a file absent everywhere gives None instead of an error.
-        """
+    def fetch(self, *candidates: str) -> Path:
+        """Return the local path of the first candidate file that exists (downloading if needed)."""
         if self.folder is not None:
             for name in candidates:
                 if (self.folder / name).is_file():
                     return self.folder / name
-            if not required:
-                return None
             raise ModelNotFoundError(
                 f"folder {self.folder} has no {' or '.join(candidates)}: pass a folder in Hugging Face "
                 f"layout (config.json, model.safetensors or pytorch_model.bin, vocab.json, merges.txt)."
             )
-        return _hub_fetch(self.repo_id, self.name, candidates, required)
+        return _hub_fetch(self.repo_id, self.name, candidates)
 
 
 def locate(name_or_dir: str | os.PathLike) -> Source:
@@ -78,7 +73,7 @@ def locate(name_or_dir: str | os.PathLike) -> Source:
                              f"openai-community/gpt2, or a local folder in Hugging Face layout.")
 
 
-def _hub_fetch(repo_id: str, name: str, candidates: tuple[str, ...], required: bool) -> Path | None:
+def _hub_fetch(repo_id: str, name: str, candidates: tuple[str, ...]) -> Path:
     # Imported here so that using local folders never needs huggingface_hub's import time.
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
@@ -100,8 +95,6 @@ def _hub_fetch(repo_id: str, name: str, candidates: tuple[str, ...], required: b
         except Exception as exc:  # HTTP errors, and transfers cut off mid-file (httpx, OSError)
             raise OfflineError(f"downloading {filename} of {name} from the Hub failed ({exc.__class__.__name__}): "
                                f"try again, or pass a local folder.") from None
-    if not required and not offline:
-        return None
     if offline:
         raise OfflineError(
             f"{name} ({' or '.join(candidates)}) is not in the Hugging Face cache and the Hub cannot be reached "
