@@ -378,7 +378,7 @@ class GPT(nn.Module):
         for k in sorted(expected):
             if got[k].shape != ours[k].shape:
                 raise WeightsError(f"tensor {k} has shape {_to_hf_shape(k, got[k].shape)} in the checkpoint but "
-                                   f"config.json needs {tuple(_to_hf_shape(k, ours[k].shape))}.")
+                                   f"config.json needs {_to_hf_shape(k, ours[k].shape)}.")
         with torch.no_grad():
             for k in expected:
                 ours[k].copy_(got[k])

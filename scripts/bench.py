@@ -126,7 +126,9 @@ def timed(fn, device):
 
 
 def sample_loop(model, corrupt, rec_clean, target, foil, device, budget_s: float):
-    """Time the oracle on whole layers until budget_s is spent; return (readouts or None, seconds per sweep)."""
+    """Time the oracle on whole layers until budget_s is spent.
+
+    Returns (readouts or None, seconds per full sweep, whether that figure was extrapolated)."""
     L, T = model.config.n_layer, corrupt.shape[1]
     done, t0 = 0, time.perf_counter()
 

@@ -391,18 +391,11 @@ def test_misshaped_conv1d_weight_reports_checkpoint_shape(tmp_path, ckpts):
     assert "(32, 100)" in msg, msg  # what the file holds, in the file's own (in, out) layout
 
 
-def test_truncated_safetensors(tmp_path, ckpts):
-    folder = _copy(ckpts["tiny"], tmp_path / "m")
-    data = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match="truncated or corrupt"):
-        GPT.from_pretrained(str(folder))
-
-
-def test_truncated_bin(tmp_path, ckpts):
-    folder = _copy(ckpts["tiny_bin"], tmp_path / "m")
-    data = (folder / "pytorch_model.bin").read_bytes()
-    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+@pytest.mark.parametrize("ckpt, filename", [("tiny", "model.safetensors"), ("tiny_bin", "pytorch_model.bin")])
+def test_truncated_weights(tmp_path, ckpts, ckpt, filename):
+    folder = _copy(ckpts[ckpt], tmp_path / "m")
+    data = (folder / filename).read_bytes()
+    (folder / filename).write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match="truncated or corrupt"):
         GPT.from_pretrained(str(folder))
 
