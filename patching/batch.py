@@ -159,8 +159,9 @@ def write_summary(rows: list[dict], out: Path):
              "|---|---|---|---|---|"]
     for r in rows:
         if r["status"] == "ok":
-            s = r["strongest"][0]
-            best = f"{s['layer']}, {s['position']} {s['token'].strip() or repr(s['token'])}: {s['value']:.3f}"
+            s = r["strongest"][0] if r["strongest"] else None
+            best = (f"{s['layer']}, {s['position']} {s['token'].strip() or repr(s['token'])}: {s['value']:.3f}"
+                    if s else "no patch moved it")
             lines.append(f"| {r['name']} | ok | {r['clean_value']:.3f} | {r['corrupt_value']:.3f} | {best} |")
         else:
             reason = r.get("reason", "").replace("|", "\\|")
