@@ -364,7 +364,7 @@ def lr_at(step: int, steps: int, lr: float) -> float:
 
 
 def make_model(args) -> GPT:
-    if args.init and args.init != "none":
+    if args.init:
         model = GPT.from_pretrained(args.init).float().train()
         c = model.config
         if (c.n_layer, c.n_embd, c.n_head) != (args.layers, args.d_model, args.heads):
@@ -381,7 +381,7 @@ def train(args, log=sys.stderr) -> tuple[GPT, dict]:
     g = torch.Generator().manual_seed(args.seed)  # induction data
     model = make_model(args).to(args.device)
     wte = model.transformer.wte.weight  # tied to the unembedding
-    if args.emb_std and not (args.init and args.init != "none"):
+    if args.emb_std and not args.init:
         with torch.no_grad():
             wte.normal_(0.0, args.emb_std)
     # Adam moves every embedding row by ~lr each step (all 50257 rows get softmax gradient), which at
@@ -525,6 +525,8 @@ def settings(argv: list[str]) -> argparse.Namespace:
     for k, v in DEFAULTS[args.task].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.init == "none":  # names: train from scratch instead of from demo-induction
+        args.init = None
     return args
 
 

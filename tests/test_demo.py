@@ -50,6 +50,7 @@ def test_defaults_name_the_shipped_recipe():
     assert names.init == "demo-induction" and induction.init is None
     assert (induction.d_model, induction.heads, induction.emb_lr_mult, induction.seq_len) == (64, 1, 0.0, 128)
     assert td.settings(["induction", "--out", "x", "--seq-len", "32"]).seq_len == 32
+    assert tiny("names").init is None  # "--init none": from scratch
 
 
 # ----------------------------------------------------------------------------- training
