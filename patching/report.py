@@ -52,8 +52,8 @@ def _columns(rows: list[tuple[str, ...]]) -> str:
 def strongest(result: PatchResult, n: int = 3) -> list[tuple[int, int, float]]:
     """The (at most n) patches that move the metric furthest from the corrupt value: (layer, pos, value).
     Patches that leave it where it was (up to float noise) are no answer, so they are left out."""
-    delta = np.abs(result.matrix - result.corrupt.value)
     c, k = result.clean.value, result.corrupt.value
+    delta = np.abs(result.matrix - k)
     noise = 1e-5 * max(abs(c), abs(k), abs(c - k))  # float32 rounding of values this size is ~1e-7 of them
     order = [int(i) for i in np.argsort(delta, axis=None)[::-1][:n] if delta.flat[i] > noise]
     return [(*divmod(i, delta.shape[1]), float(result.matrix.flat[i])) for i in order]
