@@ -27,11 +27,15 @@ import torch
 from mingpt.bpe import BPETokenizer
 from mingpt.errors import MinGPTError
 from mingpt.model import GPT
+from mingpt.sites import HEAD_SITES, SITES
 from patching import engines
 from patching.engines import ENGINES, METRICS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DIRECTIONS = {"denoise": "clean values patched into the corrupt run (is this activation sufficient?)",
+              "noise": "corrupt values patched into the clean run (is this activation necessary?)"}
+BOS = 50256  # <|endoftext|>, GPT-2's only special token
 
 
 class PatchingError(Exception):
@@ -52,9 +56,14 @@ class Settings:
     device: str = "auto"
     dtype: str = "float32"
     max_rows: int = 8192  # fast engine: suffix rows per batched chunk (bounds memory)
+    site: str = "resid_post"  # which activation is patched (mingpt.sites.SITES)
+    direction: str = "denoise"  # denoise: clean values into the corrupt run; noise: corrupt into clean
+    all_positions: bool = False  # head sites: patch a head at every position at once
+    prepend_bos: bool = False  # put <|endoftext|> before both prompts (position 0), as TransformerLens does
 
     def __post_init__(self):
-        choices = {"metric": METRICS, "engine": ENGINES, "device": DEVICES, "dtype": DTYPES}
+        choices = {"metric": METRICS, "engine": ENGINES, "device": DEVICES, "dtype": DTYPES, "site": SITES,
+                   "direction": DIRECTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise PatchingError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}.")
@@ -64,6 +73,12 @@ class Settings:
                 raise PatchingError(f"{name} must be a positive integer, got {value!r}.")
         if not isinstance(self.model, str) or not self.model:
             raise PatchingError(f"model must be a name or folder, got {self.model!r}.")
+        for name in ("all_positions", "prepend_bos"):
+            if not isinstance(getattr(self, name), bool):
+                raise PatchingError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.all_positions and self.site not in HEAD_SITES:
+            raise PatchingError(f"all_positions patches a head at every position: it needs a head site "
+                                f"({', '.join(HEAD_SITES)}), not {self.site}.")
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> "Settings":
@@ -119,7 +134,9 @@ class Prepared:
 
 @dataclass
 class PatchResult:
-    """Everything one experiment produced; `matrix` is (n_layers, n_tokens) numpy, row l = block l's output."""
+    """Everything one experiment produced. `matrix` is numpy with axes `axes`: (layer, position) for
+    residual sites (row l of resid_post = block l's output), (layer, head, position) for head sites,
+    (layer, head) with all_positions."""
 
     prepared: Prepared
     settings: Settings
@@ -131,17 +148,24 @@ class PatchResult:
     timing: dict
     versions: dict = field(default_factory=dict)
 
+    @property
+    def axes(self) -> list[str]:
+        return axes_of(self.settings.site, self.settings.all_positions)
+
     def to_json(self) -> dict:
         """The results.json document (schema in README)."""
         p = self.prepared
         return {
             "model": self.model, "metric": self.settings.metric, "metric_definition": METRICS[self.settings.metric],
             "engine": self.settings.engine, "device": self.timing.get("device"), "dtype": self.settings.dtype,
+            "site": self.settings.site, "direction": self.settings.direction,
+            "direction_definition": DIRECTIONS[self.settings.direction], "axes": self.axes,
+            "all_positions": self.settings.all_positions, "prepend_bos": self.settings.prepend_bos,
             "tokens": p.tokens, "corrupt_tokens": p.corrupt_tokens, "clean_ids": p.clean_ids,
             "corrupt_ids": p.corrupt_ids, "differing_positions": p.differing,
             "target": {"text": p.target, "id": p.target_id}, "foil": {"text": p.foil, "id": p.foil_id},
             "n_layers": self.n_layers, "n_tokens": len(p.tokens),
-            "matrix": [[_finite(v) for v in row] for row in self.matrix.tolist()],
+            "matrix": _nested(self.matrix.tolist()),
             "clean_value": _finite(self.clean.value), "corrupt_value": _finite(self.corrupt.value),
             "runs": {name: {k: _finite(v) for k, v in asdict(run).items() if k != "topk"}
                      for name, run in (("clean", self.clean), ("corrupt", self.corrupt))},
@@ -152,6 +176,14 @@ class PatchResult:
 
 def _finite(v: float):
     return v if math.isfinite(v) else None  # JSON has no NaN
+
+
+def _nested(m):
+    return [_nested(v) for v in m] if isinstance(m, list) else _finite(m)
+
+
+def axes_of(site: str, all_positions: bool) -> list[str]:
+    return ["layer"] + (["head"] if site in HEAD_SITES else []) + ([] if all_positions else ["position"])
 
 
 def versions() -> dict:
@@ -192,6 +224,27 @@ def load(settings: Settings) -> tuple[GPT, BPETokenizer]:
 # ----------------------------------------------------------------------------- one experiment
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a sweep on this device, or None where we cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(plan: engines.Plan, device: torch.device):
+    """Refuse, before recording anything, a sweep whose estimate exceeds the free memory."""
+    free = available_memory(device)
+    if free is not None and plan.peak_bytes > free:
+        fix = "shorten the prompt or use a smaller model" if plan.site == "pattern" else \
+            "lower --max-rows, shorten the prompt or use a smaller model"
+        raise PatchingError(f"this {plan.site} sweep needs about {plan.peak_bytes / 2**30:.1f} GiB but "
+                            f"{device.type} has {free / 2**30:.1f} GiB free: {fix}.")
+
+
 def single_token(tok: BPETokenizer, word: str, role: str) -> tuple[str, int]:
     """A target/foil word follows the prompt, so it is looked up with a leading space (' Jones')."""
     if not isinstance(word, str) or not word.strip():
@@ -205,12 +258,14 @@ def single_token(tok: BPETokenizer, word: str, role: str) -> tuple[str, int]:
     return text, ids[0]
 
 
-def prepare(tok: BPETokenizer, clean: str, corrupt: str, target: str, foil: str, block_size: int) -> Prepared:
+def prepare(tok: BPETokenizer, clean: str, corrupt: str, target: str, foil: str, block_size: int,
+            prepend_bos: bool = False) -> Prepared:
     """Tokenize and check both prompts and both answer words; raise PatchingError on any misfit."""
     for role, text in (("clean", clean), ("corrupt", corrupt)):
         if not isinstance(text, str) or not text.strip():
             raise PatchingError(f"the {role} prompt is empty: give the text whose next token is predicted.")
-    a, b = tok.encode(clean), tok.encode(corrupt)
+    bos = [BOS] if prepend_bos else []  # labelled position 0 in every table and figure
+    a, b = bos + tok.encode(clean), bos + tok.encode(corrupt)
     show = lambda ids: "|".join(tok.token_str(i) for i in ids)  # noqa: E731
     if len(a) != len(b):
         raise PatchingError(f"the clean prompt is {len(a)} tokens [{show(a)}] but the corrupt prompt is {len(b)} "
@@ -236,40 +291,51 @@ def summarize(logits: torch.Tensor, tok: BPETokenizer, prep: Prepared, k: int, v
 
 
 def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, foil: str,
-        settings: Settings | None = None, progress: engines.Progress | None = None) -> PatchResult:
-    """The whole experiment: tokenize, record both runs, sweep every (layer, position), summarize."""
+        settings: Settings | None = None, progress: engines.Progress | None = None, plan=None) -> PatchResult:
+    """The whole experiment: tokenize, record both runs, sweep every cell of the site, summarize.
+
+    plan: called with the sweep's engines.Plan before it runs (it may raise to stop there)."""
     settings = settings or Settings(model=getattr(model, "name", "random"))
-    prep = prepare(tok, clean, corrupt, target, foil, model.config.block_size)
+    prep = prepare(tok, clean, corrupt, target, foil, model.config.block_size, settings.prepend_bos)
     device = next(model.parameters()).device
     clean_ids = torch.tensor([prep.clean_ids], device=device)
     corrupt_ids = torch.tensor([prep.corrupt_ids], device=device)
     lse = engines.needs_lse(settings.metric)
+    site = settings.site
 
     t0 = time.perf_counter()
-    rec_clean, rec_corrupt = engines.record(model, clean_ids), engines.record(model, corrupt_ids)
+    check_memory(engines.plan(model.config, len(prep.clean_ids), site, settings.all_positions,
+                              settings.max_rows, lse, None), device)
+    rec_clean, rec_corrupt = engines.record(model, clean_ids, [site]), engines.record(model, corrupt_ids, [site])
     r_clean = engines.readout(rec_clean.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
     r_corrupt = engines.readout(rec_corrupt.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
-    if settings.metric == "recovery" and math.isclose(float(r_clean[1] - r_clean[0]), float(r_corrupt[1] - r_corrupt[0])):
+    denoise = settings.direction == "denoise"
+    (base_ids, base, r_base), (src, r_src) = ((corrupt_ids, rec_corrupt, r_corrupt), (rec_clean, r_clean)) if denoise \
+        else ((clean_ids, rec_clean, r_clean), (rec_corrupt, r_corrupt))
+    if settings.metric == "recovery" and math.isclose(float(r_src[1] - r_src[0]), float(r_base[1] - r_base[0])):
         raise PatchingError("recovery is undefined here: the clean and corrupt runs give the same logit difference; "
                             "use --metric logit-diff.")
+    source = src[site][:, 0]
+    the_plan = engines.plan(model.config, len(prep.clean_ids), site, settings.all_positions, settings.max_rows, lse,
+                            engines.noop_cells(base, source, site, settings.all_positions))
+    if plan:
+        plan(the_plan)
     t1 = time.perf_counter()
-    if settings.engine == "loop":
-        readouts = engines.loop_sweep(model, corrupt_ids, rec_clean, prep.target_id, prep.foil_id, lse, progress)
-    else:
-        readouts = engines.fast_sweep(model, rec_corrupt, rec_clean, prep.target_id, prep.foil_id, lse,
-                                      settings.max_rows, progress)
+    readouts = engines.sweep(model, base_ids, base, source, site, prep.target_id, prep.foil_id, lse,
+                             settings.all_positions, settings.engine, settings.max_rows, progress)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
 
-    value = lambda r: float(engines.metric_values(settings.metric, r, r_clean, r_corrupt))  # noqa: E731
-    matrix = engines.metric_values(settings.metric, readouts, r_clean, r_corrupt).numpy().astype(np.float64)
+    # recovery: 0 = the patched run's own value, 1 = the other run's, in either direction
+    value = lambda r: float(engines.metric_values(settings.metric, r, r_src, r_base))  # noqa: E731
+    matrix = engines.metric_values(settings.metric, readouts, r_src, r_base).numpy().astype(np.float64)
     return PatchResult(
         prepared=prep, settings=settings, model=getattr(model, "name", settings.model),
         n_layers=model.config.n_layer, matrix=matrix,
         clean=summarize(rec_clean.last_logits[0], tok, prep, settings.top_k, value(r_clean)),
         corrupt=summarize(rec_corrupt.last_logits[0], tok, prep, settings.top_k, value(r_corrupt)),
         timing={"record_seconds": round(t1 - t0, 6), "sweep_seconds": round(t2 - t1, 6),
-                "patches": model.config.n_layer * len(prep.clean_ids), "device": str(device)},
+                "patches": int(np.prod(matrix.shape)), "device": str(device)},
         versions=versions(),
     )
