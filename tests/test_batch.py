@@ -133,7 +133,7 @@ def test_mixed_good_folders(mixed):
         folder = out / r["name"]
         if r["status"] == "ok":
             assert Path(r["folder"]).resolve() == folder.resolve()
-            assert sorted(p.name for p in folder.iterdir()) == ["heatmap.png", "results.csv", "results.json"]
+            assert sorted(p.name for p in folder.iterdir()) == [".patch-run.json", "heatmap.png", "results.csv", "results.json"]
             assert (folder / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             res = json_of(folder)
             assert len(res["topk"]["clean"]) == len(res["topk"]["corrupt"]) == 5  # defaults: top_k 5
@@ -145,7 +145,7 @@ def test_mixed_good_folders(mixed):
             assert not folder.exists()
     # only the good folders and the summary are in --out: no staging folders, nothing for failures
     ok = sorted(r["name"] for r in rows if r["status"] == "ok")
-    assert sorted(p.name for p in out.iterdir()) == sorted(ok + ["summary.json", "summary.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(ok + [".patch-run.json", "summary.json", "summary.md"])
 
 
 def test_mixed_override_took_effect(mixed):
@@ -266,7 +266,7 @@ def test_ctrl_c_during_batch(tiny_ckpt, tmp_path, monkeypatch, where):
     assert r["rc"] == 130
     assert "interrupted" in r["stderr"] and "Traceback" not in r["stderr"]
     assert len(calls) == 2
-    assert sorted(p.name for p in (out / "first").iterdir()) == ["heatmap.png", "results.csv", "results.json"]
+    assert sorted(p.name for p in (out / "first").iterdir()) == [".patch-run.json", "heatmap.png", "results.csv", "results.json"]
     json_of(out / "first")  # complete, parseable
     assert not (out / "second").exists() and not (out / "third").exists()
     leftovers = [p for p in tmp_path.rglob("*") if ".partial" in p.name or ".tmp-" in p.name or ".old-" in p.name]
