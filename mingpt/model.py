@@ -229,6 +229,17 @@ class Block(nn.Module):
         return at("resid_post", x + m)
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Turns torch.nn.init's in-place initialisers into no-ops while a model is built, so modules get
+    uninitialised (torch.empty) weights. Unlike building on the meta device, this never reaches torch's
+    Python meta kernels, whose normal_ imports torch._dynamo (over a second of start-up)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else kwargs["tensor"]  # the tensor, untouched
+        return func(*args, **(kwargs or {}))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -324,10 +335,8 @@ class GPT(nn.Module):
         weights = src.fetch("model.safetensors", "pytorch_model.bin")
         state = read_weights(weights)
         config.check_weights({k: v.shape for k, v in state.items()}, weights.name)  # before allocating a model
-        with torch.device("meta"):  # no time on a random init that loading overwrites
+        with _SkipInit():  # no time on a random init that loading overwrites
             model = cls(config)
-        model = model.to_empty(device="cpu")
-        model.lm_head.weight = model.transformer.wte.weight  # re-tie after materialising
         model.load_hf_state_dict(state)  # fills every tensor, or raises naming the missing one
         model.name = str(name_or_dir)
         return model.to(dtype).eval()

@@ -66,15 +66,17 @@ def strongest(result: PatchResult, n: int = 3) -> list[tuple[int, int, float]]:
 
 def heatmap(result: PatchResult, path: Path):
     """matshow of the matrix: layers down, positions (labelled by token) across, diverging at zero."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless: no display needed
-    import matplotlib.pyplot as plt
+    # A bare Figure on the Agg canvas: headless, and without pyplot's import and figure manager.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
 
     m = result.matrix
     L, T = m.shape
     lim = float(np.nanmax(np.abs(m))) or 1.0
-    fig, ax = plt.subplots(figsize=(min(3.0 + 0.55 * T, 40), max(3.8, 2.2 + 0.4 * L)))
+    fig = Figure(figsize=(min(3.0 + 0.55 * T, 40), max(3.8, 2.2 + 0.4 * L)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     im = ax.matshow(m, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")
     step = max(1, T // 60)  # keep labels legible on long prompts
     ticks = list(range(0, T, step))
@@ -93,7 +95,6 @@ def heatmap(result: PatchResult, path: Path):
     fig.colorbar(im, ax=ax, label=result.settings.metric)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- files
