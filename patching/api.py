@@ -270,8 +270,9 @@ def check_memory(plan: engines.Plan, device: torch.device):
     if free is not None and plan.peak_bytes > free:
         fix = "shorten the prompt or use a smaller model" if plan.site == "pattern" else \
             "lower --max-rows, shorten the prompt or use a smaller model"
-        raise PatchingError(f"this {plan.site} sweep needs about {plan.peak_bytes / 2**30:.1f} GiB but "
-                            f"{device.type} has {free / 2**30:.1f} GiB free: {fix}.")
+        size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        raise PatchingError(f"this {plan.site} sweep needs about {size(plan.peak_bytes)} but {device.type} has "
+                            f"{size(free)} free: {fix}.")
 
 
 def check_text(text, what: str) -> str:

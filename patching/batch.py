@@ -28,7 +28,7 @@ import yaml
 from mingpt.errors import quote
 from patching.api import USER_ERRORS, PatchingError, Settings, load, run
 from patching.files import Claim, claim, expand
-from patching.report import experiment_files, json_text, slug, strongest
+from patching.report import cell_fields, experiment_files, json_text, slug, strongest
 
 MAX_BYTES = 1 << 20  # a batch file is a list of experiments; more than this is a mistake (or /dev/zero)
 SUMMARY_EVERY = 2.0  # seconds between summary rewrites while a batch runs
@@ -216,12 +216,10 @@ def _run(batch: Batch, dest: Claim, say, progress_for, overwrite: bool) -> list[
                 with claim(out / row["name"], kind="experiment", overwrite=overwrite) as folder:
                     result = run(model, tok, exp.clean, exp.corrupt, exp.target, exp.foil, settings, progress)
                     folder.write(experiment_files(result))
-                toks = result.prepared.tokens
                 row.update(status="ok", folder=str(folder.folder), metric=settings.metric, model=result.model,
                            clean_value=result.clean.value, corrupt_value=result.corrupt.value,
                            sweep_seconds=result.timing["sweep_seconds"],
-                           strongest=[{"layer": l, "position": p, "token": toks[p], "value": v}
-                                      for l, p, v in strongest(result)])
+                           strongest=[cell_fields(result, entry) for entry in strongest(result)])
                 say(f"[{i}/{len(rows)}] {row['name']}: ok ({folder.folder})")
             except Exception as exc:  # one failure is one failed row, whatever raised
                 row.update(status="failed", reason=reason(exc))
@@ -243,13 +241,14 @@ def _run(batch: Batch, dest: Claim, say, progress_for, overwrite: bool) -> list[
 def write_summary(rows: list[dict], dest: Claim):
     """summary.json (everything, strict JSON) and summary.md (a short table), each replaced atomically."""
     dest.put("summary.json", json_text({"experiments": rows}))
-    lines = ["| experiment | status | clean | corrupt | strongest patch (layer, position token: value) |",
+    lines = ["| experiment | status | clean | corrupt | strongest patch (layer, [head,] [position token]: value) |",
              "|---|---|---|---|---|"]
     num = lambda v: "" if v is None or v != v else f"{v:.3f}"  # noqa: E731  (NaN != NaN)
     for r in rows:
         if r["status"] == "ok":
             s = r["strongest"][0] if r["strongest"] else None
-            best = (f"{s['layer']}, {s['position']} {s['token'].strip() or repr(s['token'])}: {num(s['value'])}"
+            best = (", ".join(str(s[k]) for k in ("layer", "head", "position") if k in s)
+                    + (f" {s['token'].strip() or repr(s['token'])}" if "token" in s else "") + f": {num(s['value'])}"
                     if s else "no patch moved it")
             lines.append(f"| {r['name']} | ok | {num(r['clean_value'])} | {num(r['corrupt_value'])} | "
                          f"{best.replace('|', chr(92) + '|')} |")

@@ -22,10 +22,11 @@ import sys
 import time
 from dataclasses import fields
 
-from patching.api import USER_ERRORS, PatchingError, Settings, load, prepare, run
+from mingpt.sites import SITES
+from patching.api import DIRECTIONS, USER_ERRORS, PatchingError, Settings, load, prepare, run
 from patching.engines import ENGINES, METRICS
 from patching.files import claim, expand, free_name
-from patching.report import (default_folder, experiment_files, show, slug, strongest, token_table,
+from patching.report import (default_folder, describe_cell, experiment_files, slug, strongest, token_table,
                              topk_table)
 
 # name -> module path; a module plugs in with HELP, add_arguments(ap) and command(args, say) -> int.
@@ -68,6 +69,16 @@ def add_arguments(ap: argparse.ArgumentParser):
     how.add_argument("--top-k", dest="top_k", type=int, help="rows of the next-token tables [20]")
     how.add_argument("--engine", choices=ENGINES, help="fast (exact, batched) or loop (one forward per patch) [fast]")
     how.add_argument("--max-rows", dest="max_rows", type=int, help="fast engine chunk size in token rows [8192]")
+    how.add_argument("--site", choices=list(SITES), help="the activation patched, named as in TransformerLens: "
+                     "resid_pre/resid_mid/resid_post, attn_out, mlp_out by (layer, position); q, k, v, z, "
+                     "pattern by (layer, head, position) [resid_post]")
+    how.add_argument("--direction", choices=list(DIRECTIONS), help="denoise: clean values into the corrupt run "
+                     "(sufficient?); noise: corrupt values into the clean run (necessary?) [denoise]")
+    how.add_argument("--all-positions", dest="all_positions", action="store_const", const=True,
+                     help="head sites: patch each head at every position at once (axes layer, head)")
+    how.add_argument("--prepend-bos", dest="prepend_bos", action="store_const", const=True,
+                     help="put <|endoftext|> before both prompts as position 0 (TransformerLens's default) [off]")
+    ap.add_argument("--dry-run", action="store_true", help="print the sweep's plan (patches, chunks, memory) and stop")
 
 
 def plugin(name: str):
@@ -159,13 +170,20 @@ def single(args, say) -> int:
     settings = Settings(**given_settings(args))
     model, tok = load(settings)
     prep = prepare(tok, args.clean, args.corrupt, args.target, args.foil, model.config.block_size,
-                   model.config.vocab_size)
+                   model.config.vocab_size, settings.prepend_bos)
+    experiment = (model, tok, args.clean, args.corrupt, args.target, args.foil, settings)
+    if args.dry_run:
+        try:
+            run(*experiment, plan=_stop_after_plan(say))
+        except _Planned:
+            return 0
     out = expand(args.out) if args.out else free_name(expand("outputs") / default_folder(prep, settings))
     with claim(out, kind="experiment", overwrite=args.overwrite) as dest:  # checked and locked before the sweep
-        result = run(model, tok, args.clean, args.corrupt, args.target, args.foil, settings, Bar("sweep"))
+        result = run(*experiment, Bar("sweep"), plan=lambda p: say(p.describe()))
         folder = dest.write(experiment_files(result))
     # everything is on disk: only now print, so a closed pipe or a full terminal loses nothing
-    say(f"model {model.name}: {model.config.n_layer} layers, {len(prep.clean_ids)} tokens; "
+    say(f"model {model.name}: {model.config.n_layer} layers, {len(prep.clean_ids)} tokens"
+        f"{' (position 0 is the <|endoftext|> added by --prepend-bos)' if settings.prepend_bos else ''}; "
         f"positions that differ: {', '.join(map(str, prep.differing))}")
     say(token_table(prep))
     say("")
@@ -174,12 +192,24 @@ def single(args, say) -> int:
     say(topk_table("corrupt run: next token after the last position", result.corrupt, prep))
     say("")
     say(f"{settings.metric} = {METRICS[settings.metric]}: clean {result.clean.value:.4f}, "
-        f"corrupt {result.corrupt.value:.4f}; sweep of {result.timing['patches']} patches took "
-        f"{result.timing['sweep_seconds']:.3f} s ({settings.engine} engine, {result.timing['device']})")
-    for l, p, v in strongest(result):
-        say(f"  strongest: layer {l}, position {p} ({show(prep.tokens[p])}): {v:.4f}")
+        f"corrupt {result.corrupt.value:.4f}; sweep of {result.timing['patches']} patches at {settings.site} "
+        f"({settings.direction}: {DIRECTIONS[settings.direction]}) took {result.timing['sweep_seconds']:.3f} s "
+        f"({settings.engine} engine, {result.timing['device']})")
+    for entry in strongest(result):
+        say(f"  strongest: {describe_cell(result, entry)}: {entry[-1]:.4f}")
     say.result(f"wrote {folder}/results.json, results.csv, heatmap.png")
     return 0
+
+
+class _Planned(Exception):
+    """--dry-run: the plan is printed; stop before the sweep."""
+
+
+def _stop_after_plan(say):
+    def stop(plan):
+        say.result(plan.describe())
+        raise _Planned()
+    return stop
 
 
 def batch(args, say) -> int:

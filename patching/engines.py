@@ -152,7 +152,7 @@ class Plan:
 
     def describe(self) -> str:
         return (f"plan: {self.cells} patches at {self.site} ({self.live} to compute, the rest are no-ops), "
-                f"{self.chunks} chunk{'s' * (self.chunks != 1)}, estimated peak memory {self.peak_bytes / 2**20:.0f} MiB")
+                f"{self.chunks} chunk{'s' * (self.chunks != 1)}, estimated peak memory {self.peak_bytes / 2**20:.1f} MiB")
 
 
 def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop: torch.Tensor | None) -> Plan:

@@ -51,14 +51,57 @@ def _columns(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def strongest(result: PatchResult, n: int = 3) -> list[tuple[int, int, float]]:
-    """The (at most n) patches that move the metric furthest from the corrupt value: (layer, pos, value).
+def base_value(result: PatchResult) -> float:
+    """The metric of the run being patched: corrupt when denoising, clean when noising."""
+    return (result.corrupt if result.settings.direction == "denoise" else result.clean).value
+
+
+def strongest(result: PatchResult, n: int = 3) -> list[tuple]:
+    """The (at most n) patches that move the metric furthest from the patched run's own value, as
+    (*cell, value) with the cell's indices in result.axes order (layer, position for block outputs).
     Patches that leave it where it was (up to float noise) are no answer, so they are left out."""
-    c, k = result.clean.value, result.corrupt.value
-    delta = np.abs(result.matrix - k)
+    c, k, base = result.clean.value, result.corrupt.value, base_value(result)
+    delta = np.abs(result.matrix - base)
     noise = 1e-5 * max(abs(c), abs(k), abs(c - k))  # float32 rounding of values this size is ~1e-7 of them
     order = [int(i) for i in np.argsort(delta, axis=None)[::-1][:n] if delta.flat[i] > noise]
-    return [(*divmod(i, delta.shape[1]), float(result.matrix.flat[i])) for i in order]
+    return [(*map(int, np.unravel_index(i, delta.shape)), float(result.matrix.flat[i])) for i in order]
+
+
+def cell_fields(result: PatchResult, entry: tuple) -> dict:
+    """One strongest() entry as named fields: layer, head, position, token (where they apply), value."""
+    fields = dict(zip(result.axes, entry[:-1]))
+    if "position" in fields:
+        fields["token"] = result.prepared.tokens[fields["position"]]
+    return {**fields, "value": entry[-1]}
+
+
+def describe_cell(result: PatchResult, entry: tuple) -> str:
+    """'layer 0, position 1 ( Jones)', 'layer 1, head 0, position 10 ( Michelle)' or 'layer 1, head 0'."""
+    f = cell_fields(result, entry)
+    parts = [f"{axis} {f[axis]}" for axis in result.axes]
+    if "token" in f:
+        parts[-1] += f" ({show(f['token'])})"
+    return ", ".join(parts)
+
+
+def row_labels(result: PatchResult) -> list[str]:
+    """The matrix's rows as the CSV and the heatmap label them: layers, or 'L.H' per head by position."""
+    L = result.n_layers
+    if result.axes == ["layer", "head", "position"]:
+        return [f"{l}.{h}" for l in range(L) for h in range(result.matrix.shape[1])]
+    return [str(l) for l in range(L)]
+
+
+def as_rows(result: PatchResult) -> np.ndarray:
+    """The matrix in two dimensions: (layer or layer.head) x (position or head)."""
+    m = result.matrix
+    return m.reshape(-1, m.shape[-1])  # (L*H, T) for heads by position; unchanged otherwise
+
+
+def column_labels(result: PatchResult) -> list[str]:
+    if result.axes[-1] == "head":
+        return [f"head {h}" for h in range(result.matrix.shape[-1])]
+    return [f"{i}:{t}" for i, t in enumerate(result.prepared.tokens)]
 
 
 # ----------------------------------------------------------------------------- heatmap
@@ -71,27 +114,38 @@ def heatmap(result: PatchResult, path: Path):
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 
-    m = result.matrix
-    L, T = m.shape
+    m = as_rows(result)
+    rows, cols = m.shape
+    by_head = result.axes == ["layer", "head", "position"]
     lim = float(np.nanmax(np.abs(m))) or 1.0
-    fig = Figure(figsize=(min(3.0 + 0.55 * T, 40), max(3.8, 2.2 + 0.4 * L)))
+    fig = Figure(figsize=(min(3.0 + 0.55 * cols, 40), min(max(3.8, 2.2 + (0.28 if by_head else 0.4) * rows), 60)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     im = ax.matshow(m, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")
-    step = max(1, T // 60)  # keep labels legible on long prompts
-    ticks = list(range(0, T, step))
-    ax.set_xticks(ticks, [f"{show(result.prepared.tokens[i])} ({i})" for i in ticks], rotation=90)
-    ax.set_yticks(range(L), [str(l) for l in range(L)])
+    step = max(1, cols // 60)  # keep labels legible on long prompts
+    ticks = list(range(0, cols, step))
+    if result.axes[-1] == "position":
+        ax.set_xticks(ticks, [f"{show(result.prepared.tokens[i])} ({i})" for i in ticks], rotation=90)
+        ax.set_xlabel("position (clean token)")
+    else:
+        ax.set_xticks(ticks, [str(h) for h in ticks])
+        ax.set_xlabel("head (patched at every position)")
+    rstep = max(1, rows // 80)
+    ax.set_yticks(range(0, rows, rstep), row_labels(result)[::rstep])
+    if by_head:  # a thin rule between layers groups each layer's heads
+        for l in range(1, result.n_layers):
+            ax.axhline(l * result.matrix.shape[1] - 0.5, color="black", linewidth=0.6)
     ax.xaxis.set_ticks_position("bottom")
-    ax.set_xlabel("position (clean token)")
-    ax.set_ylabel("layer (output of block)")
+    ax.set_ylabel({"resid_post": "layer (output of block)", "resid_pre": "layer (input of block)"}.get(
+        result.settings.site, "layer.head" if by_head else "layer"))
     p = result.prepared
     what = {"logit-diff": f"logit({p.foil.strip()}) − logit({p.target.strip()})",
             "prob-diff": f"p({p.foil.strip()}) − p({p.target.strip()})",
             "target-logit": f"logit({p.target.strip()})",
             "recovery": f"recovery of logit({p.foil.strip()}) − logit({p.target.strip()})"}[result.settings.metric]
-    ax.set_title(f"{what} after patching clean into corrupt\n{result.model}: clean {result.clean.value:.3g}, "
-                 f"corrupt {result.corrupt.value:.3g}", fontsize=10)
+    src, dst = ("clean", "corrupt") if result.settings.direction == "denoise" else ("corrupt", "clean")
+    ax.set_title(f"{what} after patching {result.settings.site} {src} into {dst} ({result.settings.direction})\n"
+                 f"{result.model}: clean {result.clean.value:.3g}, corrupt {result.corrupt.value:.3g}", fontsize=10)
     fig.colorbar(im, ax=ax, label=result.settings.metric)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -107,11 +161,14 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 def default_folder(prep: Prepared, settings: Settings) -> str:
-    """<clean prompt>-vs-<the corrupt tokens that differ>-<model>-<metric>: runs that differ in what
-    they measure get different folders (the CLI numbers it -2, -3, ... if it exists already)."""
+    """<clean prompt>-vs-<the corrupt tokens that differ>-<model>-<metric>[-<site>][-noise]...: runs that
+    differ in what they measure get different folders (the CLI numbers it -2, -3, ... if it exists already)."""
     changed = " ".join(prep.corrupt_tokens[i] for i in prep.differing) or "same"
     model = Path(settings.model.rstrip("/")).name or settings.model
-    return f"{slug(''.join(prep.tokens), 40)}-vs-{slug(changed, 20)}-{slug(model, 24)}-{settings.metric}"
+    tags = [t for t, on in ((settings.site, settings.site != "resid_post"), ("noise", settings.direction == "noise"),
+                            ("all-positions", settings.all_positions), ("bos", settings.prepend_bos)) if on]
+    return f"{slug(''.join(prep.tokens), 40)}-vs-{slug(changed, 20)}-{slug(model, 24)}-{settings.metric}" + \
+        "".join(f"-{slug(t)}" for t in tags)
 
 
 def json_text(doc) -> str:
@@ -130,9 +187,9 @@ def json_text(doc) -> str:
 def results_csv(result: PatchResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer"] + [f"{i}:{t}" for i, t in enumerate(result.prepared.tokens)])
-    for l, row in enumerate(result.matrix):
-        w.writerow([l] + [repr(float(v)) for v in row])
+    w.writerow(["layer.head" if len(result.axes) == 3 else "layer"] + column_labels(result))
+    for label, row in zip(row_labels(result), as_rows(result)):
+        w.writerow([label] + [repr(float(v)) for v in row])
     return buf.getvalue()
 
 

@@ -3,6 +3,7 @@ every site, both directions and all-positions patches, and patches against trans
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,3 +222,88 @@ def test_pattern_and_z_match_transformers(both):
         att = hf(idx, output_attentions=True).attentions
     for l, a in enumerate(att):
         close(rec["pattern", l], a)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+MICHELLE = ["--clean", "Michelle Jones was a top-notch student. Michelle",
+            "--corrupt", "Michelle Smith was a top-notch student. Michelle", "--target", "Jones", "--foil", "Smith"]
+
+
+def cli(args, tmp_path=None, name="out"):
+    import contextlib
+    import io
+    import json
+
+    from patching.cli import main
+    out = [] if tmp_path is None else ["--out", str(tmp_path / name)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main([*args, "--device", "cpu", *out])
+    res = json.loads((tmp_path / name / "results.json").read_text()) if rc == 0 and tmp_path else None
+    return rc, stdout.getvalue(), stderr.getvalue(), res
+
+
+@pytest.mark.parametrize("extra, axes, shape", [
+    (["--site", "z"], ["layer", "head", "position"], (2, 4, 11)),
+    (["--site", "k", "--direction", "noise"], ["layer", "head", "position"], (2, 4, 11)),
+    (["--site", "pattern", "--all-positions"], ["layer", "head"], (2, 4)),
+    (["--site", "mlp_out", "--metric", "recovery"], ["layer", "position"], (2, 11)),
+])
+def test_cli_sites_write_their_axes(tiny_ckpt, tmp_path, extra, axes, shape):
+    import csv
+    import io
+    rc, stdout, stderr, res = cli(["--model", str(tiny_ckpt), *MICHELLE, *extra], tmp_path)
+    assert rc == 0, stderr
+    assert res["axes"] == axes and np.array(res["matrix"]).shape == shape
+    assert res["site"] == extra[1] and res["direction"] == ("noise" if "noise" in extra else "denoise")
+    assert "plan:" in stdout and f"at {extra[1]}" in stdout
+    rows = list(csv.reader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
+    assert len(rows) - 1 == int(np.prod(shape[:-1])) and len(rows[0]) - 1 == shape[-1]
+    assert rows[0][0] == ("layer.head" if len(axes) == 3 else "layer")
+    np.testing.assert_array_equal(np.array([[float(v) for v in r[1:]] for r in rows[1:]]),
+                                  np.array(res["matrix"]).reshape(-1, shape[-1]))
+    assert (tmp_path / "out" / "heatmap.png").stat().st_size > 1000
+
+
+def test_noise_recovery_is_one_at_the_last_block_output(tiny_ckpt, tmp_path):
+    """Noising the last block's output at the last position gives the corrupt run: recovery 1 there,
+    and the clean run (the one patched) has recovery 0."""
+    rc, _, stderr, res = cli(["--model", str(tiny_ckpt), *MICHELLE, "--direction", "noise", "--metric", "recovery"],
+                             tmp_path)
+    assert rc == 0, stderr
+    m = np.array(res["matrix"])
+    assert abs(m[-1, -1] - 1) < 1e-4 and abs(res["clean_value"]) < 1e-12 and res["corrupt_value"] == 1.0
+    assert np.allclose(m[:, 0], 0)  # position 0 is the same token in both prompts: no-op, the clean value
+
+
+def test_prepend_bos_is_position_zero(tiny_ckpt, tmp_path):
+    rc, stdout, _, res = cli(["--model", str(tiny_ckpt), *MICHELLE, "--prepend-bos"], tmp_path)
+    assert rc == 0 and res["prepend_bos"] is True
+    assert res["clean_ids"][0] == 50256 and res["tokens"][0] == "<|endoftext|>" and len(res["tokens"]) == 12
+    assert res["differing_positions"] == [2]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_ckpt, tmp_path):
+    rc, stdout, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "v", "--dry-run",
+                                 "--out", str(tmp_path / "never")])
+    assert rc == 0, stderr
+    assert stdout.startswith("plan: 88 patches at v (") and "chunk" in stdout and "MiB" in stdout
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--site", "attn_out", "--all-positions"], "needs a head site"),
+    (["--site", "nowhere"], "invalid choice"),
+])
+def test_bad_site_flags_are_one_line(tiny_ckpt, args, message):
+    rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, *args])
+    assert rc in (1, 2) and message in stderr and "Traceback" not in stderr
+
+
+def test_pattern_sweep_that_cannot_fit_is_refused(tiny_ckpt, monkeypatch):
+    from patching import api
+    monkeypatch.setattr(api, "available_memory", lambda device: 2**12)  # a machine with 4 KiB free
+    rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "pattern"])
+    assert rc == 1 and "pattern sweep needs about" in stderr and "shorten the prompt" in stderr
+    assert len(stderr.strip().splitlines()) == 1
