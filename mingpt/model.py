@@ -426,10 +426,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return load_file(str(path))
-        with warnings.catch_warnings():  # legacy-format notices would break the one-line error contract
-            warnings.simplefilter("ignore")
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_file(str(path))
+        else:
+            with warnings.catch_warnings():  # legacy-format notices would break the one-line error contract
+                warnings.simplefilter("ignore")
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise WeightsError(f"{path} holds Python objects besides tensors and was not loaded (it could run code): "
