@@ -21,7 +21,7 @@ from pathlib import Path
 import regex
 import torch
 
-from mingpt.errors import VocabularyError
+from mingpt.errors import InputError, VocabularyError, quote
 from mingpt.hub import DEMO_NAMES, locate
 
 # GPT-2's pre-tokenizer: English contractions, then optional-space + letters / digits / other,
@@ -74,6 +74,13 @@ class BPETokenizer:
         return torch.tensor([self.encode(text)], dtype=torch.long).reshape(1, -1)
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise InputError(f"encode takes text (a str), got {type(text).__name__} {quote(text)}.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: bytes a non-UTF-8 terminal or file let through
+            raise InputError(f"the text holds bytes that are not UTF-8 (at character {exc.start}): "
+                             f"set the terminal or file to UTF-8 and try again.") from None
         ids: list[int] = []
         for word in PRETOKENIZE.findall(text):
             # Spell the word's UTF-8 bytes in the printable alphabet the vocabulary uses.
@@ -167,8 +174,9 @@ def _read_encoder(file: Path) -> dict[str, int]:
         raise VocabularyError(f"{file} is not a readable JSON vocabulary ({exc.__class__.__name__}): "
                               f"replace it with the model's original file.") from None
     if (not isinstance(data, dict) or not data
-            or not all(isinstance(k, str) and isinstance(v, int) for k, v in data.items())):
-        raise VocabularyError(f"{file} is not a JSON object mapping token strings to integer ids: "
+            or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                       for k, v in data.items())):
+        raise VocabularyError(f"{file} is not a JSON object mapping token strings to integer ids from 0: "
                               f"replace it with the model's original file.")
     return data
 

@@ -17,11 +17,14 @@ forward_patched(...).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from mingpt.model import GPT, Patch, Recording
+from mingpt.model import GPT
+from mingpt.resume import forward_cells
+from mingpt.sites import SITES, Patch, Recording
 
 METRICS = {
     "logit-diff": "logit(foil) - logit(target)",
@@ -37,10 +40,14 @@ def needs_lse(metric: str) -> bool:
     return metric == "prob-diff"
 
 
+BASE_SITES = ("resid_pre", "resid_post", "k", "v")  # what the fast engine resumes from
+
+
 @torch.no_grad()
-def record(model: GPT, ids: torch.Tensor) -> Recording:
-    """One plain forward that keeps the residual stream, keys and values, and last logits."""
-    rec = Recording(kv=True)
+def record(model: GPT, ids: torch.Tensor, sites=()) -> Recording:
+    """One plain forward that keeps what a sweep needs (block inputs and outputs, keys, values,
+    and the given sites) and the last logits."""
+    rec = Recording(sites=set(sites) | set(BASE_SITES))
     model(ids, record=rec, last_only=True)
     return rec
 
@@ -67,19 +74,135 @@ def metric_values(metric: str, r: torch.Tensor, clean: torch.Tensor, corrupt: to
     raise AssertionError(f"unknown metric {metric}")  # validated by the caller
 
 
+def cells(site: str, source: torch.Tensor, all_positions: bool) -> tuple[list[tuple[int, int | None]], tuple]:
+    """The slabs (layer, head) of a sweep over `site` and the shape of its readouts (without the 3).
+    source: (L, T, C) for residual sites, (L, H, T, ...) for head sites."""
+    if SITES[site] == "btc":
+        L, T = source.shape[:2]
+        return [(l, None) for l in range(L)], ((L,) if all_positions else (L, T))
+    L, H, T = source.shape[:3]
+    return [(l, h) for l in range(L) for h in range(H)], ((L, H) if all_positions else (L, H, T))
+
+
+def sweep(model: GPT, base_ids: torch.Tensor, base: Recording, source: torch.Tensor, site: str, target_id: int,
+          foil_id: int, lse: bool, all_positions: bool = False, engine: str = "fast", max_rows: int = 8192,
+          progress: Progress | None = None) -> torch.Tensor:
+    """Readouts (..., 3) of the base run with every cell of `site` replaced by `source`'s value.
+
+    base: record(model, base_ids) of the run being patched (B = 1); source: the value of every
+    cell, batch axis dropped — another run's recording `rec[site][:, 0]` (patching), or zeros or
+    means (ablation). Axes: layer, (head,) position; the position axis is gone with all_positions.
+    """
+    slabs, shape = cells(site, source, all_positions)
+    if engine == "loop":
+        out = _loop(model, base_ids, site, slabs, source, target_id, foil_id, lse, all_positions, progress)
+    else:
+        out = _fast(model, base, site, slabs, source, target_id, foil_id, lse, all_positions, max_rows, progress)
+    return out.view(*shape, 3)
+
+
 @torch.no_grad()
+def _loop(model, ids, site, slabs, source, target_id, foil_id, lse, every, progress) -> torch.Tensor:
+    """The oracle: one plain forward with one Patch per cell."""
+    T, src = ids.shape[1], _per_slab(source, site)
+    positions = [None] if every else list(range(T))
+    out = torch.empty(len(slabs), len(positions), 3)
+    for i, (l, h) in enumerate(slabs):
+        for j, p in enumerate(positions):
+            value = src[i] if p is None else src[i, p]
+            logits, _ = model(ids, patch=Patch(l, p, value, site=site, head=h), last_only=True)
+            out[i, j] = readout(logits[0, -1], target_id, foil_id, lse).cpu()
+            if progress:
+                progress(i * len(positions) + j + 1, len(slabs) * len(positions))
+    return out
+
+
+def _per_slab(values: torch.Tensor, site: str) -> torch.Tensor:
+    """(L, T, ...) or (L, H, T, ...) -> (n_slabs, T, ...), slabs in cells()' order."""
+    return values if SITES[site] == "btc" else values.flatten(0, 1)
+
+
+def noop_cells(base: Recording, source: torch.Tensor, site: str, every: bool) -> torch.Tensor:
+    """(n_slabs, T) — or (n_slabs, 1) with every — True where the patch puts back the base run's own
+    value: exactly a no-op, so its readout is the base run's with no forward at all."""
+    noop = (_per_slab(source, site) == _per_slab(base[site][:, 0], site)).flatten(2).all(-1)  # (n_slabs, T)
+    return noop.all(1, keepdim=True) if every else noop
+
+
+def _chunks(noop: torch.Tensor, T: int, every: bool, max_rows: int, lse: bool) -> list[tuple[list[int], list[int]]]:
+    """(slab indices, positions) chunks covering every live cell in at most max_rows suffix rows."""
+    live = [i for i in range(noop.shape[0]) if not bool(noop[i].all())]
+    if every:
+        step = max(1, max_rows // T)
+        return [(live[a:a + step], [0]) for a in range(0, len(live), step)]
+    positions = [p for p in range(T) if live and not bool(noop[live, p].all())]
+    return [([live[i] for i in rows], pos) for rows, pos in
+            plan_chunks(len(live), T, positions, max_rows, max_patches=512 if lse else None)]
+
+
+@dataclass
+class Plan:
+    """What a sweep will do, known before it runs: cells, the live ones, chunks, estimated peak memory."""
+
+    site: str
+    cells: int
+    live: int
+    chunks: int
+    peak_bytes: int
+
+    def describe(self) -> str:
+        return (f"plan: {self.cells} patches at {self.site} ({self.live} to compute, the rest are no-ops), "
+                f"{self.chunks} chunk{'s' * (self.chunks != 1)}, estimated peak memory {self.peak_bytes / 2**20:.0f} MiB")
+
+
+def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop: torch.Tensor | None) -> Plan:
+    """The sweep's plan; noop from noop_cells (None before recording: every cell counted live).
+    Memory: two recordings, plus the largest chunk's activations (MLP width, attention rows,
+    the full pattern of its first block for `pattern`, full-vocabulary logits when lse)."""
+    L, H, C = config.n_layer, config.n_head, config.n_embd
+    n_slabs = L * H if SITES[site] != "btc" else L
+    if noop is None:
+        noop = torch.zeros(n_slabs, 1 if every else T, dtype=torch.bool)
+    chunks = _chunks(noop, T, every, max_rows, lse)
+    f = 4  # bytes of float32; half precision halves this, which the estimate leaves as a margin
+    site_size = {"btc": T * C, "bhtd": T * C, "bhts": H * T * T}[SITES[site]]
+    recordings = 2 * L * (4 * T * C + site_size + C) * f
+    peak = 0
+    for rows, pos in chunks:
+        R = len(rows) * (T if every else sum(T - p for p in pos))
+        width = config.n_inner + 8 * C + (H * T if site == "pattern" else 0)
+        logits = len(rows) * len(pos) * (config.vocab_size if lse else 2)
+        peak = max(peak, (R * width + logits) * f)
+    cells = int(noop.numel())
+    return Plan(site, cells, cells - int(noop.sum()), len(chunks), recordings + peak)
+
+
+@torch.no_grad()
+def _fast(model, base, site, slabs, source, target_id, foil_id, lse, every, max_rows, progress) -> torch.Tensor:
+    """The same readouts from mingpt.resume, in chunks of at most max_rows suffix rows; no-op cells
+    keep the base readout."""
+    T, src = base.resid.shape[2], _per_slab(source, site)
+    noop = noop_cells(base, source, site, every)
+    out = readout(base.last_logits[0], target_id, foil_id, lse).cpu().repeat(len(slabs), noop.shape[1], 1)
+    ids = None if lse else torch.tensor([target_id, foil_id])
+    chunks = _chunks(noop, T, every, max_rows, lse)
+    done, total = 0, sum(len(rows) * len(pos) for rows, pos in chunks)
+    for rows, pos in chunks:
+        values = src[rows] if every else src[rows][:, pos]  # (n, T or nP, ...)
+        got = forward_cells(model, base, site, [slabs[i] for i in rows], None if every else pos, values, ids)
+        r = readout(got, 0, 1, False) if ids is not None else readout(got, target_id, foil_id, True)
+        out[torch.tensor(rows)[:, None], torch.tensor(pos)[None, :]] = r.cpu()
+        done += len(rows) * len(pos)
+        if progress:
+            progress(done, total)
+    return out
+
+
 def loop_sweep(model: GPT, corrupt_ids: torch.Tensor, clean: Recording, target_id: int, foil_id: int,
                lse: bool, progress: Progress | None = None) -> torch.Tensor:
-    """The oracle: (n_layer, T, 3) readouts from one forward per patch."""
-    L, T = clean.resid.shape[0], corrupt_ids.shape[1]
-    out = torch.empty(L, T, 3)
-    for l in range(L):
-        for p in range(T):
-            logits, _ = model(corrupt_ids, patch=Patch(l, p, clean.resid[l, 0, p]), last_only=True)
-            out[l, p] = readout(logits[0, -1], target_id, foil_id, lse).cpu()
-            if progress:
-                progress(l * T + p + 1, L * T)
-    return out
+    """The oracle for block outputs: (n_layer, T, 3) readouts from one forward per patch."""
+    return _loop(model, corrupt_ids, "resid_post", [(l, None) for l in range(clean.resid.shape[0])],
+                 clean.resid[:, 0], target_id, foil_id, lse, False, progress)
 
 
 def plan_chunks(n_layer: int, T: int, positions: list[int], max_rows: int,
@@ -107,24 +230,8 @@ def plan_chunks(n_layer: int, T: int, positions: list[int], max_rows: int,
     return chunks
 
 
-@torch.no_grad()
 def fast_sweep(model: GPT, corrupt: Recording, clean: Recording, target_id: int, foil_id: int, lse: bool,
                max_rows: int = 8192, progress: Progress | None = None) -> torch.Tensor:
-    """(n_layer, T, 3) readouts equal to loop_sweep's, from batched suffix-only recomputation."""
-    L, T = clean.resid.shape[0], clean.resid.shape[2]
-    corrupt_r = readout(corrupt.last_logits[0], target_id, foil_id, lse).cpu()
-    out = corrupt_r.repeat(L, T, 1)  # no-op patches keep the corrupt run's readout
-    same = (clean.resid[:, 0] == corrupt.resid[:, 0]).all(-1).all(0)  # (T,) identical at every layer
-    positions = [p for p in range(T) if not bool(same[p])]
-    ids = None if lse else torch.tensor([target_id, foil_id])
-    chunks = plan_chunks(L, T, positions, max_rows, max_patches=512 if lse else None)
-    done, total = 0, L * len(positions)
-    for layers, pos in chunks:
-        values = clean.resid[layers][:, 0][:, pos]  # (nL, nP, C) clean vectors for these patches
-        got = model.forward_patched(corrupt, layers, pos, values, ids)  # (nL, nP, K)
-        r = readout(got, 0, 1, False) if ids is not None else readout(got, target_id, foil_id, True)
-        out[torch.tensor(layers)[:, None], torch.tensor(pos)[None, :]] = r.cpu()
-        done += len(layers) * len(pos)
-        if progress:
-            progress(done, total)
-    return out
+    """(n_layer, T, 3) readouts of block-output patches, equal to loop_sweep's."""
+    return _fast(model, corrupt, "resid_post", [(l, None) for l in range(clean.resid.shape[0])], clean.resid[:, 0],
+                 target_id, foil_id, lse, False, max_rows, progress)
