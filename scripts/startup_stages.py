@@ -37,8 +37,7 @@ def main(model_name: str, out: str, clean: str, corrupt: str, target: str, foil:
     model = GPT.from_pretrained(settings.model).to(device=device, dtype=api.DTYPES[settings.dtype])
     mark("model load")
     tok = BPETokenizer(settings.model)
-    prep = api.prepare(tok, clean, corrupt, target, foil, model.config.block_size)
-    report.check_writable(Path(out).parent)
+    prep = api.prepare(tok, clean, corrupt, target, foil, model.config.block_size, model.config.vocab_size)
     mark("vocabulary + tokenize")
 
     t = time.perf_counter()
@@ -51,16 +50,16 @@ def main(model_name: str, out: str, clean: str, corrupt: str, target: str, foil:
     marks["sweep"] = sweep
     marks["tokenize + summaries + versions"] = whole - record - sweep
 
+    Path(out).mkdir(parents=True, exist_ok=True)
+    report.quiet_heatmap(result, Path(out) / "heatmap.png")
+    mark("heatmap")
+    report.write_experiment(result, Path(out) / "files", png=False, overwrite=True)
+    mark("files")
     report.token_table(prep)  # --quiet still builds the tables it does not print
     report.topk_table("clean", result.clean, prep)
     report.topk_table("corrupt", result.corrupt, prep)
     report.strongest(result)
     mark("tables")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    report.heatmap(result, Path(out) / "heatmap.png")
-    mark("heatmap")
-    report.write_experiment(result, Path(out) / "files", png=False)
-    mark("files")
     print(json.dumps(marks))
 
 
