@@ -58,7 +58,8 @@ class BPETokenizer:
         self.encoder: dict[str, int] = _read_encoder(vocab_file)
         self.decoder: dict[int, str] = {i: s for s, i in self.encoder.items()}
         # A pair's rank is its line order in the merges file: lower ranks are merged first.
-        self.ranks: dict[tuple[str, str], int] = {pair: r for r, pair in enumerate(_read_merges(merges_file))}
+        merges = _read_merges(merges_file)
+        self.ranks: dict[tuple[str, str], int] = dict(zip(merges, range(len(merges))))
         self.byte_to_char = byte_alphabet()
         self.char_to_byte = {c: b for b, c in self.byte_to_char.items()}
         # Texts repeat words a lot; remembering each word's pieces makes encoding much cheaper.
@@ -186,14 +187,11 @@ def _read_merges(file: Path) -> list[tuple[str, str]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise VocabularyError(f"{file} is not a readable merges file ({exc.__class__.__name__}): "
                               f"replace it with the model's original file.") from None
-    merges = []
-    for n, line in enumerate(lines, start=1):
-        # The first line is a "#version" header; blank lines (e.g. a trailing one) carry nothing.
-        if not line.strip() or (n == 1 and line.startswith("#")):
-            continue
-        pair = line.split()
-        if len(pair) != 2:
-            raise VocabularyError(f"{file} line {n} is not two space-separated pieces ({line[:40]!r}): "
-                                  f"replace it with the model's original merges file.")
-        merges.append((pair[0], pair[1]))
-    return merges
+    # The first line is a "#version" header; blank lines (e.g. a trailing one) carry nothing.
+    start = 1 if lines and lines[0].startswith("#") else 0
+    pairs = [tuple(line.split()) for line in lines[start:]]  # one pass: ~50,000 lines on every start
+    if set(map(len, pairs)) - {0, 2}:
+        i = next(i for i, pair in enumerate(pairs) if len(pair) not in (0, 2))
+        raise VocabularyError(f"{file} line {start + i + 1} is not two space-separated pieces "
+                              f"({lines[start + i][:40]!r}): replace it with the model's original merges file.")
+    return [pair for pair in pairs if pair] if () in pairs else pairs
