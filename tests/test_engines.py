@@ -7,13 +7,14 @@ forward_patched's full-vocab logits; the API on GPT-2 small's shapes; dtype/devi
 """
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, tol
 from mingpt.model import GPT, GPTConfig, Patch
 from patching import engines
 from patching.api import PatchingError, Settings, load, run
@@ -149,6 +150,23 @@ def test_prob_diff_is_a_probability_difference():
     assert_close(got, want, scale=probs[..., [t, f]].max() * logits.abs().max(), what="prob-diff")  # dp = p dz
 
 
+def test_recovery_is_signed_whichever_run_is_larger():
+    """recovery = (x - corrupt) / (clean - corrupt) of the logit difference: clean -> 1, corrupt -> 0,
+    halfway -> 0.5, also when clean < corrupt (a trained model: the clean prompt favours the target),
+    where a random model rarely puts them."""
+    for clean_ld, corrupt_ld in ((-18.5, 20.25), (3.5, -1.25)):
+        r_clean = torch.tensor([4.0, 4.0 + clean_ld, math.nan])  # target logit, foil logit, log-sum-exp
+        r_corrupt = torch.tensor([-2.0, -2.0 + corrupt_ld, math.nan])
+        d = clean_ld - corrupt_ld
+        lds = [clean_ld, corrupt_ld, (clean_ld + corrupt_ld) / 2, clean_ld + d, corrupt_ld - d]
+        r = torch.tensor([[1.0, 1.0 + ld, math.nan] for ld in lds])  # patched readouts with these logit diffs
+        scale = float(torch.cat([r, r_clean[None], r_corrupt[None]])[:, :2].abs().max()) / abs(d)
+        got = engines.metric_values("recovery", r, r_clean, r_corrupt)
+        assert_close(got, [1.0, 0.0, 0.5, 2.0, -1.0], scale=scale, what=f"clean {clean_ld}, corrupt {corrupt_ld}")
+        assert_close(engines.metric_values("recovery", r_clean, r_clean, r_corrupt), 1.0, scale=scale)
+        assert_close(engines.metric_values("recovery", r_corrupt, r_clean, r_corrupt), 0.0, scale=scale)
+
+
 # ----------------------------------------------------------------------------- chunking
 
 
@@ -251,6 +269,30 @@ def test_columns_before_first_difference_are_corrupt_value(name, k):
         # column k onwards really is patched: not all equal to the corrupt value
         assert not torch.allclose(fast[:, k:, :2], corrupt_r[:2].expand(model.config.n_layer, T - k, 2))
         assert_readouts_equal(fast, loop, lse)
+
+
+def test_only_columns_identical_at_every_layer_are_skipped(tiny_ckpt):
+    """Block 0 with its attention output zeroed copies nothing across positions: for prompts differing at
+    position 1, block 0's outputs at positions 2.. are identical in both runs, while later blocks carry
+    the difference there. Those columns must still be patched: only equality at every layer is a no-op."""
+    model = GPT.from_pretrained(str(tiny_ckpt))
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_proj.weight.zero_()
+        model.transformer.h[0].attn.c_proj.bias.zero_()
+    T, V = 9, model.config.vocab_size
+    clean_ids, corrupt_ids = prompt_pair(V, T, [1], seed=13)
+    t, f = target_foil(V, 13)
+    rec_clean, rec_corrupt = engines.record(model, clean_ids), engines.record(model, corrupt_ids)
+    assert torch.equal(rec_clean.resid[0, 0, 2:], rec_corrupt.resid[0, 0, 2:])  # block 0: per position
+    assert not torch.equal(rec_clean.resid[1:, 0, 2:], rec_corrupt.resid[1:, 0, 2:])  # later: mixed
+    for lse in (False, True):
+        fast = engines.fast_sweep(model, rec_corrupt, rec_clean, t, f, lse)
+        loop = engines.loop_sweep(model, corrupt_ids, rec_clean, t, f, lse)
+        assert_readouts_equal(fast, loop, lse)
+    # the cells a wrong skip would fill with the corrupt value really move away from it
+    corrupt_r = engines.readout(rec_corrupt.last_logits[0], t, f, True)
+    moved = (loop[1:, 2:, :2] - corrupt_r[:2]).abs().max()
+    assert moved > 100 * tol(loop[..., :2].abs().max()), moved
 
 
 # ----------------------------------------------------------------------------- forward_patched, full vocab
