@@ -1,0 +1,211 @@
+"""Zero and mean ablation: knock out one component at a time and see what the answer loses.
+
+Method (the ablation experiments of Olsson et al. 2022 and Wang et al., "Interpretability in the
+Wild", 2022): for every head (its mixed value z at every position), every layer's attention output
+and every MLP output, rerun the prompt with that activation replaced, and report the change of
+logit(foil) - logit(target) at the last position: ablated value minus the unablated `base_value`.
+
+- `zero`: the activation becomes 0 at every position. Zeroing z removes the head's write but keeps
+  c_proj's bias; zeroing attn_out removes the whole attention output, bias included.
+- `mean`: the activation becomes its mean over every position of the reference prompts (one per
+  line of `--reference`; by default the prompt itself), the same vector at every position. This
+  keeps the activation's typical offset, so only its prompt-specific information is removed.
+
+Runs on the patching engine (`engines.sweep` with a source of zeros or means and all positions at
+once); the `loop` engine, one plain forward per ablation, is the oracle in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mingpt.model import Recording
+from patching import engines, toolkit
+from patching.api import PatchingError
+from patching.engines import ENGINES
+
+HELP = "zero or mean ablation of every head, attention output and MLP, one at a time"
+KINDS = ("zero", "mean")
+SITES = {"heads": "z", "attn": "attn_out", "mlp": "mlp_out"}  # result key -> activation site
+
+
+@dataclass
+class AblateOptions(toolkit.Options):
+    prompt: str
+    target: str | None = None
+    foil: str | None = None
+    kind: str = "zero"
+    reference: list[str] | None = None  # prompts whose mean activations `mean` uses; None = the prompt
+    engine: str = "fast"
+
+    def __post_init__(self):
+        toolkit.check_prompt(self.prompt)
+        toolkit.check_pair(self.target, self.foil, needed=True, command="ablate")
+        toolkit.check_choice("--kind", self.kind, KINDS)
+        toolkit.check_choice("--engine", self.engine, ENGINES)
+        if self.reference is not None:
+            if self.kind != "mean":
+                raise PatchingError("--reference gives the prompts of mean ablation: add --kind mean or drop it.")
+            if not self.reference:
+                raise PatchingError("the reference prompts are empty: give one prompt per line.")
+            for i, p in enumerate(self.reference, 1):
+                toolkit.check_prompt(p, f"reference prompt {i}")
+
+
+@dataclass
+class AblateResult:
+    model: str
+    kind: str
+    tokens: list[str]
+    ids: list[int]
+    target: tuple[str, int]
+    foil: tuple[str, int]
+    n_reference: int  # reference prompts averaged (mean), 0 for zero
+    base_value: float
+    heads: np.ndarray  # (L, H): ablated - base
+    attn: np.ndarray  # (L,)
+    mlp: np.ndarray  # (L,)
+
+    def to_json(self) -> dict:
+        return {"analysis": "ablate", "model": self.model, "kind": self.kind, "tokens": self.tokens, "ids": self.ids,
+                "target": {"text": self.target[0], "id": self.target[1]},
+                "foil": {"text": self.foil[0], "id": self.foil[1]},
+                "metric_definition": "logit(foil) - logit(target) at the last position",
+                "n_reference_prompts": self.n_reference, "base_value": toolkit.finite(self.base_value),
+                "heads": toolkit.finite(self.heads), "attn": toolkit.finite(self.attn), "mlp": toolkit.finite(self.mlp)}
+
+
+def read_reference(path: str | Path) -> list[str]:
+    """One prompt per non-blank line of a UTF-8 text file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PatchingError(f"cannot read --reference {path} ({getattr(exc, 'strerror', None) or exc}): "
+                            f"give a UTF-8 text file with one prompt per line.") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise PatchingError(f"--reference {path} has no prompts: write one prompt per line.")
+    return prompts
+
+
+@torch.no_grad()
+def mean_source(model, tok, prompts: list[str], T: int) -> dict[str, torch.Tensor]:
+    """site -> the mean activation over every position of every prompt, repeated at T positions."""
+    dev = toolkit.device_of(model)
+    sums = {site: 0.0 for site in SITES.values()}
+    count = 0
+    for p in prompts:
+        rec = Recording(sites=tuple(SITES.values()))
+        model(torch.tensor([toolkit.encode(tok, model, p)], device=dev), record=rec, last_only=True)
+        sums["z"] = sums["z"] + rec["z"][:, 0].double().sum(2)  # (L, H, hs): summed over positions
+        for site in ("attn_out", "mlp_out"):
+            sums[site] = sums[site] + rec[site][:, 0].double().sum(1)  # (L, C)
+        count += rec["z"].shape[3]
+    dtype = model.transformer.wte.weight.dtype
+    return {"z": (sums["z"] / count)[:, :, None].expand(-1, -1, T, -1).to(dtype),
+            **{s: (sums[s] / count)[:, None].expand(-1, T, -1).to(dtype) for s in ("attn_out", "mlp_out")}}
+
+
+@torch.no_grad()
+def ablate(model, tok, options: AblateOptions) -> AblateResult:
+    ids = toolkit.encode(tok, model, options.prompt)
+    target, foil = toolkit.answer_ids(tok, options.target, options.foil)
+    dev, T = toolkit.device_of(model), len(ids)
+    idx = torch.tensor([ids], device=dev)
+    base = engines.record(model, idx, sites=("resid_post", *SITES.values()))
+    if options.kind == "mean":
+        source = mean_source(model, tok, options.reference or [options.prompt], T)
+    else:
+        source = {site: torch.zeros_like(base[site][:, 0]) for site in SITES.values()}
+    r0 = engines.readout(base.last_logits[0], target[1], foil[1], False).cpu()
+    base_value = float(r0[1] - r0[0])
+    out = {}
+    for key, site in SITES.items():
+        r = engines.sweep(model, idx, base, source[site], site, target[1], foil[1], False,
+                          all_positions=True, engine=options.engine)
+        out[key] = (r[..., 1] - r[..., 0]).double().cpu().numpy() - base_value  # (L, H) or (L,)
+    n_ref = (len(options.reference) if options.reference else 1) if options.kind == "mean" else 0
+    return AblateResult(toolkit.model_name(model), options.kind, [tok.token_str(i) for i in ids], ids, target, foil,
+                        n_ref, base_value, out["heads"], out["attn"], out["mlp"])
+
+
+# ----------------------------------------------------------------------------- figures and files
+
+
+def heads_figure(r: AblateResult):
+    L, H = r.heads.shape
+    fig = toolkit.figure(max(4.0, 2.5 + 0.5 * H), max(3.0, 1.5 + 0.4 * L))
+    ax = fig.add_subplot()
+    im = ax.imshow(r.heads, cmap="RdBu_r", norm=toolkit.diverging(r.heads), aspect="auto")
+    if L * H <= 200:
+        for l in range(L):
+            for h in range(H):
+                ax.text(h, l, f"{r.heads[l, h]:.2g}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{r.kind}-ablating one head: change of logit({r.foil[0].strip()}) − logit({r.target[0].strip()})\n"
+                 f"(unablated {r.base_value:.3g})", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def layers_figure(r: AblateResult):
+    L = len(r.mlp)
+    fig = toolkit.figure(max(4.5, 2.5 + 0.5 * L), 3.5)
+    ax = fig.add_subplot()
+    x = np.arange(L)
+    ax.bar(x - 0.2, r.attn, 0.4, label="attention output")
+    ax.bar(x + 0.2, r.mlp, 0.4, label="MLP output")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ablated − unablated")
+    ax.set_title(f"{r.kind}-ablating one layer's attention or MLP (unablated {r.base_value:.3g})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def files(r: AblateResult) -> dict:
+    L, H = r.heads.shape
+    rows = [[f"L{l}H{h}", repr(float(r.heads[l, h]))] for l in range(L) for h in range(H)]
+    rows += [[f"attn {l}", repr(float(r.attn[l]))] for l in range(L)]
+    rows += [[f"mlp {l}", repr(float(r.mlp[l]))] for l in range(L)]
+    return {"results.json": json.dumps(r.to_json(), indent=1) + "\n",
+            "results.csv": toolkit.csv_text(["component", "ablated_minus_base"], rows),
+            "heads.png": toolkit.png(lambda: heads_figure(r)),
+            "layers.png": toolkit.png(lambda: layers_figure(r))}
+
+
+def add_arguments(ap: argparse.ArgumentParser):
+    ap.add_argument("--prompt", required=True, help="the text whose next token is measured")
+    ap.add_argument("--target", help="the word the model should predict (required)")
+    ap.add_argument("--foil", help="the competing word (required)")
+    ap.add_argument("--kind", choices=KINDS, default="zero", help="replace by zeros or by the reference mean [zero]")
+    ap.add_argument("--reference", metavar="FILE", help="mean ablation: one prompt per line [the prompt itself]")
+    ap.add_argument("--engine", choices=ENGINES, default="fast", help="fast (batched, exact) or loop [fast]")
+
+
+def command(args: argparse.Namespace, say) -> int:
+    reference = read_reference(args.reference) if args.reference else None
+    options = AblateOptions(args.prompt, args.target, args.foil, args.kind, reference, args.engine)
+    model, tok = toolkit.load_model(args)
+    folder = toolkit.out_folder(args, "ablate", options.prompt)
+    r = ablate(model, tok, options)
+    say(f"unablated logit({r.foil[0].strip()}) - logit({r.target[0].strip()}) = {r.base_value:.4f}; "
+        f"{r.kind} ablation, largest changes:")
+    named = [(f"L{l}H{h}", r.heads[l, h]) for l in range(r.heads.shape[0]) for h in range(r.heads.shape[1])]
+    named += [(f"attn {l}", v) for l, v in enumerate(r.attn)] + [(f"mlp {l}", v) for l, v in enumerate(r.mlp)]
+    for name, v in sorted(named, key=lambda kv: -abs(kv[1]))[:10]:
+        say(f"  {name:>10}: {v:+.4f}")
+    toolkit.write(args, "ablate", folder, files(r))
+    print(f"wrote {folder}/results.json, results.csv, heads.png, layers.png")
+    return 0

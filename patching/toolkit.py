@@ -1,0 +1,158 @@
+"""What the circuit analyses (lens, dla, attention, heads, ablate) share, and nothing else.
+
+Option dataclasses that refuse unknown keys, checks that raise one-sentence PatchingErrors, loading
+the model from the CLI's shared flags, prompt and answer-word lookup, matplotlib figures drawn on the
+Agg canvas (no pyplot: importing it costs startup time and needs no display), CSV text, JSON-safe
+numbers, and writing an analysis's folder through `write_folder` (staged: complete or absent).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from patching._files_shim import write_folder  # the lead swaps this for patching.files when merging
+from patching.api import PatchingError, Settings, load, single_token
+from patching.report import show, slug
+
+
+class Options:
+    """Base of the analyses' option dataclasses: `from_dict` fails on keys the dataclass lacks."""
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "options"):
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            raise PatchingError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(known)}.")
+        return cls(**data)
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None):
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        span = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise PatchingError(f"{name} must be an integer {span}, got {value!r}.")
+
+
+def check_choice(name: str, value, allowed: Sequence[str]):
+    if value not in allowed:
+        raise PatchingError(f"{name} {value!r} is not one of {', '.join(allowed)}.")
+
+
+def check_prompt(text, role: str = "prompt"):
+    if not isinstance(text, str) or not text.strip():
+        raise PatchingError(f"the {role} is empty: give the text to analyse with --prompt.")
+
+
+def check_pair(target, foil, needed: bool, command: str):
+    """target/foil come together; `needed` analyses cannot run without them."""
+    given = [w is not None for w in (target, foil)]
+    if needed and not all(given):
+        raise PatchingError(f"{command} needs both --target and --foil: the words whose logit difference "
+                            f"logit(foil) - logit(target) it explains.")
+    if any(given) and not all(given):
+        raise PatchingError(f"give both --target and --foil, or neither ({command} got only one).")
+
+
+# ----------------------------------------------------------------------------- model and prompts
+
+
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) from the CLI's shared --model/--device/--dtype flags."""
+    given = {k: getattr(args, k, None) for k in ("model", "device", "dtype")}
+    return load(Settings(**{k: v for k, v in given.items() if v is not None}))
+
+
+def encode(tok, model, prompt: str) -> list[int]:
+    """Token ids of a prompt, refused when empty or longer than the context."""
+    check_prompt(prompt)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise PatchingError("the prompt has no tokens: give some text with --prompt.")
+    if len(ids) > model.config.block_size:
+        raise PatchingError(f"the prompt is {len(ids)} tokens but the model's context holds "
+                            f"{model.config.block_size}: shorten it.")
+    return ids
+
+
+def answer_ids(tok, target: str, foil: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    t, f = single_token(tok, target, "target"), single_token(tok, foil, "foil")
+    if t[1] == f[1]:
+        raise PatchingError(f"target and foil are the same token {t[0]!r}: give two different words.")
+    return t, f
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_name(model) -> str:
+    return getattr(model, "name", "random")
+
+
+# ----------------------------------------------------------------------------- figures and files
+
+
+def figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no pyplot, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png(draw: Callable[[], object], dpi: int = 120) -> Callable[[Path], None]:
+    """A write_folder entry that draws the figure only when the folder is written."""
+    def save(path: Path):
+        fig = draw()
+        fig.savefig(path, dpi=dpi)
+    return save
+
+
+def diverging(values: np.ndarray):
+    """A colour norm centred on zero for signed quantities."""
+    from matplotlib.colors import TwoSlopeNorm
+    lim = float(np.nanmax(np.abs(values))) if values.size and np.isfinite(values).any() else 0.0
+    lim = lim or 1.0
+    return TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+
+
+def token_labels(tokens: Sequence[str]) -> list[str]:
+    return [f"{show(t)} ({i})" for i, t in enumerate(tokens)]
+
+
+def csv_text(header: Sequence, rows: Sequence[Sequence]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def finite(x):
+    """Nested lists of floats with non-finite values as None (JSON has no NaN)."""
+    if isinstance(x, np.ndarray):
+        x = x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
+
+
+def out_folder(args: argparse.Namespace, kind: str, prompt: str) -> Path:
+    """--out, or outputs/<kind>-<prompt slug>."""
+    out = getattr(args, "out", None)
+    return Path(out) if out else Path("outputs") / f"{kind}-{slug(prompt, 50)}"
+
+
+def write(args: argparse.Namespace, kind: str, folder: Path, files: dict) -> Path:
+    return write_folder(folder, files, kind=kind, overwrite=bool(getattr(args, "overwrite", False)))
