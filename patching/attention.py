@@ -79,8 +79,8 @@ def attention(model, tok, options: AttentionOptions) -> AttentionResult:
 def grid_figure(r: AttentionResult, layers: list[int]):
     """One heatmap per (layer, head): rows are layers, columns heads."""
     H, T = r.patterns.shape[1], r.patterns.shape[2]
-    cell = min(3.2, max(1.8, 0.14 * T))
-    fig = toolkit.figure(0.8 + cell * H, 0.6 + cell * len(layers))
+    cell = min(3.2, max(2.6, 0.14 * T))
+    fig = toolkit.figure(0.8 + cell * H, 0.6 + cell * len(layers), layout="constrained")
     labels = toolkit.token_labels(r.tokens) if T <= 40 else None
     axes = fig.subplots(len(layers), H, squeeze=False)
     for i, l in enumerate(layers):
@@ -96,7 +96,6 @@ def grid_figure(r: AttentionResult, layers: list[int]):
                 ax.set_yticks([])
     fig.supxlabel("source (attended to)", fontsize=9)
     fig.supylabel("destination (attending)", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -140,7 +139,10 @@ DATA.layers.forEach((l,li)=>DATA.patterns[li].forEach((p,h)=>{
   const cells=DATA.tokens.map((t,i)=>{const s=span(t,i);r.appendChild(s);return s});
   heads.appendChild(r);rows.push({p:p,cells:cells});
 }));
+let cur=T-1;
+document.querySelectorAll("input[name=dir]").forEach(b=>b.onchange=()=>paint(cur));
 function paint(i){
+  cur=i;
   const dest=document.querySelector("input[name=dir]:checked").value==="dest";
   prompt.querySelectorAll(".tok").forEach((s,j)=>s.style.outline=j===i?"2px solid #c00":"");
   rows.forEach(r=>r.cells.forEach((s,j)=>{

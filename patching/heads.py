@@ -173,7 +173,7 @@ def heads(model, tok, options: HeadsOptions) -> HeadsResult:
 
 def scores_figure(r: HeadsResult):
     L, H = r.scores["induction"].shape
-    fig = toolkit.figure(4 * max(2.0, 1.2 + 0.4 * H), max(2.8, 1.6 + 0.35 * L))
+    fig = toolkit.figure(1.0 + 4 * max(2.0, 1.0 + 0.4 * H), max(3.2, 2.0 + 0.35 * L), layout="constrained")
     axes = fig.subplots(1, 4, squeeze=False)[0]
     for ax, name in zip(axes, SCORES):
         s = r.scores[name]

@@ -100,11 +100,11 @@ def model_name(model) -> str:
 # ----------------------------------------------------------------------------- figures and files
 
 
-def figure(width: float, height: float):
+def figure(width: float, height: float, layout: str | None = None):
     """A matplotlib Figure on the Agg canvas (no pyplot, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
