@@ -75,6 +75,14 @@ class AblateResult:
     attn: np.ndarray  # (L,)
     mlp: np.ndarray  # (L,)
 
+    def components(self) -> list[tuple[str, float]]:
+        """Every ablation by name, largest change first."""
+        L, H = self.heads.shape
+        named = [(f"L{l}H{h}", float(self.heads[l, h])) for l in range(L) for h in range(H)]
+        named += [(f"attn {l}", float(v)) for l, v in enumerate(self.attn)]
+        named += [(f"mlp {l}", float(v)) for l, v in enumerate(self.mlp)]
+        return sorted(named, key=lambda kv: -abs(kv[1]))
+
     def to_json(self) -> dict:
         return {"analysis": "ablate", "model": self.model, "kind": self.kind, "tokens": self.tokens, "ids": self.ids,
                 "target": {"text": self.target[0], "id": self.target[1]},
@@ -155,47 +163,17 @@ def _loop(model, idx, source, site, target_id, foil_id):  # TEMPORARY until engi
 
 
 def heads_figure(r: AblateResult):
-    L, H = r.heads.shape
-    fig = toolkit.figure(max(4.0, 2.5 + 0.5 * H), max(3.0, 1.5 + 0.4 * L))
-    ax = fig.add_subplot()
-    im = ax.imshow(r.heads, cmap="RdBu_r", norm=toolkit.diverging(r.heads), aspect="auto")
-    if L * H <= 200:
-        for l in range(L):
-            for h in range(H):
-                ax.text(h, l, f"{r.heads[l, h]:.2g}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(H))
-    ax.set_yticks(range(L))
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(f"{r.kind}-ablating one head: change of logit({r.foil[0].strip()}) − logit({r.target[0].strip()})\n"
-                 f"(unablated {r.base_value:.3g})", fontsize=9)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return fig
+    return toolkit.layer_head_figure(r.heads, f"{r.kind}-ablating one head: change of logit({r.foil[0].strip()}) − "
+                                              f"logit({r.target[0].strip()})\n(unablated {r.base_value:.3g})")
 
 
 def layers_figure(r: AblateResult):
-    L = len(r.mlp)
-    fig = toolkit.figure(max(4.5, 2.5 + 0.5 * L), 3.5)
-    ax = fig.add_subplot()
-    x = np.arange(L)
-    ax.bar(x - 0.2, r.attn, 0.4, label="attention output")
-    ax.bar(x + 0.2, r.mlp, 0.4, label="MLP output")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("ablated − unablated")
-    ax.set_title(f"{r.kind}-ablating one layer's attention or MLP (unablated {r.base_value:.3g})", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return toolkit.layer_bars_figure({"attention output": r.attn, "MLP output": r.mlp}, "ablated − unablated",
+                                     f"{r.kind}-ablating one layer's attention or MLP (unablated {r.base_value:.3g})")
 
 
 def files(r: AblateResult) -> dict:
-    L, H = r.heads.shape
-    rows = [[f"L{l}H{h}", repr(float(r.heads[l, h]))] for l in range(L) for h in range(H)]
-    rows += [[f"attn {l}", repr(float(r.attn[l]))] for l in range(L)]
-    rows += [[f"mlp {l}", repr(float(r.mlp[l]))] for l in range(L)]
+    rows = [[name, repr(v)] for name, v in r.components()]
     return {"results.json": json.dumps(r.to_json(), indent=1) + "\n",
             "results.csv": toolkit.csv_text(["component", "ablated_minus_base"], rows),
             "heads.png": toolkit.png(lambda: heads_figure(r)),
@@ -221,9 +199,7 @@ def command(args: argparse.Namespace, say) -> int:
     r = ablate(model, tok, options)
     say(f"unablated logit({r.foil[0].strip()}) - logit({r.target[0].strip()}) = {r.base_value:.4f}; "
         f"{r.kind} ablation, largest changes:")
-    named = [(f"L{l}H{h}", r.heads[l, h]) for l in range(r.heads.shape[0]) for h in range(r.heads.shape[1])]
-    named += [(f"attn {l}", v) for l, v in enumerate(r.attn)] + [(f"mlp {l}", v) for l, v in enumerate(r.mlp)]
-    for name, v in sorted(named, key=lambda kv: -abs(kv[1]))[:10]:
+    for name, v in r.components()[:10]:
         say(f"  {name:>10}: {v:+.4f}")
     toolkit.write(args, "ablate", folder, files(r))
     print(f"wrote {folder}/results.json, results.csv, heads.png, layers.png")

@@ -112,41 +112,15 @@ def dla(model, tok, options: DLAOptions) -> DLAResult:
 
 
 def heads_figure(r: DLAResult):
-    L, H = r.heads.shape
-    fig = toolkit.figure(max(4.0, 2.5 + 0.5 * H), max(3.0, 1.5 + 0.4 * L))
-    ax = fig.add_subplot()
-    im = ax.imshow(r.heads, cmap="RdBu_r", norm=toolkit.diverging(r.heads), aspect="auto")
-    if L * H <= 200:
-        for l in range(L):
-            for h in range(H):
-                ax.text(h, l, f"{r.heads[l, h]:.2g}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(H))
-    ax.set_yticks(range(L))
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(f"direct logit attribution per head\nlogit({r.foil[0].strip()}) − logit({r.target[0].strip()}) "
-                 f"= {r.metric:.3g}", fontsize=10)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return fig
+    return toolkit.layer_head_figure(r.heads, f"direct logit attribution per head\nlogit({r.foil[0].strip()}) − "
+                                              f"logit({r.target[0].strip()}) = {r.metric:.3g}")
 
 
 def layers_figure(r: DLAResult):
-    L = len(r.mlp)
-    fig = toolkit.figure(max(4.5, 2.5 + 0.5 * L), 3.5)
-    ax = fig.add_subplot()
-    x = np.arange(L)
-    ax.bar(x - 0.2, r.heads.sum(1) + r.attn_bias, 0.4, label="attention (heads + bias)")
-    ax.bar(x + 0.2, r.mlp, 0.4, label="MLP")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x)
-    ax.set_xlabel("layer")
-    ax.set_ylabel(f"logit({r.foil[0].strip()}) − logit({r.target[0].strip()})")
-    ax.set_title(f"per layer; embed {r.embed:.3g}, final LN bias {r.final_ln_bias:.3g}, total {r.total:.4g}",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return toolkit.layer_bars_figure(
+        {"attention (heads + bias)": r.heads.sum(1) + r.attn_bias, "MLP": r.mlp},
+        f"logit({r.foil[0].strip()}) − logit({r.target[0].strip()})",
+        f"per layer; embed {r.embed:.3g}, final LN bias {r.final_ln_bias:.3g}, total {r.total:.4g}")
 
 
 def files(r: DLAResult) -> dict:

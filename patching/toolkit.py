@@ -125,6 +125,44 @@ def diverging(values: np.ndarray):
     return TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
 
 
+def layer_head_figure(values: np.ndarray, title: str):
+    """An L x H heatmap of a signed quantity, centred on zero, with each value written in its cell."""
+    L, H = values.shape
+    fig = figure(max(4.0, 2.5 + 0.5 * H), max(3.0, 1.5 + 0.4 * L))
+    ax = fig.add_subplot()
+    im = ax.imshow(values, cmap="RdBu_r", norm=diverging(values), aspect="auto")
+    if L * H <= 200:
+        for l in range(L):
+            for h in range(H):
+                ax.text(h, l, f"{values[l, h]:.2g}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def layer_bars_figure(bars: dict[str, np.ndarray], ylabel: str, title: str):
+    """Two bars per layer (e.g. attention and MLP) around a zero line."""
+    (a_label, a), (b_label, b) = bars.items()
+    fig = figure(max(4.5, 2.5 + 0.5 * len(a)), 3.5)
+    ax = fig.add_subplot()
+    x = np.arange(len(a))
+    ax.bar(x - 0.2, a, 0.4, label=a_label)
+    ax.bar(x + 0.2, b, 0.4, label=b_label)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def token_labels(tokens: Sequence[str]) -> list[str]:
     return [f"{show(t)} ({i})" for i, t in enumerate(tokens)]
 
