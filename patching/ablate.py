@@ -129,8 +129,7 @@ def ablate(model, tok, options: AblateOptions) -> AblateResult:
     target, foil = toolkit.answer_ids(tok, options.target, options.foil)
     dev, T = toolkit.device_of(model), len(ids)
     idx = torch.tensor([ids], device=dev)
-    base = Recording(sites=tuple(SITES.values()))
-    model(idx, record=base, last_only=True)
+    base = engines.record(model, idx, sites=tuple(SITES.values()))
     if options.kind == "mean":
         source = mean_source(model, tok, options.reference or [options.prompt], T)
     else:
@@ -139,24 +138,12 @@ def ablate(model, tok, options: AblateOptions) -> AblateResult:
     base_value = float(r0[1] - r0[0])
     out = {}
     for key, site in SITES.items():
-        r = _loop(model, idx, source[site], site, target[1], foil[1])
+        r = engines.sweep(model, idx, base, source[site], site, target[1], foil[1], False,
+                          all_positions=True, engine=options.engine)
         out[key] = (r[..., 1] - r[..., 0]).double().cpu().numpy() - base_value  # (L, H) or (L,)
     n_ref = (len(options.reference) if options.reference else 1) if options.kind == "mean" else 0
     return AblateResult(toolkit.model_name(model), options.kind, [tok.token_str(i) for i in ids], ids, target, foil,
                         n_ref, base_value, out["heads"], out["attn"], out["mlp"])
-
-
-def _loop(model, idx, source, site, target_id, foil_id):  # TEMPORARY until engines.sweep lands on main
-    from mingpt.model import Patch
-    from mingpt.sites import HEAD_SITES
-    L = source.shape[0]
-    cells = [(l, h) for l in range(L) for h in range(source.shape[1])] if site in HEAD_SITES else [(l, None) for l in range(L)]
-    out = torch.empty(len(cells), 3)
-    for i, (l, h) in enumerate(cells):
-        value = source[l] if h is None else source[l, h]
-        logits, _ = model(idx, patch=Patch(l, None, value, site=site, head=h), last_only=True)
-        out[i] = engines.readout(logits[0, -1], target_id, foil_id, False).cpu()
-    return out.view(L, -1, 3) if site in HEAD_SITES else out
 
 
 # ----------------------------------------------------------------------------- figures and files

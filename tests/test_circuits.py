@@ -440,6 +440,14 @@ def test_ablate_equals_transformers(tiny, kind, reference):
     assert r.base_value == pytest.approx(float(logits[SMITH] - logits[JONES]), abs=1e-4)
 
 
+def test_ablate_fast_engine_equals_the_loop_oracle(tiny):
+    args = (PROMPT, "Jones", "Smith", "mean", REFERENCE)
+    fast = ablate.ablate(tiny["model"], tiny["tok"], ablate.AblateOptions(*args, engine="fast"))
+    loop = ablate.ablate(tiny["model"], tiny["tok"], ablate.AblateOptions(*args, engine="loop"))
+    for key in ("heads", "attn", "mlp"):
+        close(getattr(fast, key), getattr(loop, key))
+
+
 def test_ablate_on_demo_names_destroys_the_answer_with_block_1s_head(demo_names):
     r = ablate.ablate(*demo_names, ablate.AblateOptions(PROMPT, "Jones", "Smith", "zero"))
     assert r.base_value < -10 and r.base_value + r.heads[1, 0] > 0  # Smith now beats Jones
