@@ -128,20 +128,22 @@ def diverging(values: np.ndarray):
 def layer_head_figure(values: np.ndarray, title: str):
     """An L x H heatmap of a signed quantity, centred on zero, with each value written in its cell."""
     L, H = values.shape
-    fig = figure(max(4.0, 2.5 + 0.5 * H), max(3.0, 1.5 + 0.4 * L))
+    fig = figure(max(5.5, 2.5 + 0.5 * H), max(3.2, 1.6 + 0.4 * L), layout="constrained")
     ax = fig.add_subplot()
-    im = ax.imshow(values, cmap="RdBu_r", norm=diverging(values), aspect="auto")
+    norm = diverging(values)
+    im = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
     if L * H <= 200:
         for l in range(L):
             for h in range(H):
-                ax.text(h, l, f"{values[l, h]:.2g}", ha="center", va="center", fontsize=7)
+                dark = abs(values[l, h]) > 0.6 * norm.vmax  # white text on the saturated colours
+                ax.text(h, l, f"{values[l, h]:.3g}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
     ax.set_xticks(range(H))
     ax.set_yticks(range(L))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
     return fig
 
 
