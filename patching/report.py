@@ -1,7 +1,8 @@
 """What a person reads: the token table, top-k tables, the heatmap, and the files of one experiment.
 
-Files of an experiment are written into a hidden staging folder beside the destination and renamed
-into place at the end, so a folder under --out is either complete or absent, even after Ctrl-C.
+Files of an experiment are written by patching.files.write_folder: into a hidden staging folder
+beside the destination, then moved into place, so a folder under --out is either complete or
+absent, even after Ctrl-C; it never replaces a folder patch-run did not write.
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import io
 import json
 import os
 import re
-import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from patching.api import PatchingError, PatchResult, Prepared, RunSummary
+from patching.api import PatchingError, PatchResult, Prepared, RunSummary, Settings
+from patching.files import write_folder
 
 # ----------------------------------------------------------------------------- terminal tables
 
@@ -64,15 +66,17 @@ def strongest(result: PatchResult, n: int = 3) -> list[tuple[int, int, float]]:
 
 def heatmap(result: PatchResult, path: Path):
     """matshow of the matrix: layers down, positions (labelled by token) across, diverging at zero."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless: no display needed
-    import matplotlib.pyplot as plt
+    # A bare Figure on the Agg canvas: headless, and without pyplot's import and figure manager.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
 
     m = result.matrix
     L, T = m.shape
     lim = float(np.nanmax(np.abs(m))) or 1.0
-    fig, ax = plt.subplots(figsize=(min(3.0 + 0.55 * T, 40), max(3.8, 2.2 + 0.4 * L)))
+    fig = Figure(figsize=(min(3.0 + 0.55 * T, 40), max(3.8, 2.2 + 0.4 * L)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     im = ax.matshow(m, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")
     step = max(1, T // 60)  # keep labels legible on long prompts
     ticks = list(range(0, T, step))
@@ -91,7 +95,6 @@ def heatmap(result: PatchResult, path: Path):
     fig.colorbar(im, ax=ax, label=result.settings.metric)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- files
@@ -103,10 +106,25 @@ def slug(text: str, limit: int = 60) -> str:
     return s or "experiment"
 
 
-def default_folder(prep: Prepared) -> str:
-    """outputs/<clean prompt>-vs-<the corrupt tokens that differ>."""
+def default_folder(prep: Prepared, settings: Settings) -> str:
+    """<clean prompt>-vs-<the corrupt tokens that differ>-<model>-<metric>: runs that differ in what
+    they measure get different folders (the CLI numbers it -2, -3, ... if it exists already)."""
     changed = " ".join(prep.corrupt_tokens[i] for i in prep.differing) or "same"
-    return f"{slug(''.join(prep.tokens), 50)}-vs-{slug(changed, 20)}"
+    model = Path(settings.model.rstrip("/")).name or settings.model
+    return f"{slug(''.join(prep.tokens), 40)}-vs-{slug(changed, 20)}-{slug(model, 24)}-{settings.metric}"
+
+
+def json_text(doc) -> str:
+    """Strict JSON (no bare NaN or Infinity, which JSON does not have): non-finite floats become null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(doc), indent=1, allow_nan=False) + "\n"
 
 
 def results_csv(result: PatchResult) -> str:
@@ -132,34 +150,22 @@ def check_writable(folder: Path):
                             f"pass a writable --out.") from None
 
 
-def write_experiment(result: PatchResult, folder: Path, png: bool = True) -> Path:
-    """results.json, results.csv and heatmap.png into `folder`, all or nothing."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        (stage / "results.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        (stage / "results.csv").write_text(results_csv(result))
-        if png:
-            heatmap(result, stage / "heatmap.png")
-        replace_dir(stage, folder)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return folder
+def experiment_files(result: PatchResult, png: bool = True) -> dict:
+    """The files of one experiment, for patching.files: results.json, results.csv, heatmap.png."""
+    files = {"results.json": json_text(result.to_json()), "results.csv": results_csv(result)}
+    if png:
+        files["heatmap.png"] = lambda path: quiet_heatmap(result, path)
+    return files
 
 
-def replace_dir(new: Path, dest: Path):
-    """Move a finished folder into place, replacing an older one of the same name."""
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    if dest.exists():
-        dest.rename(old)
-    new.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+def quiet_heatmap(result: PatchResult, path: Path):
+    """The heatmap, without matplotlib's "Glyph ... missing" warnings for tokens (CJK, emoji, partial
+    UTF-8 bytes) its font cannot draw: such labels show as boxes; the token ids in results.json are exact."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*[Gg]lyph .* missing")
+        heatmap(result, path)
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_experiment(result: PatchResult, folder: Path, png: bool = True, *, overwrite: bool = False) -> Path:
+    """results.json, results.csv and heatmap.png as `folder`, all or nothing (see patching.files)."""
+    return write_folder(folder, experiment_files(result, png), kind="experiment", overwrite=overwrite)
