@@ -182,12 +182,12 @@ def command(args: argparse.Namespace, say) -> int:
     reference = read_reference(args.reference) if args.reference else None
     options = AblateOptions(args.prompt, args.target, args.foil, args.kind, reference, args.engine)
     model, tok = toolkit.load_model(args)
-    folder = toolkit.out_folder(args, "ablate", options.prompt)
-    r = ablate(model, tok, options)
+    with toolkit.claim_out(args, "ablate", options.prompt) as dest:
+        r = ablate(model, tok, options)
+        folder = dest.write(files(r))
     say(f"unablated logit({r.foil[0].strip()}) - logit({r.target[0].strip()}) = {r.base_value:.4f}; "
         f"{r.kind} ablation, largest changes:")
     for name, v in r.components()[:10]:
         say(f"  {name:>10}: {v:+.4f}")
-    toolkit.write(args, "ablate", folder, files(r))
-    print(f"wrote {folder}/results.json, results.csv, heads.png, layers.png")
+    say.result(f"wrote {folder}/results.json, results.csv, heads.png, layers.png")
     return 0

@@ -180,12 +180,12 @@ def add_arguments(ap: argparse.ArgumentParser):
 def command(args: argparse.Namespace, say) -> int:
     options = AttentionOptions(args.prompt, args.layers)
     model, tok = toolkit.load_model(args)
-    folder = toolkit.out_folder(args, "attention", options.prompt)
-    r = attention(model, tok, options)
+    with toolkit.claim_out(args, "attention", options.prompt) as dest:
+        r = attention(model, tok, options)
+        out = files(r)
+        folder = dest.write(out)
     L, H, T, _ = r.patterns.shape
     say(f"{L} layers x {H} heads over {T} tokens")
-    out = files(r)
-    toolkit.write(args, "attention", folder, out)
-    print(f"wrote {folder}/attention.npy, attention.html, results.json and "
+    say.result(f"wrote {folder}/attention.npy, attention.html, results.json and "
           f"{', '.join(k for k in out if k.endswith('.png'))}")
     return 0

@@ -140,12 +140,12 @@ def add_arguments(ap: argparse.ArgumentParser):
 def command(args: argparse.Namespace, say) -> int:
     options = DLAOptions(args.prompt, args.target, args.foil)
     model, tok = toolkit.load_model(args)
-    folder = toolkit.out_folder(args, "dla", options.prompt)
-    r = dla(model, tok, options)
+    with toolkit.claim_out(args, "dla", options.prompt) as dest:
+        r = dla(model, tok, options)
+        folder = dest.write(files(r))
     say(f"logit({r.foil[0].strip()}) - logit({r.target[0].strip()}) = {r.metric:.4f}; "
         f"sum of the components {r.total:.4f}")
     for name, v in r.components()[:10]:
         say(f"  {name:>14}: {v:+.4f}")
-    toolkit.write(args, "dla", folder, files(r))
-    print(f"wrote {folder}/results.json, results.csv, heads.png, layers.png")
+    say.result(f"wrote {folder}/results.json, results.csv, heads.png, layers.png")
     return 0

@@ -243,11 +243,11 @@ def parse_range(text: str) -> tuple[int, int]:
 def command(args: argparse.Namespace, say) -> int:
     options = HeadsOptions(args.seq_len, args.n_seqs, args.seed, args.prepend_bos, *parse_range(args.id_range))
     model, tok = toolkit.load_model(args)
-    folder = toolkit.out_folder(args, "heads", toolkit.model_name(model))
-    r = heads(model, tok, options)
+    with toolkit.claim_out(args, "heads", toolkit.model_name(model)) as dest:
+        r = heads(model, tok, options)
+        folder = dest.write(files(r))
     say(f"loss: first copy {r.loss_first_copy:.3f} nats, second copy {r.loss_second_copy:.3f} nats")
     for name, top in r.top_heads(3).items():
         say(f"  {name:>15}: " + ", ".join(f"L{t['layer']}H{t['head']} {t['score']:.3f}" for t in top))
-    toolkit.write(args, "heads", folder, files(r))
-    print(f"wrote {folder}/results.json, results.csv, loss.csv, scores.png, loss.png")
+    say.result(f"wrote {folder}/results.json, results.csv, loss.csv, scores.png, loss.png")
     return 0

