@@ -17,7 +17,6 @@ once); the `loop` engine, one plain forward per ablation, is the oracle in tests
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,17 +159,11 @@ def layers_figure(r: AblateResult):
 
 
 def files(r: AblateResult) -> dict:
-    rows = [[name, repr(v)] for name, v in r.components()]
-    return {"results.json": json.dumps(r.to_json(), indent=1) + "\n",
-            "results.csv": toolkit.csv_text(["component", "ablated_minus_base"], rows),
-            "heads.png": toolkit.png(lambda: heads_figure(r)),
-            "layers.png": toolkit.png(lambda: layers_figure(r))}
+    return toolkit.component_files(r, "ablated_minus_base", heads_figure, layers_figure)
 
 
 def add_arguments(ap: argparse.ArgumentParser):
-    ap.add_argument("--prompt", required=True, help="the text whose next token is measured")
-    ap.add_argument("--target", help="the word the model should predict (required)")
-    ap.add_argument("--foil", help="the competing word (required)")
+    toolkit.add_prompt_arguments(ap, "the text whose next token is measured", pair_required=True)
     ap.add_argument("--kind", choices=KINDS, default="zero", help="replace by zeros or by the reference mean [zero]")
     ap.add_argument("--reference", metavar="FILE", help="mean ablation: one prompt per line [the prompt itself]")
     ap.add_argument("--engine", choices=ENGINES, default="fast", help="fast (batched, exact) or loop [fast]")

@@ -15,7 +15,6 @@ Computed in float64 from the model's recorded activations.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,17 +123,11 @@ def layers_figure(r: DLAResult):
 
 
 def files(r: DLAResult) -> dict:
-    rows = [[name, repr(v)] for name, v in r.components()]
-    return {"results.json": json.dumps(r.to_json(), indent=1) + "\n",
-            "results.csv": toolkit.csv_text(["component", "contribution"], rows),
-            "heads.png": toolkit.png(lambda: heads_figure(r)),
-            "layers.png": toolkit.png(lambda: layers_figure(r))}
+    return toolkit.component_files(r, "contribution", heads_figure, layers_figure)
 
 
 def add_arguments(ap: argparse.ArgumentParser):
-    ap.add_argument("--prompt", required=True, help="the text whose next token is explained")
-    ap.add_argument("--target", help="the word the model should predict (required)")
-    ap.add_argument("--foil", help="the competing word (required)")
+    toolkit.add_prompt_arguments(ap, "the text whose next token is explained", pair_required=True)
 
 
 def command(args: argparse.Namespace, say) -> int:

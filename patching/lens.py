@@ -148,9 +148,8 @@ def files(r: LensResult) -> dict:
 
 
 def add_arguments(ap: argparse.ArgumentParser):
-    ap.add_argument("--prompt", required=True, help="the text to read")
-    ap.add_argument("--target", help="colour cells by logit(foil) - logit(target) (give --foil too)")
-    ap.add_argument("--foil", help="the competing word (give --target too)")
+    toolkit.add_prompt_arguments(ap, "the text to read; with --target and --foil, cells are coloured by "
+                                     "logit(foil) - logit(target)", pair_required=False)
     ap.add_argument("--ln", choices=MODES, default="recompute",
                     help="final LayerNorm with each state's own scale, or the final run's [recompute]")
 

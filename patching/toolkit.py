@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 from dataclasses import fields
 from pathlib import Path
@@ -187,6 +188,23 @@ def finite(x):
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     return x
+
+
+def add_prompt_arguments(ap: argparse.ArgumentParser, prompt_help: str, pair_required: bool):
+    """--prompt, --target, --foil as lens, dla and ablate take them."""
+    need = " (required)" if pair_required else " (give --foil too)"
+    ap.add_argument("--prompt", required=True, help=prompt_help)
+    ap.add_argument("--target", help=f"the word the model should predict{need}")
+    ap.add_argument("--foil", help=f"the competing word{need if pair_required else ' (give --target too)'}")
+
+
+def component_files(result, column: str, heads_figure, layers_figure) -> dict:
+    """dla's and ablate's folder: results.json, one CSV row per component, the two figures."""
+    rows = [[name, repr(v)] for name, v in result.components()]
+    return {"results.json": json.dumps(result.to_json(), indent=1) + "\n",
+            "results.csv": csv_text(["component", column], rows),
+            "heads.png": png(lambda: heads_figure(result)),
+            "layers.png": png(lambda: layers_figure(result))}
 
 
 def claim_out(args: argparse.Namespace, kind: str, name: str) -> Claim:
