@@ -240,7 +240,8 @@ def cli(args, tmp_path=None, name="out"):
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = main([*args, "--device", "cpu", *out])
-    res = json.loads((tmp_path / name / "results.json").read_text()) if rc == 0 and tmp_path else None
+    written = tmp_path / name / "results.json" if tmp_path else None
+    res = json.loads(written.read_text()) if rc == 0 and written and written.exists() else None
     return rc, stdout.getvalue(), stderr.getvalue(), res
 
 
