@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         plugin(DEFAULT).add_arguments(default)
         Say().result(parser().format_help() + "\n" + default.format_help())
         return 0
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):  # a word where a command goes
+        print(f"patch-run: error: unknown command {argv[0][:40]!r}: use one of {', '.join(COMMANDS)} "
+              f"(or flags alone for {DEFAULT}).", file=sys.stderr)
+        return 2
     if argv[0] not in COMMANDS:
         argv = [DEFAULT, *argv]
     try:

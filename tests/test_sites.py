@@ -307,3 +307,10 @@ def test_pattern_sweep_that_cannot_fit_is_refused(tiny_ckpt, tmp_path, monkeypat
     rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "pattern"], tmp_path)
     assert rc == 1 and "pattern sweep needs about" in stderr and "shorten the prompt" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_unknown_command_is_one_line(capsys):
+    from patching.cli import main
+    assert main(["lenz", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown command 'lenz'" in err[0] and "lens" in err[0]
