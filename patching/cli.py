@@ -38,6 +38,10 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="[auto]")
     how.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="half precision is for GPUs [float32]")
     how.add_argument("--max-rows", dest="max_rows", type=int, help="fast engine chunk size in token rows [8192]")
+    study = ap.add_argument_group("studies (patching/study.py): many pairs, statistics, shards")
+    study.add_argument("--pairs", metavar="FILE.jsonl|.csv", help="run a study of these pairs (clean, corrupt, target, foil per row)")
+    study.add_argument("--shard", metavar="K/N", help="run the K-th of N deterministic slices; combine with patch-run merge")
+    study.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples of the 95%% interval [1000]")
     ap.add_argument("--out", help="output folder [outputs/<prompts>/, or outputs/<batch file name>/]")
     ap.add_argument("--quiet", action="store_true", help="print only the output paths")
     return ap
@@ -106,10 +110,32 @@ def batch(args, say) -> int:
     return 1 if failed else 0
 
 
+def subcommand(argv: list[str]) -> int | None:
+    """`patch-run merge ...` (until the subcommand parser lands, issue 14); None for the plain command."""
+    if not argv or argv[0] != "merge":
+        return None
+    from patching import merge
+    ap = argparse.ArgumentParser(prog="patch-run merge", description=merge.HELP)
+    merge.add_arguments(ap)
+    args = ap.parse_args(argv[1:])
+    try:
+        return merge.command(args, print)
+    except USER_ERRORS as exc:
+        print(f"patch-run: error: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rc = subcommand(argv)
+    if rc is not None:
+        return rc
     args = parser().parse_args(argv)
     say = (lambda *_: None) if args.quiet else print
     try:
+        from patching import study
+        if args.pairs or args.shard or args.bootstrap is not None or study.is_study(args.batch):
+            return study.command(args, given_settings(args), say)
         if args.batch:
             clash = [f"--{k}" for k in ("clean", "corrupt", "target", "foil") if getattr(args, k) is not None]
             if clash:
