@@ -465,8 +465,8 @@ def counts(rows: list[dict]) -> dict:
     reasons: dict[str, int] = {}
     for r in rows:
         c[r["status"]] = c.get(r["status"], 0) + 1
-        if r["status"] in ("skipped", "failed"):
-            k = f"{r['status']}: {reason_kind(r['reason'])}"
+        if r["status"] in ("skipped", "failed"):  # skips by kind; failures each have their own sentence
+            k = f"skipped: {reason_kind(r['reason'])}" if r["status"] == "skipped" else "failed"
             reasons[k] = reasons.get(k, 0) + 1
     return {**c, "reasons": reasons}
 
