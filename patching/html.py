@@ -63,11 +63,11 @@ def _colour(v: float, lim: float) -> str:
     return f"rgb({fade(r)}, {fade(g)}, {fade(b)})"
 
 
-def experiment_page(result: PatchResult, heatmap_png: bytes | None = None) -> str:
+def experiment_page(result: PatchResult, heatmap_png: bytes | None = None, doc: dict | None = None) -> str:
     """report.html of one experiment: settings, tokens, top-k tables, the sweep (figure and values),
-    strongest patches, timing and versions."""
+    strongest patches, timing and versions. `doc`: result.to_json() if the caller has it already."""
     from patching.report import strongest
-    r = result.to_json()
+    r = doc or result.to_json()
     m = result.matrix
     lim = float(np.nanmax(np.abs(m - result.corrupt.value))) if m.size else 0.0
     cells = [[(fmt(v), _colour(v - result.corrupt.value, lim) if result.settings.metric != "recovery"

@@ -376,11 +376,12 @@ def patch_pair(model, tok, pair: Pair, settings: Settings, meta: dict) -> tuple[
 def pair_files(result: PatchResult, figures: bool) -> dict:
     """One pair's folder: what a single experiment writes, plus report.html."""
     from patching import html
-    files: dict = {"results.json": json.dumps(result.to_json(), indent=1) + "\n", "results.csv": results_csv(result)}
+    doc = result.to_json()
+    files: dict = {"results.json": json.dumps(doc, indent=1) + "\n", "results.csv": results_csv(result)}
     if figures:
         files["heatmap.png"] = lambda p: heatmap(result, p)
     files["report.html"] = lambda p: p.write_text(html.experiment_page(
-        result, (p.parent / "heatmap.png").read_bytes() if figures else None))
+        result, (p.parent / "heatmap.png").read_bytes() if figures else None, doc))
     return files
 
 
