@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from mingpt.errors import ConfigError, InputError, WeightsError
 from mingpt.hub import locate
+from mingpt.sites import NO_SITES, At, Patch, Recording, views  # noqa: F401  (Patch, Recording: re-exported)
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -117,56 +118,6 @@ class GPTConfig:
                 "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True}
 
 
-# ----------------------------------------------------------------------------- the seam
-
-
-@dataclass
-class Recording:
-    """What forward(record=...) keeps: detached copies, never references into the live graph."""
-
-    kv: bool = False  # also keep every block's keys and values (forward_patched resumes from them)
-    resid: torch.Tensor | None = None  # (n_layer, B, T, C): row l = output of block l
-    keys: torch.Tensor | None = None  # (n_layer, B, nh, T, hs)
-    values: torch.Tensor | None = None  # (n_layer, B, nh, T, hs)
-    last_logits: torch.Tensor | None = None  # (B, vocab) logits at the last position
-
-    def _start(self, n_layer: int, x: torch.Tensor, n_head: int):
-        L, (B, T, C) = n_layer, x.shape
-        self.resid = x.new_empty(L, B, T, C)
-        if self.kv:
-            self.keys = x.new_empty(L, B, n_head, T, C // n_head)
-            self.values = x.new_empty(L, B, n_head, T, C // n_head)
-
-    def _keep_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        self.keys[layer].copy_(k.detach())
-        self.values[layer].copy_(v.detach())
-
-
-@dataclass
-class Patch:
-    """Replace the output of block `layer` at position `pos` by `value` (C,) before block layer+1.
-
-    With `layer` and `pos` LongTensors of shape (B,) and `value` (B, C), batch row b is patched at
-    (layer[b], pos[b]) with value[b]; a layer of -1 leaves that row unpatched.
-    """
-
-    layer: int | torch.Tensor
-    pos: int | torch.Tensor
-    value: torch.Tensor
-
-    def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        if isinstance(self.layer, int):
-            if self.layer != layer:
-                return x
-            x = x.clone()
-            x[:, self.pos] = self.value.to(x.dtype)
-            return x
-        rows = (self.layer == layer).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return x
-        return x.index_put((rows, self.pos[rows]), self.value[rows].to(x.dtype))
-
-
 # ----------------------------------------------------------------------------- the network
 
 
@@ -179,24 +130,36 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, attend: Callable | None = None) -> torch.Tensor:
-        """x: (B, T, C); a custom `attend` maps q|k|v rows to mixed rows and may use another layout."""
-        qkv = self.c_attn(x)
-        y = attend(self, qkv) if attend is not None else self.causal(qkv)
-        return self.resid_drop(self.c_proj(y))
+    def forward(self, x: torch.Tensor, at: At = NO_SITES, mix: Callable | None = None) -> torch.Tensor:
+        """x: (B, T, C) -> (B, T, C). `mix` replaces causal attention over the rows (mingpt.resume)."""
+        q, k, v = (at(name, t) for name, t in zip("qkv", self.heads(self.c_attn(x))))  # (B, nh, T, hs) each
+        z = at("z", (mix or self.causal)(q, k, v, at))  # (B, nh, T, hs)
+        return self.resid_drop(self.c_proj(z.transpose(1, 2).flatten(-2)))  # (B, T, C)
 
     def heads(self, qkv: torch.Tensor) -> list[torch.Tensor]:
         """(B, T, 3C) -> q, k, v, each (B, nh, T, hs)."""
-        hs = self.n_embd // self.n_head
-        return [t.unflatten(-1, (self.n_head, hs)).transpose(1, 2) for t in qkv.split(self.n_embd, dim=-1)]
+        return [self.split(t) for t in qkv.split(self.n_embd, dim=-1)]
 
-    def causal(self, qkv: torch.Tensor, keep: Callable | None = None) -> torch.Tensor:
-        q, k, v = self.heads(qkv)  # (B, nh, T, hs) each
-        if keep is not None:
-            keep(k, v)
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, nh, T, hs)."""
+        return t.unflatten(-1, (self.n_head, self.n_embd // self.n_head)).transpose(1, 2)  # (B, nh, T, hs)
+
+    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: At = NO_SITES) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, nh, T, hs)
-        return y.transpose(1, 2).flatten(-2)  # (B, T, C)
+        if at.wants("pattern"):  # the pattern must exist as a tensor to be recorded or patched
+            T = q.shape[-2]
+            return self.attend(q, k, v, torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), at)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, nh, T, hs)
+
+    def attend(self, q, k, v, mask: torch.Tensor, at: At, offset: int = 0) -> torch.Tensor:
+        """Explicit softmax attention; mask (Tq, Tk) is True where a query may look. The pattern's
+        rows are rows offset.. of the site's sequence axis (mingpt.resume visits row groups)."""
+        w = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, Tq, Tk)
+        w = torch.softmax(w.masked_fill(~mask, float("-inf")), dim=-1)
+        w = at("pattern", w, offset, q.shape[-2])
+        if self.training and self.dropout:
+            w = F.dropout(w, self.dropout)
+        return w @ v  # (B, nh, Tq, hs)
 
 
 class MLP(nn.Module):
@@ -219,10 +182,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, attend: Callable | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attend)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def forward(self, x: torch.Tensor, at: At = NO_SITES, mix: Callable | None = None) -> torch.Tensor:
+        x = at("resid_pre", x)
+        a = at("attn_out", self.attn(self.ln_1(x), at, mix))
+        x = at("resid_mid", x + a)
+        m = at("mlp_out", self.mlp(self.ln_2(x)))
+        return at("resid_post", x + m)
 
 
 class GPT(nn.Module):
@@ -257,26 +222,21 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                record: Recording | None = None, patch: Patch | None = None, last_only: bool = False):
+                record: Recording | None = None, patch: Patch | Sequence[Patch] | None = None,
+                last_only: bool = False):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
 
-        record: a Recording to fill (see module docstring); patch: a Patch to apply.
+        record: a Recording to fill (mingpt.sites); patch: a Patch, or a list applied together.
         last_only: compute logits at the last position only (B, 1, vocab); targets are then (B, 1).
         targets: next-token ids aligned with idx (targets[:, t] follows idx[:, t]); -1 is ignored.
         """
         self._check_ids(idx)
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
+        at = views(self.config.n_layer, record, patch)  # this call's recording and patches, per block
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        if record is not None:
-            record._start(self.config.n_layer, x, self.config.n_head)
         for l, block in enumerate(self.transformer.h):
-            keep = partial(record._keep_kv, l) if record is not None and record.kv else None
-            x = block(x, partial(CausalSelfAttention.causal, keep=keep) if keep else None)
-            if patch is not None:
-                x = patch.apply(x, l)
-            if record is not None:
-                record.resid[l].copy_(x.detach())
+            x = block(x, at[l])
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x[:, -1:] if last_only else x)  # (B, T or 1, vocab)
         if record is not None:
@@ -303,39 +263,13 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------- many patches at once
 
-    @torch.no_grad()
     def forward_patched(self, base: Recording, layers: Sequence[int], positions: Sequence[int],
                         values: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Last-position logits of `token_ids` for the base run patched at every (layer, position) pair.
-
-        base: a Recording(kv=True) of one prompt (B = 1); values: (len(layers), len(positions), C), the
-        vectors to put at each pair; token_ids: (K,), or None for all. Returns (len(layers), len(positions), K), equal to
-        forward(idx, patch=Patch(l, p, values[i, j]))[0][0, -1, token_ids] for each pair.
-        Rows live in a flat (active layers, R, C) block: for each patched layer, the suffix positions
-        p..T-1 of every patched position p, one after the other (R = sum of suffix lengths).
-        """
-        assert base.kv and base.resid is not None and base.resid.shape[1] == 1, "base must be a kv recording of B=1"
-        L, T, C = self.config.n_layer, base.resid.shape[2], self.config.n_embd
-        order = sorted(range(len(layers)), key=lambda i: layers[i])  # slabs join in layer order
-        dev = base.resid.device
-        starts = torch.tensor([0] + [T - p for p in positions]).cumsum(0).to(dev)  # group offsets in R
-        suffix = torch.cat([torch.arange(p, T) for p in positions]).to(dev)  # (R,) position of each row
-        groups = [(p, int(starts[j]), T - p) for j, p in enumerate(positions)]
-        x = None
-        for k in range(layers[order[0]] + 1, L + 1):
-            for i in (i for i in order if layers[i] == k - 1):  # patches after block k-1 join here
-                slab = base.resid[k - 1, 0, suffix].clone()  # (R, C): the base run's suffix rows
-                slab[starts[:-1]] = values[i].to(slab.dtype)  # each group's first row is the patched one
-                x = slab[None] if x is None else torch.cat([x, slab[None]])  # (n, R, C)
-            if k == L:
-                break
-            mix = partial(_suffix_attention, groups=groups, n=x.shape[0],
-                          prefix=(base.keys[k, 0], base.values[k, 0]))
-            x = self.transformer.h[k](x.flatten(0, 1), mix).view(x.shape)  # (n, R, C)
-        h = self.transformer.ln_f(x[:, starts[1:] - 1])  # (n, P, C): every group's last row is position T-1
-        head = self.transformer.wte.weight  # tied unembedding; only the wanted columns if given
-        out = h @ (head if token_ids is None else head[token_ids.to(dev)]).T  # (n, P, K)
-        return out[torch.argsort(torch.tensor(order)).to(dev)]  # back to the caller's layer order
+        """Last-position logits of `token_ids` for the base run patched at every (layer, position) pair
+        of block outputs: (len(layers), len(positions), K), equal to
+        forward(idx, patch=Patch(l, p, values[i, j]))[0][0, -1, token_ids]. See mingpt.resume."""
+        from mingpt.resume import forward_cells
+        return forward_cells(self, base, "resid_post", [(l, None) for l in layers], list(positions), values, token_ids)
 
     # ------------------------------------------------------------------------- loading and saving
 
@@ -411,22 +345,6 @@ class GPT(nn.Module):
             nxt = torch.multinomial(probs, 1) if do_sample else probs.argmax(-1, keepdim=True)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
-
-
-def _suffix_attention(attn: CausalSelfAttention, qkv: torch.Tensor, *, groups, n, prefix) -> torch.Tensor:
-    """Causal attention for forward_patched's flat rows: group (p, start, S) holds positions p..T-1
-    of each of n patched runs; their keys before p are the base run's (prefix: (nh, T, hs) each)."""
-    R = qkv.shape[0] // n
-    qkv = qkv.view(n, R, -1)  # (n, R, 3C)
-    y = qkv.new_empty(n, R, attn.n_embd)
-    pk, pv = prefix
-    for p, start, S in groups:
-        q, k, v = attn.heads(qkv[:, start:start + S])  # (n, nh, S, hs) each
-        k = torch.cat([pk[None, :, :p].expand(n, -1, -1, -1), k], dim=2)  # (n, nh, T, hs)
-        v = torch.cat([pv[None, :, :p].expand(n, -1, -1, -1), v], dim=2)  # (n, nh, T, hs)
-        mask = torch.ones(S, p + S, dtype=torch.bool, device=qkv.device).tril(diagonal=p)  # query i sees <= p+i
-        y[:, start:start + S] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(-2)
-    return y.view(n * R, -1)  # (n*R, C)
 
 
 # ----------------------------------------------------------------------------- checkpoint files

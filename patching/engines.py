@@ -21,7 +21,9 @@ from typing import Callable
 
 import torch
 
-from mingpt.model import GPT, Patch, Recording
+from mingpt.model import GPT
+from mingpt.resume import forward_cells
+from mingpt.sites import SITES, Patch, Recording
 
 METRICS = {
     "logit-diff": "logit(foil) - logit(target)",
@@ -37,10 +39,14 @@ def needs_lse(metric: str) -> bool:
     return metric == "prob-diff"
 
 
+BASE_SITES = ("resid_pre", "resid_post", "k", "v")  # what the fast engine resumes from
+
+
 @torch.no_grad()
-def record(model: GPT, ids: torch.Tensor) -> Recording:
-    """One plain forward that keeps the residual stream, keys and values, and last logits."""
-    rec = Recording(kv=True)
+def record(model: GPT, ids: torch.Tensor, sites=()) -> Recording:
+    """One plain forward that keeps what a sweep needs (block inputs and outputs, keys, values,
+    and the given sites) and the last logits."""
+    rec = Recording(sites=set(sites) | set(BASE_SITES))
     model(ids, record=rec, last_only=True)
     return rec
 
@@ -67,19 +73,89 @@ def metric_values(metric: str, r: torch.Tensor, clean: torch.Tensor, corrupt: to
     raise AssertionError(f"unknown metric {metric}")  # validated by the caller
 
 
+def cells(site: str, source: torch.Tensor, all_positions: bool) -> tuple[list[tuple[int, int | None]], tuple]:
+    """The slabs (layer, head) of a sweep over `site` and the shape of its readouts (without the 3).
+    source: (L, T, C) for residual sites, (L, H, T, ...) for head sites."""
+    if SITES[site] == "btc":
+        L, T = source.shape[:2]
+        return [(l, None) for l in range(L)], ((L,) if all_positions else (L, T))
+    L, H, T = source.shape[:3]
+    return [(l, h) for l in range(L) for h in range(H)], ((L, H) if all_positions else (L, H, T))
+
+
+def sweep(model: GPT, base_ids: torch.Tensor, base: Recording, source: torch.Tensor, site: str, target_id: int,
+          foil_id: int, lse: bool, all_positions: bool = False, engine: str = "fast", max_rows: int = 8192,
+          progress: Progress | None = None) -> torch.Tensor:
+    """Readouts (..., 3) of the base run with every cell of `site` replaced by `source`'s value.
+
+    base: record(model, base_ids) of the run being patched (B = 1); source: the value of every
+    cell, batch axis dropped — another run's recording `rec[site][:, 0]` (patching), or zeros or
+    means (ablation). Axes: layer, (head,) position; the position axis is gone with all_positions.
+    """
+    slabs, shape = cells(site, source, all_positions)
+    src = source.flatten(0, 1) if SITES[site] != "btc" else source  # (n_slabs, T, ...)
+    own = base[site][:, 0]
+    own = own.flatten(0, 1) if SITES[site] != "btc" else own
+    if engine == "loop":
+        out = _loop(model, base_ids, site, slabs, src, target_id, foil_id, lse, all_positions, progress)
+    else:
+        out = _fast(model, base, site, slabs, src, own, target_id, foil_id, lse, all_positions, max_rows, progress)
+    return out.view(*shape, 3)
+
+
 @torch.no_grad()
+def _loop(model, ids, site, slabs, src, target_id, foil_id, lse, every, progress) -> torch.Tensor:
+    """The oracle: one plain forward with one Patch per cell."""
+    T = ids.shape[1]
+    positions = [None] if every else list(range(T))
+    out = torch.empty(len(slabs), len(positions), 3)
+    for i, (l, h) in enumerate(slabs):
+        for j, p in enumerate(positions):
+            value = src[i] if p is None else src[i, p]
+            logits, _ = model(ids, patch=Patch(l, p, value, site=site, head=h), last_only=True)
+            out[i, j] = readout(logits[0, -1], target_id, foil_id, lse).cpu()
+            if progress:
+                progress(i * len(positions) + j + 1, len(slabs) * len(positions))
+    return out
+
+
+@torch.no_grad()
+def _fast(model, base, site, slabs, src, own, target_id, foil_id, lse, every, max_rows, progress) -> torch.Tensor:
+    """The same readouts from mingpt.resume, in chunks of at most max_rows suffix rows. A cell whose
+    value equals the base run's own value there is a no-op: it keeps the base readout, unrun."""
+    T = own.shape[1]
+    base_r = readout(base.last_logits[0], target_id, foil_id, lse).cpu()
+    noop = (src == own).flatten(2).all(-1)  # (n_slabs, T)
+    if every:
+        noop = noop.all(1, keepdim=True)  # (n_slabs, 1): all positions at once
+    out = base_r.repeat(len(slabs), noop.shape[1], 1)
+    live = [i for i in range(len(slabs)) if not bool(noop[i].all())]
+    positions = [p for p in range(noop.shape[1]) if not bool(noop[live, p].all())] if live else []
+    ids = None if lse else torch.tensor([target_id, foil_id])
+    if every:
+        chunks = [(live[a:a + max(1, max_rows // T)], [0]) for a in range(0, len(live), max(1, max_rows // T))]
+    else:
+        chunks = [([live[i] for i in rows], pos) for rows, pos in
+                  plan_chunks(len(live), T, positions, max_rows, max_patches=512 if lse else None)]
+    done, total = 0, len(live) * len(positions)
+    for rows, pos in chunks:
+        if not rows:
+            continue
+        values = src[rows] if every else src[rows][:, pos]  # (n, T or nP, ...)
+        got = forward_cells(model, base, site, [slabs[i] for i in rows], None if every else pos, values, ids)
+        r = readout(got, 0, 1, False) if ids is not None else readout(got, target_id, foil_id, True)
+        out[torch.tensor(rows)[:, None], torch.tensor(pos)[None, :]] = r.cpu()
+        done += len(rows) * len(pos)
+        if progress:
+            progress(done, total)
+    return out
+
+
 def loop_sweep(model: GPT, corrupt_ids: torch.Tensor, clean: Recording, target_id: int, foil_id: int,
                lse: bool, progress: Progress | None = None) -> torch.Tensor:
-    """The oracle: (n_layer, T, 3) readouts from one forward per patch."""
-    L, T = clean.resid.shape[0], corrupt_ids.shape[1]
-    out = torch.empty(L, T, 3)
-    for l in range(L):
-        for p in range(T):
-            logits, _ = model(corrupt_ids, patch=Patch(l, p, clean.resid[l, 0, p]), last_only=True)
-            out[l, p] = readout(logits[0, -1], target_id, foil_id, lse).cpu()
-            if progress:
-                progress(l * T + p + 1, L * T)
-    return out
+    """The oracle for block outputs: (n_layer, T, 3) readouts from one forward per patch."""
+    return _loop(model, corrupt_ids, "resid_post", [(l, None) for l in range(clean.resid.shape[0])],
+                 clean.resid[:, 0], target_id, foil_id, lse, False, progress)
 
 
 def plan_chunks(n_layer: int, T: int, positions: list[int], max_rows: int,
@@ -107,24 +183,8 @@ def plan_chunks(n_layer: int, T: int, positions: list[int], max_rows: int,
     return chunks
 
 
-@torch.no_grad()
 def fast_sweep(model: GPT, corrupt: Recording, clean: Recording, target_id: int, foil_id: int, lse: bool,
                max_rows: int = 8192, progress: Progress | None = None) -> torch.Tensor:
-    """(n_layer, T, 3) readouts equal to loop_sweep's, from batched suffix-only recomputation."""
-    L, T = clean.resid.shape[0], clean.resid.shape[2]
-    corrupt_r = readout(corrupt.last_logits[0], target_id, foil_id, lse).cpu()
-    out = corrupt_r.repeat(L, T, 1)  # no-op patches keep the corrupt run's readout
-    same = (clean.resid[:, 0] == corrupt.resid[:, 0]).all(-1).all(0)  # (T,) identical at every layer
-    positions = [p for p in range(T) if not bool(same[p])]
-    ids = None if lse else torch.tensor([target_id, foil_id])
-    chunks = plan_chunks(L, T, positions, max_rows, max_patches=512 if lse else None)
-    done, total = 0, L * len(positions)
-    for layers, pos in chunks:
-        values = clean.resid[layers][:, 0][:, pos]  # (nL, nP, C) clean vectors for these patches
-        got = model.forward_patched(corrupt, layers, pos, values, ids)  # (nL, nP, K)
-        r = readout(got, 0, 1, False) if ids is not None else readout(got, target_id, foil_id, True)
-        out[torch.tensor(layers)[:, None], torch.tensor(pos)[None, :]] = r.cpu()
-        done += len(layers) * len(pos)
-        if progress:
-            progress(done, total)
-    return out
+    """(n_layer, T, 3) readouts of block-output patches, equal to loop_sweep's."""
+    return _fast(model, corrupt, "resid_post", [(l, None) for l in range(clean.resid.shape[0])], clean.resid[:, 0],
+                 corrupt.resid[:, 0], target_id, foil_id, lse, False, max_rows, progress)

@@ -1,0 +1,196 @@
+"""The activation seam: named sites of GPT-2, what one forward call records, and what it replaces.
+
+Every activation an analysis reads or edits has a name, as in TransformerLens, and one layout:
+
+    resid_pre  (B, T, C)       input of block l (block 0: token + position embeddings)
+    q, k, v    (B, nh, T, hs)  one head's query / key / value vectors
+    pattern    (B, nh, T, T)   attention weights, destination x source (rows sum to 1)
+    z          (B, nh, T, hs)  each head's mix of values, before attn.c_proj
+    attn_out   (B, T, C)       attention sublayer output (after c_proj, with its bias)
+    resid_mid  (B, T, C)       resid_pre + attn_out
+    mlp_out    (B, T, C)       MLP sublayer output
+    resid_post (B, T, C)       output of block l = resid_mid + mlp_out
+
+The model visits each site once per block with `x = at(name, x)`. `at` belongs to one forward call:
+it keeps detached copies for a `Recording` and applies that call's `Patch`es; with neither it
+returns `x` untouched. Nothing is registered on the model, so no state outlives the call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+SITES = {
+    "resid_pre": "btc", "q": "bhtd", "k": "bhtd", "v": "bhtd", "pattern": "bhts", "z": "bhtd",
+    "attn_out": "btc", "resid_mid": "btc", "mlp_out": "btc", "resid_post": "btc",
+}
+HEAD_SITES = tuple(s for s, layout in SITES.items() if layout.startswith("bh"))
+
+
+def check_site(site: str):
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+class Recording:
+    """What forward(record=...) keeps: detached copies, never references into the live graph.
+
+    rec[site] is the (n_layer, ...) stack of that site over blocks; rec[site, l] one block's
+    activation; rec.resid the stack of block outputs; rec.last_logits the last position's logits.
+    """
+
+    def __init__(self, sites: Iterable[str] = ("resid_post",), kv: bool = False):
+        names = set([sites] if isinstance(sites, str) else sites) | {"resid_post"} | ({"k", "v"} if kv else set())
+        for s in names:
+            check_site(s)
+        self.sites, self.kv = frozenset(names), kv
+        self.acts: dict[str, torch.Tensor] = {}
+        self.last_logits: torch.Tensor | None = None
+        self.n_layer = 0
+
+    def __contains__(self, site: str) -> bool:
+        return site in self.acts
+
+    def __getitem__(self, key):
+        site, layer = key if isinstance(key, tuple) else (key, None)
+        if site not in self.acts:
+            raise KeyError(f"site {site!r} was not recorded: ask for it with Recording(sites=...)")
+        return self.acts[site] if layer is None else self.acts[site][layer]
+
+    def keep(self, site: str, layer: int, x: torch.Tensor):
+        if site not in self.sites:
+            return
+        buf = self.acts.get(site)
+        if buf is None or buf.shape[1:] != x.shape:  # one (n_layer, ...) buffer per site, made at first sight
+            buf = self.acts[site] = x.new_empty(self.n_layer, *x.shape)
+        buf[layer].copy_(x.detach())
+
+    @property
+    def resid(self) -> torch.Tensor | None:
+        return self.acts.get("resid_post")
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self.acts.get("k")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.acts.get("v")
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+@dataclass
+class Patch:
+    """Replace `site` of block `layer` at position `pos` (head `head` of head sites) by `value`.
+
+    Residual sites take value (C,); q/k/v/z (hs,); pattern (T,), one destination row. pos=None
+    patches every position (value gets a leading T axis); head=None on a head site patches every
+    head (value gets a leading n_head axis). With `layer` and `pos` LongTensors of shape (B,) and
+    value (B, C) (residual sites only), batch row b is patched at (layer[b], pos[b]) with value[b];
+    a layer of -1 leaves that row unpatched.
+    """
+
+    layer: int | torch.Tensor
+    pos: int | torch.Tensor | None
+    value: torch.Tensor
+    site: str = "resid_post"
+    head: int | None = None
+
+    def __post_init__(self):
+        check_site(self.site)
+        if self.head is not None and self.site not in HEAD_SITES:
+            raise ValueError(f"head= is for head sites ({', '.join(HEAD_SITES)}), not {self.site!r}")
+
+    def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        if isinstance(self.layer, torch.Tensor):  # one patch per batch row
+            rows = (self.layer == layer).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return x
+            return x.index_put((rows, self.pos[rows]), self.value[rows].to(x.dtype))
+        if self.layer != layer:
+            return x
+        x = x.clone()
+        pos = slice(None) if self.pos is None else self.pos
+        if SITES[self.site] == "btc":
+            x[:, pos] = self.value.to(x.dtype)
+        else:
+            x[:, slice(None) if self.head is None else self.head, pos] = self.value.to(x.dtype)
+        return x
+
+
+class Edits:
+    """Many edits of one site, addressed by flat index tensors: x[batch, (head,) row] = value.
+
+    The resumable forward (mingpt.resume) uses this to patch a different cell in every batch row.
+    `rows` index the sequence axis of the tensor the site is visited with; for `pattern`, which
+    the resumable forward visits one row group at a time, `at` passes the group's row offset.
+    """
+
+    def __init__(self, site: str, layer: int, batch: torch.Tensor, rows: torch.Tensor, value: torch.Tensor,
+                 head: torch.Tensor | None = None):
+        self.site, self.layer, self.batch, self.rows, self.value, self.head = site, layer, batch, rows, value, head
+
+    def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        if layer != self.layer:
+            return x
+        batch, rows, value, head = self.batch, self.rows - offset, self.value, self.head
+        if offset or length is not None:  # only the edits whose row falls inside this window
+            keep = (rows >= 0) & (rows < (length if length is not None else x.shape[-2]))
+            if not bool(keep.any()):
+                return x
+            batch, rows, value = batch[keep], rows[keep], value[keep]
+            head = None if head is None else head[keep]
+        idx = (batch, rows) if head is None else (batch, head, rows)
+        return x.index_put(idx, value.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------- the per-call view
+
+
+class At:
+    """`at(site, x)` for one block of one forward call: record, then patch (the recording keeps
+    what flowed in; a patched value is what flows on, and later sites record it)."""
+
+    def __init__(self, layer: int, record: Recording | None, edits: Sequence):
+        self.layer, self.record = layer, record
+        self.edits = {}
+        for e in edits:
+            self.edits.setdefault(e.site, []).append(e)
+
+    def __call__(self, site: str, x: torch.Tensor, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        for e in self.edits.get(site, ()):
+            x = e.apply(x, self.layer, offset, length) if isinstance(e, Edits) else e.apply(x, self.layer)
+        if self.record is not None:
+            self.record.keep(site, self.layer, x)
+        return x
+
+    def wants(self, site: str) -> bool:
+        """Whether this block must materialise `site` (the fused attention never forms `pattern`)."""
+        return site in self.edits or (self.record is not None and site in self.record.sites)
+
+
+NO_SITES = At(-1, None, ())
+
+
+def views(n_layer: int, record: Recording | None, patch) -> list[At]:
+    """One At per block for this call; patch is a Patch, Edits, or a list of them."""
+    patches = [] if patch is None else list(patch) if isinstance(patch, (list, tuple)) else [patch]
+    if record is None and not patches:
+        return [NO_SITES] * n_layer
+    if record is not None:
+        record.n_layer = n_layer
+    by_layer: dict[int, list] = {}
+    for p in patches:
+        if isinstance(p.layer, torch.Tensor):  # per-row patches may touch every block
+            for l in range(n_layer):
+                by_layer.setdefault(l, []).append(p)
+        else:
+            by_layer.setdefault(int(p.layer), []).append(p)
+    return [At(l, record, by_layer.get(l, ())) for l in range(n_layer)]
