@@ -74,7 +74,8 @@ def experiment_page(result: PatchResult, heatmap_png: bytes | None = None, doc: 
                else _colour(-v, 1.0)) for v in row] for row in m.tolist()]
     settings = [("model", r["model"]), ("metric", f"{r['metric']} = {r['metric_definition']}"),
                 ("engine", r["engine"]), ("device", r["device"]), ("dtype", r["dtype"]),
-                ("top_k", result.settings.top_k), ("layers × positions", f"{r['n_layers']} × {r['n_tokens']}")]
+                ("top_k", result.settings.top_k), ("layers × positions", f"{r['n_layers']} × {r['n_tokens']}"),
+                *((("analysis", ", ".join(f"{k}={v}" for k, v in r["analysis"].items())),) if "analysis" in r else ())]
     return _env().get_template("report.html").render(
         r=r, clean="".join(r["tokens"]), corrupt="".join(r["corrupt_tokens"]), settings=settings, cells=cells,
         heatmap=data_uri(heatmap_png) if heatmap_png else None, how_to_read=HOW_TO_READ_SWEEP,

@@ -156,7 +156,7 @@ def read_tidy(text: str) -> tuple[list[str], list[dict]]:
     return metrics, sorted(out, key=lambda r: r["index"])
 
 
-def heatmap_png(g: Aggregate, title: str) -> bytes:
+def heatmap_png(g: Aggregate, title: str, ylabel: str = "layer (output of block)") -> bytes:
     """Mean recovery per cell (blue = restored to clean, as in the single-pair heatmap), each cell
     annotated with its interval when the grid is small; cells whose interval contains 0 are hatched."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -185,7 +185,7 @@ def heatmap_png(g: Aggregate, title: str) -> bytes:
     ax.set_yticks(range(L), [str(l) for l in range(L)])
     ax.xaxis.set_ticks_position("bottom")
     ax.set_xlabel("position (clean token; * where the pairs differ)")
-    ax.set_ylabel("layer (output of block)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="mean recovery")
     fig.tight_layout()

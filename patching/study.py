@@ -48,10 +48,14 @@ from patching import engines, stats
 from patching._files_shim import write_folder
 from patching.api import (USER_ERRORS, PatchingError, PatchResult, Settings, load, prepare, summarize,
                           versions)
+from mingpt.sites import SITES
 from patching.engines import METRICS
 from patching.report import heatmap, results_csv, slug
 
-ANALYSES = {"patch": ("resid_post",)}  # kind -> sites available (the seam's sites come with engines.sweep)
+# kind -> sites: every residual-layout site of the seam (one (layer, position) grid per pair);
+# head sites (q, k, v, z, pattern; a (layer, head, position) grid) are not yet a study analysis.
+ANALYSES = {"patch": tuple(site for site, layout in SITES.items() if layout == "btc")}
+DIRECTIONS = ("denoise", "noise")  # clean values into the corrupt run, or corrupt values into the clean run
 SLOT = re.compile(r"\{(\w+)\}")
 
 
@@ -76,12 +80,15 @@ def _int(value, name: str, low: int) -> int:
 
 @dataclass
 class Analysis:
-    """What runs on every pair: today the patching sweep of one site."""
+    """What runs on every pair: the patching sweep of one site (engines.sweep), in one direction."""
 
     kind: str = "patch"
     site: str = "resid_post"
+    direction: str = "denoise"
 
     def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise PatchingError(f"analysis direction {str(self.direction)[:40]!r} is not one of {', '.join(DIRECTIONS)}.")
         if self.kind not in ANALYSES:
             raise PatchingError(f"analysis kind {str(self.kind)[:40]!r} is not one of {', '.join(ANALYSES)}.")
         if self.site not in ANALYSES[self.kind]:
@@ -338,45 +345,47 @@ def reason_kind(reason: str) -> str:
 
 
 @torch.no_grad()
-def patch_pair(model, tok, pair: Pair, settings: Settings, meta: dict) -> tuple[PatchResult, dict]:
-    """The resid_post sweep of one pair with every metric of engines.METRICS per cell.
-    (api.run computes one metric; a study's tidy table wants all, so the log-sum-exp is always read.)"""
+def patch_pair(model, tok, pair: Pair, settings: Settings, analysis: Analysis, meta: dict) -> tuple[PatchResult, dict]:
+    """The sweep of one pair over analysis.site with every metric of engines.METRICS per cell.
+    (api.run computes one metric; a study's tidy table wants all, so the log-sum-exp is always read.)
+    denoise: the corrupt run with each cell set to the clean run's value; noise: the clean run with
+    each cell set to the corrupt run's. Recovery is (patched - corrupt) / (clean - corrupt) in both."""
     prep = prepare(tok, pair.clean, pair.corrupt, pair.target, pair.foil, model.config.block_size)
     device = next(model.parameters()).device
+    site = analysis.site
     t0 = time.perf_counter()
-    rec_clean = engines.record(model, torch.tensor([prep.clean_ids], device=device))
-    rec_corrupt = engines.record(model, torch.tensor([prep.corrupt_ids], device=device))
-    r_clean, r_corrupt = (engines.readout(r.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
-                          for r in (rec_clean, rec_corrupt))
+    ids = {k: torch.tensor([v], device=device) for k, v in (("clean", prep.clean_ids), ("corrupt", prep.corrupt_ids))}
+    rec = {k: engines.record(model, v, sites=(site,)) for k, v in ids.items()}
+    r_clean, r_corrupt = (engines.readout(rec[k].last_logits[0], prep.target_id, prep.foil_id, True).cpu()
+                          for k in ("clean", "corrupt"))
     gap = float((r_clean[1] - r_clean[0]) - (r_corrupt[1] - r_corrupt[0]))
     if not abs(gap) > 1e-4 * max(1.0, abs(float(r_clean[1] - r_clean[0]))):  # float noise is ~1e-6 of it
         raise PatchingError(f"clean and corrupt give the same logit difference (they differ by {gap:.2g}), "
                             f"so recovery is undefined: the pair does not change the answer.")
     t1 = time.perf_counter()
-    if settings.engine == "loop":
-        readouts = engines.loop_sweep(model, torch.tensor([prep.corrupt_ids], device=device), rec_clean,
-                                      prep.target_id, prep.foil_id, True)
-    else:
-        readouts = engines.fast_sweep(model, rec_corrupt, rec_clean, prep.target_id, prep.foil_id, True,
-                                      settings.max_rows)
+    base, source = ("corrupt", "clean") if analysis.direction == "denoise" else ("clean", "corrupt")
+    readouts = engines.sweep(model, ids[base], rec[base], rec[source][site][:, 0], site, prep.target_id,
+                             prep.foil_id, True, engine=settings.engine, max_rows=settings.max_rows)
     t2 = time.perf_counter()
     metrics = {m: engines.metric_values(m, readouts, r_clean, r_corrupt).numpy().astype(np.float64) for m in METRICS}
     value = lambda r: float(engines.metric_values(settings.metric, r, r_clean, r_corrupt))  # noqa: E731
     result = PatchResult(
         prepared=prep, settings=settings, model=getattr(model, "name", settings.model),
         n_layers=model.config.n_layer, matrix=metrics[settings.metric],
-        clean=summarize(rec_clean.last_logits[0], tok, prep, settings.top_k, value(r_clean)),
-        corrupt=summarize(rec_corrupt.last_logits[0], tok, prep, settings.top_k, value(r_corrupt)),
+        clean=summarize(rec["clean"].last_logits[0], tok, prep, settings.top_k, value(r_clean)),
+        corrupt=summarize(rec["corrupt"].last_logits[0], tok, prep, settings.top_k, value(r_corrupt)),
         timing={"record_seconds": round(t1 - t0, 6), "sweep_seconds": round(t2 - t1, 6),
                 "patches": model.config.n_layer * len(prep.clean_ids), "device": str(device)},
         versions=meta["versions"])
     return result, metrics
 
 
-def pair_files(result: PatchResult, figures: bool) -> dict:
-    """One pair's folder: what a single experiment writes, plus report.html."""
+def pair_files(result: PatchResult, figures: bool, analysis: Analysis | None = None) -> dict:
+    """One pair's folder: what a single experiment writes (with the analysis in results.json), plus report.html."""
     from patching import html
     doc = result.to_json()
+    if analysis is not None:
+        doc["analysis"] = asdict(analysis)
     files: dict = {"results.json": json.dumps(doc, indent=1) + "\n", "results.csv": results_csv(result)}
     if figures:
         files["heatmap.png"] = lambda p: heatmap(result, p)
@@ -434,8 +443,9 @@ def run_study(study: Study, out: Path, *, shard: tuple[int, int] = (1, 1), say: 
                 row.update(status="skipped", reason=reason)
                 continue
             try:
-                result, metrics = patch_pair(model, tok, pair, study.settings, meta)
-                write_folder(stage / "pairs" / row["name"], pair_files(result, study.figures), kind="experiment")
+                result, metrics = patch_pair(model, tok, pair, study.settings, study.analysis, meta)
+                write_folder(stage / "pairs" / row["name"], pair_files(result, study.figures, study.analysis),
+                             kind="experiment")
             except USER_ERRORS as exc:
                 row.update(status="failed", reason=str(exc))
                 say(f"[{n_done}/{len(rows)}] {row['name']}: failed: {exc}")
@@ -503,9 +513,10 @@ def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], 
         files["aggregate.json"] = json.dumps(doc, indent=1) + "\n"
         files["aggregate.csv"] = stats.aggregate_csv(aggs)
         for k, g in enumerate(aggs):
+            a = meta["analysis"]
             title = (f"mean recovery over {g.n_pairs} pairs ({g.mean.shape[1]} tokens), {meta['model']}, "
-                     f"{meta['analysis']['site']}\nhatched: the 95% bootstrap interval contains 0")
-            pngs.append(stats.heatmap_png(g, title))
+                     f"{a['site']} ({a['direction']})\nhatched: the 95% bootstrap interval contains 0")
+            pngs.append(stats.heatmap_png(g, title, f"layer ({a['site']} of block)"))
             files["aggregate.png" if k == 0 else f"aggregate-{g.mean.shape[1]}-tokens.png"] = pngs[-1]
     timing["finish_seconds"] = round(time.perf_counter() - t0, 6)
     summary = {**meta, "counts": c, "timing": timing, "pairs": rows}

@@ -128,7 +128,8 @@ def test_bad_generators_fail_in_one_sentence(tmp_path, tiny_ckpt, bad, words):
 
 def test_unknown_study_keys_fail(tmp_path, tiny_ckpt):
     for extra, words in (({"study": {"bootstrapp": 5}}, "unknown key 'bootstrapp'"),
-                         ({"analysis": {"site": "z"}}, "site 'z' is not available"),
+                         ({"analysis": {"site": "z"}}, "site .z. is not available"),
+                         ({"analysis": {"direction": "up"}}, "direction .up. is not one of"),
                          ({"pairs": generator(), "extra": 1}, "unknown top-level key 'extra'")):
         with pytest.raises(PatchingError, match=words):
             read_study(study_yaml(tmp_path / "s.yaml", tiny_ckpt, **extra), {})
@@ -268,3 +269,28 @@ def test_pairs_file_on_the_command_line(tmp_path, tiny_ckpt):
     assert got["rc"] == 1 and "1 pairs ok, 0 skipped, 1 failed" in got["stdout"]  # target == foil fails
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["options"]["bootstrap"] == 50 and "same token" in summary["pairs"][1]["reason"]
+
+
+def test_a_study_at_another_site_and_direction_matches_one_forward_per_cell(tmp_path, tiny_ckpt):
+    """analysis: {site: attn_out, direction: noise}: the clean run with one attention output set to the
+    corrupt run's; the oracle is a plain forward with that one Patch, cell by cell."""
+    from mingpt.model import Patch
+    from patching.engines import readout, record
+    from patching.stats import read_tidy
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE],
+                      analysis={"kind": "patch", "site": "attn_out", "direction": "noise"}, study={"bootstrap": 10})
+    assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
+    _, (row,) = read_tidy((tmp_path / "out" / "results.csv").read_text())
+    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    clean, corrupt = (torch.tensor([tok.encode(MICHELLE[k])]) for k in ("clean", "corrupt"))
+    t, f = tok.encode(" Jones")[0], tok.encode(" Smith")[0]
+    src = record(model, corrupt, sites=("attn_out",))["attn_out"]
+    got = row["metrics"]["logit-diff"]
+    for l in range(got.shape[0]):
+        for p in range(got.shape[1]):
+            with torch.no_grad():
+                logits, _ = model(clean, patch=Patch(l, p, src[l, 0, p], site="attn_out"))
+            ref = readout(logits[0, -1], t, f, False)
+            want = float(ref[1] - ref[0])
+            assert got[l, p] == pytest.approx(want, abs=1e-5 * max(1.0, abs(want))), (l, p)
+    assert json.loads((tmp_path / "out" / "aggregate.json").read_text())["analysis"]["direction"] == "noise"
