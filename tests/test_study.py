@@ -294,3 +294,25 @@ def test_a_study_at_another_site_and_direction_matches_one_forward_per_cell(tmp_
             want = float(ref[1] - ref[0])
             assert got[l, p] == pytest.approx(want, abs=1e-5 * max(1.0, abs(want))), (l, p)
     assert json.loads((tmp_path / "out" / "aggregate.json").read_text())["analysis"]["direction"] == "noise"
+
+
+def test_an_interrupted_study_keeps_its_finished_pairs_and_cannot_be_merged(tmp_path, tiny_ckpt, monkeypatch):
+    import patching.study
+    real, calls = patching.study.patch_pair, []
+
+    def second_is_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(patching.study, "patch_pair", second_is_ctrl_c)
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(n=4), study={"bootstrap": 10})
+    got = cli(["--batch", str(path), "--shard", "1/1", "--out", str(tmp_path / "out")])
+    assert got["rc"] == 130
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert [r["status"] for r in summary["pairs"]] == ["ok", "interrupted", "interrupted", "interrupted"]
+    assert (tmp_path / "out" / summary["pairs"][0]["folder"] / "results.json").is_file()
+    assert not list(tmp_path.glob(".out*"))  # no staging folder left behind
+    got = cli(["merge", str(tmp_path / "out"), "--out", str(tmp_path / "m")])
+    assert got["rc"] == 1 and "interrupted shard" in got["stderr"]
