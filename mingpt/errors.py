@@ -31,3 +31,15 @@ class VocabularyError(MinGPTError):
 
 class InputError(MinGPTError):
     """The token ids given to the model do not fit it (too long, out of the vocabulary, wrong shape)."""
+
+
+def quote(value, limit: int = 80) -> str:
+    """repr() of a value for an error message, at most about `limit` characters whatever its size
+    (reprlib stops early, so a huge or deeply nested value costs no time or memory to quote)."""
+    import reprlib
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 4
+    r.maxlevel = 2
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -7,9 +7,12 @@ HF_ENDPOINT. Every failure becomes one of mingpt.errors' one-sentence errors.
 """
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mingpt.errors import ModelNotFoundError, OfflineError
 
@@ -79,10 +82,12 @@ def _hub_fetch(repo_id: str, name: str, candidates: tuple[str, ...]) -> Path:
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
+    from huggingface_hub import constants
+    local_only = bool(constants.HF_HUB_OFFLINE) or not _reachable(constants.ENDPOINT)
     offline = False
     for filename in candidates:
         try:
-            return Path(hf_hub_download(repo_id, filename))
+            return Path(hf_hub_download(repo_id, filename, local_files_only=local_only))
         except GatedRepoError:
             raise ModelNotFoundError(f"the Hub repository {repo_id} is gated: log in with `hf auth login` "
                                      f"after accepting its terms, or pass a local folder.") from None
@@ -102,3 +107,17 @@ def _hub_fetch(repo_id: str, name: str, candidates: tuple[str, ...]) -> Path:
         )
     raise ModelNotFoundError(f"the Hub repository {repo_id} has no {' or '.join(candidates)}: it is not a GPT-2 "
                              f"checkpoint we can load; pass another model or a local folder.")
+
+
+@functools.lru_cache(maxsize=None)
+def _reachable(endpoint: str) -> bool:
+    """One quick connection to the Hub (3 s at most) decides whether to ask it at all: offline,
+    huggingface_hub would retry five times over ~25 s, printing a line each time, before failing."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # through a proxy only a real request can tell
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return True
+    except (OSError, ValueError):
+        return False

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mingpt.errors import ConfigError, InputError, WeightsError
+from mingpt.errors import ConfigError, InputError, WeightsError, quote
 from mingpt.hub import locate
 from mingpt.sites import NO_SITES, At, Patch, Recording, views  # noqa: F401  (Patch, Recording: re-exported)
 
@@ -71,15 +71,52 @@ class GPTConfig:
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config {name} must be a positive integer, got {value!r}.")
+                raise ConfigError(f"config {name} must be a positive integer, got {quote(value)}.")
         if self.n_embd % self.n_head:
             raise ConfigError(f"config n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation {self.activation!r} is not supported: use one of {', '.join(ACTIVATIONS)}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"config dropout must be in [0, 1), got {self.dropout!r}.")
+        if not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool) or self.n_inner < 1:
+            raise ConfigError(f"config n_inner must be a positive integer or null (4 * n_embd), got {quote(self.n_inner)}.")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {quote(self.activation)} is not supported: use one of {', '.join(ACTIVATIONS)}.")
+        eps = self.layer_norm_epsilon
+        if not self._real(eps) or not 0.0 < eps < 1.0:  # eps <= 0 divides by zero (NaN everywhere) on a constant row
+            raise ConfigError(f"config layer_norm_epsilon must be a number in (0, 1) (GPT-2: 1e-5), got {quote(eps)}.")
+        if not self._real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config dropout must be in [0, 1), got {quote(self.dropout)}.")
+
+    @staticmethod
+    def _real(x) -> bool:
+        """A finite int or float that is not a bool (JSON true would pass isinstance(x, int))."""
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def n_params(self) -> int:
+        """Parameters this config describes (the tied unembedding counted once)."""
+        C, I, L = self.n_embd, self.n_inner, self.n_layer
+        block = (C * 3 * C + 3 * C) + (C * C + C) + (C * I + I) + (I * C + C) + 4 * C  # attn, proj, mlp, 2 LNs
+        return (self.vocab_size + self.block_size) * C + L * block + 2 * C
+
+    def check_weights(self, shapes: dict[str, tuple], where: str):
+        """Compare what config.json claims with the tensors of the weights file, before any model is
+        built: a config saying n_layer 1000000 (or a huge vocab_size, n_positions or n_inner) must fail
+        at once, not after minutes of allocating. load_hf_state_dict later checks every tensor by name."""
+        shapes = {k.removeprefix("transformer."): tuple(v) for k, v in shapes.items()}
+        blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("h.") and k.split(".")[1].isdigit()}
+        found = {"n_layer": max(blocks) + 1 if blocks else 0}
+        if len(shapes.get("wte.weight", ())) == 2:
+            found["vocab_size"] = shapes["wte.weight"][0]
+        if len(shapes.get("wpe.weight", ())) == 2:
+            found["block_size"] = shapes["wpe.weight"][0]
+        for name, n in found.items():
+            if getattr(self, name) > n:  # fewer than claimed: building the model would allocate for nothing
+                hf = {"block_size": "n_positions"}.get(name, name)
+                raise WeightsError(f"config.json says {hf} {getattr(self, name)} but {where} holds {n}: the config "
+                                   f"does not belong to these weights; use the checkpoint's own config.json.")
+        held = sum(math.prod(s) for k, s in shapes.items() if k != "lm_head.weight")
+        if self.n_params() > 4 * held:  # widths (n_embd, n_inner) far beyond the file
+            raise WeightsError(f"config.json describes {self.n_params():,} parameters but {where} holds {held:,}: the "
+                               f"config does not belong to these weights; use the checkpoint's own config.json.")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -107,6 +144,8 @@ class GPTConfig:
                        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
         except KeyError as missing:
             raise ConfigError(f"config.json lacks {missing}: it is not a GPT-2 config.") from None
+        except TypeError as exc:  # e.g. a list where a number belongs, compared inside __post_init__
+            raise ConfigError(f"config.json holds a value of the wrong type ({str(exc)[:80]}): it is not a GPT-2 config.") from None
 
     def to_hf(self) -> dict:
         """The config.json that transformers' GPT2LMHeadModel reads back into this same network."""
@@ -188,6 +227,17 @@ class Block(nn.Module):
         x = at("resid_mid", x + a)
         m = at("mlp_out", self.mlp(self.ln_2(x)))
         return at("resid_post", x + m)
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Turns torch.nn.init's in-place initialisers into no-ops while a model is built, so modules get
+    uninitialised (torch.empty) weights. Unlike building on the meta device, this never reaches torch's
+    Python meta kernels, whose normal_ imports torch._dynamo (over a second of start-up)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return args[0] if args else kwargs["tensor"]  # the tensor, untouched
+        return func(*args, **(kwargs or {}))
 
 
 class GPT(nn.Module):
@@ -284,10 +334,9 @@ class GPT(nn.Module):
             raise ConfigError(f"{config_path} is not valid JSON: re-download or re-save the checkpoint.") from None
         weights = src.fetch("model.safetensors", "pytorch_model.bin")
         state = read_weights(weights)
-        with torch.device("meta"):  # no time on a random init that loading overwrites
+        config.check_weights({k: v.shape for k, v in state.items()}, weights.name)  # before allocating a model
+        with _SkipInit():  # no time on a random init that loading overwrites
             model = cls(config)
-        model = model.to_empty(device="cpu")
-        model.lm_head.weight = model.transformer.wte.weight  # re-tie after materialising
         model.load_hf_state_dict(state)  # fills every tensor, or raises naming the missing one
         model.name = str(name_or_dir)
         return model.to(dtype).eval()
@@ -377,10 +426,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return load_file(str(path))
-        with warnings.catch_warnings():  # legacy-format notices would break the one-line error contract
-            warnings.simplefilter("ignore")
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_file(str(path))
+        else:
+            with warnings.catch_warnings():  # legacy-format notices would break the one-line error contract
+                warnings.simplefilter("ignore")
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise WeightsError(f"{path} holds Python objects besides tensors and was not loaded (it could run code): "
@@ -391,4 +441,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                            f"delete it and download or save it again.") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors: save the model's state_dict().")
+    for k, v in sd.items():  # one damaged number makes every output NaN: name it here instead
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise WeightsError(f"{path} tensor {quote(k, 60)} holds NaN or infinite values: the file is damaged; "
+                               f"download or save it again.")
     return sd

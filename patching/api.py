@@ -25,13 +25,17 @@ import numpy as np
 import torch
 
 from mingpt.bpe import BPETokenizer
-from mingpt.errors import MinGPTError
+from mingpt.errors import MinGPTError, quote
 from mingpt.model import GPT
+from mingpt.sites import HEAD_SITES, SITES
 from patching import engines
 from patching.engines import ENGINES, METRICS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DIRECTIONS = {"denoise": "clean values patched into the corrupt run (is this activation sufficient?)",
+              "noise": "corrupt values patched into the clean run (is this activation necessary?)"}
+BOS = 50256  # <|endoftext|>, GPT-2's only special token
 
 
 class PatchingError(Exception):
@@ -41,9 +45,11 @@ class PatchingError(Exception):
 USER_ERRORS = (PatchingError, MinGPTError)  # what the CLI turns into one line
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """How to run an experiment; every field can come from the CLI or a YAML batch's defaults/overrides."""
+    """How to run an experiment; every field can come from the CLI or a YAML batch's defaults/overrides.
+
+    Frozen, so a checked Settings stays checked: derive changed copies with dataclasses.replace or merged()."""
 
     model: str = "gpt2"
     metric: str = "logit-diff"
@@ -52,27 +58,48 @@ class Settings:
     device: str = "auto"
     dtype: str = "float32"
     max_rows: int = 8192  # fast engine: suffix rows per batched chunk (bounds memory)
+    site: str = "resid_post"  # which activation is patched (mingpt.sites.SITES)
+    direction: str = "denoise"  # denoise: clean values into the corrupt run; noise: corrupt into clean
+    all_positions: bool = False  # head sites: patch a head at every position at once
+    prepend_bos: bool = False  # put <|endoftext|> before both prompts (position 0), as TransformerLens does
 
     def __post_init__(self):
-        choices = {"metric": METRICS, "engine": ENGINES, "device": DEVICES, "dtype": DTYPES}
+        self.validate()
+
+    def validate(self):
+        """Raise PatchingError (one line) unless every field has a usable type and value."""
+        choices = {"metric": METRICS, "engine": ENGINES, "device": DEVICES, "dtype": DTYPES, "site": SITES,
+                   "direction": DIRECTIONS}
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise PatchingError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise PatchingError(f"{name} {quote(value)} is not one of {', '.join(allowed)}.")
         for name in ("top_k", "max_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PatchingError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.model, str) or not self.model:
-            raise PatchingError(f"model must be a name or folder, got {self.model!r}.")
+                raise PatchingError(f"{name} must be a positive integer, got {quote(value)}.")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise PatchingError(f"model must be a name or folder, got {quote(self.model)}.")
+        for name in ("all_positions", "prepend_bos"):
+            if not isinstance(getattr(self, name), bool):
+                raise PatchingError(f"{name} must be true or false, got {quote(getattr(self, name))}.")
+        if self.all_positions and self.site not in HEAD_SITES:
+            raise PatchingError(f"all_positions patches a head at every position: it needs a head site "
+                                f"({', '.join(HEAD_SITES)}), not {self.site}.")
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> "Settings":
         """Build from a YAML mapping, failing loudly on keys we do not know."""
+        if not isinstance(data, dict):
+            raise PatchingError(f"{where} must be a mapping of settings, got {quote(data)}.")
         known = [f.name for f in fields(cls)]
         unknown = [k for k in data if k not in known]
         if unknown:
-            raise PatchingError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(known)}.")
-        return cls(**data)
+            raise PatchingError(f"{where}: unknown key {quote(unknown[0])}; allowed keys are {', '.join(known)}.")
+        try:
+            return cls(**data)
+        except PatchingError as exc:
+            raise PatchingError(f"{where}: {exc}") from None
 
     def merged(self, overrides: dict, where: str) -> "Settings":
         return Settings.from_dict({**asdict(self), **overrides}, where)
@@ -119,7 +146,9 @@ class Prepared:
 
 @dataclass
 class PatchResult:
-    """Everything one experiment produced; `matrix` is (n_layers, n_tokens) numpy, row l = block l's output."""
+    """Everything one experiment produced. `matrix` is numpy with axes `axes`: (layer, position) for
+    residual sites (row l of resid_post = block l's output), (layer, head, position) for head sites,
+    (layer, head) with all_positions."""
 
     prepared: Prepared
     settings: Settings
@@ -131,17 +160,24 @@ class PatchResult:
     timing: dict
     versions: dict = field(default_factory=dict)
 
+    @property
+    def axes(self) -> list[str]:
+        return axes_of(self.settings.site, self.settings.all_positions)
+
     def to_json(self) -> dict:
         """The results.json document (schema in README)."""
         p = self.prepared
         return {
             "model": self.model, "metric": self.settings.metric, "metric_definition": METRICS[self.settings.metric],
             "engine": self.settings.engine, "device": self.timing.get("device"), "dtype": self.settings.dtype,
+            "site": self.settings.site, "direction": self.settings.direction,
+            "direction_definition": DIRECTIONS[self.settings.direction], "axes": self.axes,
+            "all_positions": self.settings.all_positions, "prepend_bos": self.settings.prepend_bos,
             "tokens": p.tokens, "corrupt_tokens": p.corrupt_tokens, "clean_ids": p.clean_ids,
             "corrupt_ids": p.corrupt_ids, "differing_positions": p.differing,
             "target": {"text": p.target, "id": p.target_id}, "foil": {"text": p.foil, "id": p.foil_id},
             "n_layers": self.n_layers, "n_tokens": len(p.tokens),
-            "matrix": [[_finite(v) for v in row] for row in self.matrix.tolist()],
+            "matrix": _nested(self.matrix.tolist()),
             "clean_value": _finite(self.clean.value), "corrupt_value": _finite(self.corrupt.value),
             "runs": {name: {k: _finite(v) for k, v in asdict(run).items() if k != "topk"}
                      for name, run in (("clean", self.clean), ("corrupt", self.corrupt))},
@@ -152,6 +188,31 @@ class PatchResult:
 
 def _finite(v: float):
     return v if math.isfinite(v) else None  # JSON has no NaN
+
+
+def _nested(m):
+    return [_nested(v) for v in m] if isinstance(m, list) else _finite(m)
+
+
+def axes_of(site: str, all_positions: bool) -> list[str]:
+    return ["layer"] + (["head"] if site in HEAD_SITES else []) + ([] if all_positions else ["position"])
+
+
+def finite(values: torch.Tensor, what: str):
+    """A damaged checkpoint (a NaN weight, a negative layer_norm_epsilon) makes every number NaN: say so."""
+    if not bool(torch.isfinite(values).all()):
+        raise PatchingError(f"{what} are not finite (NaN or infinity): the model's weights or config are damaged; "
+                            f"re-download or re-save the checkpoint.")
+
+
+def indistinct(r_clean: torch.Tensor, r_corrupt: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the clean and corrupt logit differences are equal up to rounding of logits this size.
+    Logits carry rounding errors accumulated over every block (float32 kernels differ by ~1e-6 on
+    GPT-2's logits), so a gap below 1e-4 of the largest logit (8 ulps in half precision) is noise,
+    and dividing by it gives meaningless recoveries like 2.0 or -1.0."""
+    scale = float(torch.stack([r_clean[:2], r_corrupt[:2]]).abs().max())
+    gap = abs(float((r_clean[1] - r_clean[0]) - (r_corrupt[1] - r_corrupt[0])))
+    return gap <= max(1e-4, 8 * torch.finfo(dtype).eps) * max(scale, 1e-30)
 
 
 def versions() -> dict:
@@ -192,35 +253,87 @@ def load(settings: Settings) -> tuple[GPT, BPETokenizer]:
 # ----------------------------------------------------------------------------- one experiment
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a sweep on this device, or None where we cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(plan: engines.Plan, device: torch.device):
+    """Refuse, before recording anything, a sweep whose estimate exceeds the free memory."""
+    free = available_memory(device)
+    if free is not None and plan.peak_bytes > free:
+        fix = "shorten the prompt or use a smaller model" if plan.site == "pattern" else \
+            "lower --max-rows, shorten the prompt or use a smaller model"
+        size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        raise PatchingError(f"this {plan.site} sweep needs about {size(plan.peak_bytes)} but {device.type} has "
+                            f"{size(free)} free: {fix}.")
+
+
+def check_text(text, what: str) -> str:
+    """A prompt or word must be a str that UTF-8 can encode (a Latin-1 terminal's bytes arrive as lone
+    surrogates, which cannot be tokenized)."""
+    if not isinstance(text, str):
+        raise PatchingError(f"the {what} must be text (a str), got {type(text).__name__} {quote(text)}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PatchingError(f"the {what} holds bytes that are not UTF-8 (at character {exc.start}, "
+                            f"{quote(text[max(0, exc.start - 10):exc.start + 10])}): set your terminal or file to "
+                            f"UTF-8 and type it again.") from None
+    return text
+
+
 def single_token(tok: BPETokenizer, word: str, role: str) -> tuple[str, int]:
-    """A target/foil word follows the prompt, so it is looked up with a leading space (' Jones')."""
-    if not isinstance(word, str) or not word.strip():
-        raise PatchingError(f"the {role} is empty: give the word the model should predict next, e.g. Jones.")
-    text = word if word.startswith(" ") else " " + word
+    """A target/foil word follows the prompt, so it is looked up with a leading space (' Jones');
+    a word written '=TEXT' is taken exactly as TEXT, with no space added ('=.' is the token '.')."""
+    check_text(word, role)
+    exact = word.startswith("=")
+    text = word[1:] if exact else word if word.startswith(" ") else " " + word
+    if not word.strip() or not text:
+        raise PatchingError(f"the {role} is empty: give the word the model should predict next, e.g. Jones "
+                            f"(or =TEXT for a token without the leading space).")
     ids = tok.encode(text)
     if len(ids) != 1:
-        pieces = " + ".join(repr(tok.token_str(i)) for i in ids)
-        raise PatchingError(f"the {role} {text!r} is {len(ids)} tokens ({pieces}), not one: pick a word that is a "
+        pieces = " + ".join(quote(tok.token_str(i), 20) for i in ids[:6]) + (" + ..." if len(ids) > 6 else "")
+        raise PatchingError(f"the {role} {quote(text)} is {len(ids)} tokens ({pieces}), not one: pick a word that is a "
                             f"single GPT-2 token, e.g. its first piece {tok.token_str(ids[0])!r}.")
     return text, ids[0]
 
 
-def prepare(tok: BPETokenizer, clean: str, corrupt: str, target: str, foil: str, block_size: int) -> Prepared:
-    """Tokenize and check both prompts and both answer words; raise PatchingError on any misfit."""
+def prepare(tok: BPETokenizer, clean: str, corrupt: str, target: str, foil: str, block_size: int,
+            vocab_size: int | None = None, prepend_bos: bool = False) -> Prepared:
+    """Tokenize and check both prompts and both answer words; raise PatchingError on any misfit.
+    With vocab_size, every id must be one the model has (a damaged vocabulary can map outside it)."""
     for role, text in (("clean", clean), ("corrupt", corrupt)):
-        if not isinstance(text, str) or not text.strip():
+        check_text(text, f"{role} prompt")
+        if not text.strip():
             raise PatchingError(f"the {role} prompt is empty: give the text whose next token is predicted.")
-    a, b = tok.encode(clean), tok.encode(corrupt)
+    bos = [BOS] if prepend_bos else []  # labelled position 0 in every table and figure
+    a, b = bos + tok.encode(clean), bos + tok.encode(corrupt)
     show = lambda ids: "|".join(tok.token_str(i) for i in ids)  # noqa: E731
     if len(a) != len(b):
         raise PatchingError(f"the clean prompt is {len(a)} tokens [{show(a)}] but the corrupt prompt is {len(b)} "
                             f"[{show(b)}]: edit them until both have the same number of tokens.")
     if len(a) > block_size:
         raise PatchingError(f"the prompts are {len(a)} tokens but the model's context holds {block_size}: shorten them.")
+    if a == b:
+        raise PatchingError("the clean and corrupt prompts are the same tokens, so there is nothing to patch: "
+                            "change the corrupt prompt where the clean one carries the information.")
     t_text, t_id = single_token(tok, target, "target")
     f_text, f_id = single_token(tok, foil, "foil")
     if t_id == f_id:
         raise PatchingError(f"target and foil are the same token {t_text!r}: the metric compares two different tokens.")
+    if vocab_size is not None:
+        for what, i in (("target", t_id), ("foil", f_id), *(("prompt token", i) for i in a + b)):
+            if not 0 <= i < vocab_size:
+                raise PatchingError(f"the vocabulary maps the {what} to id {i}, outside the model's 0..{vocab_size - 1}: "
+                                    f"use the vocabulary files that belong to this model.")
     return Prepared(a, b, [tok.token_str(i) for i in a], [tok.token_str(i) for i in b], t_text, t_id, f_text, f_id)
 
 
@@ -236,40 +349,62 @@ def summarize(logits: torch.Tensor, tok: BPETokenizer, prep: Prepared, k: int, v
 
 
 def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, foil: str,
-        settings: Settings | None = None, progress: engines.Progress | None = None) -> PatchResult:
-    """The whole experiment: tokenize, record both runs, sweep every (layer, position), summarize."""
-    settings = settings or Settings(model=getattr(model, "name", "random"))
-    prep = prepare(tok, clean, corrupt, target, foil, model.config.block_size)
+        settings: Settings | None = None, progress: engines.Progress | None = None, plan=None) -> PatchResult:
+    """The whole experiment: tokenize, record both runs, sweep every cell of the site, summarize.
+
+    plan: called with the sweep's engines.Plan before it runs (it may raise to stop there)."""
+    settings = settings if settings is not None else Settings(model=getattr(model, "name", "random"))
+    if not isinstance(settings, Settings):
+        raise PatchingError(f"settings must be a patching.api.Settings, got {type(settings).__name__}: "
+                            f"pass Settings(**your_dict).")
+    settings.validate()  # also catches fields changed behind the frozen dataclass's back
+    if not hasattr(model, "config") or not callable(getattr(tok, "encode", None)):
+        raise PatchingError("run() needs the model and tokenizer that load() returns: model, tok = load(settings).")
+    prep = prepare(tok, clean, corrupt, target, foil, model.config.block_size, model.config.vocab_size,
+                   settings.prepend_bos)
     device = next(model.parameters()).device
     clean_ids = torch.tensor([prep.clean_ids], device=device)
     corrupt_ids = torch.tensor([prep.corrupt_ids], device=device)
     lse = engines.needs_lse(settings.metric)
+    site = settings.site
 
     t0 = time.perf_counter()
-    rec_clean, rec_corrupt = engines.record(model, clean_ids), engines.record(model, corrupt_ids)
+    check_memory(engines.plan(model.config, len(prep.clean_ids), site, settings.all_positions,
+                              settings.max_rows, lse, None), device)
+    rec_clean, rec_corrupt = engines.record(model, clean_ids, [site]), engines.record(model, corrupt_ids, [site])
+    for name, rec in (("clean", rec_clean), ("corrupt", rec_corrupt)):
+        finite(rec.last_logits, f"the {name} run's logits")
     r_clean = engines.readout(rec_clean.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
     r_corrupt = engines.readout(rec_corrupt.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
-    if settings.metric == "recovery" and math.isclose(float(r_clean[1] - r_clean[0]), float(r_corrupt[1] - r_corrupt[0])):
-        raise PatchingError("recovery is undefined here: the clean and corrupt runs give the same logit difference; "
-                            "use --metric logit-diff.")
+    denoise = settings.direction == "denoise"
+    (base_ids, base, r_base), (src, r_src) = ((corrupt_ids, rec_corrupt, r_corrupt), (rec_clean, r_clean)) if denoise \
+        else ((clean_ids, rec_clean, r_clean), (rec_corrupt, r_corrupt))
+    if settings.metric == "recovery" and indistinct(r_clean, r_corrupt, rec_clean.last_logits.dtype):
+        d_clean, d_corrupt = float(r_clean[1] - r_clean[0]), float(r_corrupt[1] - r_corrupt[0])
+        raise PatchingError(f"recovery is undefined here: the clean and corrupt runs give the same logit difference "
+                            f"up to float rounding ({d_clean:.6g} vs {d_corrupt:.6g}); use --metric logit-diff.")
+    source = src[site][:, 0]
+    the_plan = engines.plan(model.config, len(prep.clean_ids), site, settings.all_positions, settings.max_rows, lse,
+                            engines.noop_cells(base, source, site, settings.all_positions))
+    if plan:
+        plan(the_plan)
     t1 = time.perf_counter()
-    if settings.engine == "loop":
-        readouts = engines.loop_sweep(model, corrupt_ids, rec_clean, prep.target_id, prep.foil_id, lse, progress)
-    else:
-        readouts = engines.fast_sweep(model, rec_corrupt, rec_clean, prep.target_id, prep.foil_id, lse,
-                                      settings.max_rows, progress)
+    readouts = engines.sweep(model, base_ids, base, source, site, prep.target_id, prep.foil_id, lse,
+                             settings.all_positions, settings.engine, settings.max_rows, progress)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
 
-    value = lambda r: float(engines.metric_values(settings.metric, r, r_clean, r_corrupt))  # noqa: E731
-    matrix = engines.metric_values(settings.metric, readouts, r_clean, r_corrupt).numpy().astype(np.float64)
+    # recovery: 0 = the patched run's own value, 1 = the other run's, in either direction
+    value = lambda r: float(engines.metric_values(settings.metric, r, r_src, r_base))  # noqa: E731
+    matrix = engines.metric_values(settings.metric, readouts, r_src, r_base).numpy().astype(np.float64)
+    finite(torch.from_numpy(matrix), "the patched runs' values")
     return PatchResult(
         prepared=prep, settings=settings, model=getattr(model, "name", settings.model),
         n_layers=model.config.n_layer, matrix=matrix,
         clean=summarize(rec_clean.last_logits[0], tok, prep, settings.top_k, value(r_clean)),
         corrupt=summarize(rec_corrupt.last_logits[0], tok, prep, settings.top_k, value(r_corrupt)),
         timing={"record_seconds": round(t1 - t0, 6), "sweep_seconds": round(t2 - t1, 6),
-                "patches": model.config.n_layer * len(prep.clean_ids), "device": str(device)},
+                "patches": int(np.prod(matrix.shape)), "device": str(device)},
         versions=versions(),
     )

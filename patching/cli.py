@@ -1,54 +1,140 @@
 """patch-run: the command line, a thin layer over patching.api and patching.batch.
 
-    patch-run --clean TEXT --corrupt TEXT --target WORD --foil WORD [--model gpt2|FOLDER] [--out DIR]
-    patch-run --batch FILE.yaml [--model ...] [--out DIR]
+    patch-run [patch] --clean TEXT --corrupt TEXT --target WORD --foil WORD [--model gpt2|FOLDER] [--out DIR]
+    patch-run [patch] --batch FILE.yaml [--model ...] [--out DIR]
+    patch-run COMMAND ...          (see COMMANDS; `patch` is the default, so its flags work bare)
 
-User mistakes end in one line on stderr and exit status 1 (2 for bad flags), never a traceback.
+Every subcommand is a module with `HELP: str`, `add_arguments(ap)` and `command(args, say) -> int`,
+listed in COMMANDS (`register`); each also gets the shared options (--model, --device, --dtype,
+--out, --overwrite, --quiet). `say(...)` prints unless --quiet; `say.result(...)` always prints
+(the paths written). User mistakes end in one line on stderr and exit status 1 (2 for bad flags
+or no arguments), never a traceback. Results are written before anything is printed, so a closed
+pipe (`patch-run ... | head`) loses nothing: output stops quietly and the exit status is the run's.
+SIGTERM is treated like Ctrl-C (exit 143 and 130).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import signal
 import sys
 import time
 from dataclasses import fields
-from pathlib import Path
 
-from patching.api import USER_ERRORS, PatchingError, Settings, load, prepare, run
+from mingpt.sites import SITES
+from patching.api import DIRECTIONS, USER_ERRORS, PatchingError, Settings, load, prepare, run
 from patching.engines import ENGINES, METRICS
-from patching.report import (check_writable, default_folder, show, strongest, token_table, topk_table,
-                             write_experiment)
+from patching.files import claim, expand, free_name
+from patching.report import (default_folder, describe_cell, experiment_files, slug, strongest, token_table,
+                             topk_table)
+
+# name -> module path; a module plugs in with HELP, add_arguments(ap) and command(args, say) -> int.
+COMMANDS: dict[str, str] = {"patch": __name__, "merge": "patching.merge"}  # this module ("__main__" under python -m)
+DEFAULT = "patch"
+
+HELP = "activation patching of every (layer, position) of the residual stream (the default command)"
+
+
+def register(name: str, module: str):
+    """Add a subcommand: `module` (a dotted path) defines HELP, add_arguments(ap) and command(args, say)."""
+    COMMANDS[name] = module
+
+
+def shared_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes (a parent parser)."""
+    sp = argparse.ArgumentParser(add_help=False)
+    g = sp.add_argument_group("shared options")
+    g.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, demo-names, demo-induction, "
+                   "a Hub id or a local folder [gpt2]")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="[auto]")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="half precision is for GPUs [float32]")
+    g.add_argument("--out", help="output folder (~ is expanded) [a new folder under outputs/]")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier patch-run output folder at --out (never a folder patch-run did not write)")
+    g.add_argument("--quiet", action="store_true", help="print only the output paths")
+    return sp
+
+
+def add_arguments(ap: argparse.ArgumentParser):
+    what = ap.add_argument_group("one experiment")
+    what.add_argument("--clean", help="the clean prompt")
+    what.add_argument("--corrupt", help="the corrupted prompt (same number of tokens)")
+    what.add_argument("--target", help="the word the clean prompt predicts (looked up with a leading space; "
+                      "=TEXT takes TEXT exactly, e.g. =. for the token '.')")
+    what.add_argument("--foil", help="the word the corrupt prompt predicts (same rules as --target)")
+    ap.add_argument("--batch", metavar="FILE.yaml", help="run every experiment of a YAML file instead")
+    how = ap.add_argument_group("settings (defaults in brackets; in a batch they override its defaults)")
+    how.add_argument("--metric", choices=list(METRICS), help="what to measure at the last position [logit-diff]")
+    how.add_argument("--top-k", dest="top_k", type=int, help="rows of the next-token tables [20]")
+    how.add_argument("--engine", choices=ENGINES, help="fast (exact, batched) or loop (one forward per patch) [fast]")
+    how.add_argument("--max-rows", dest="max_rows", type=int, help="fast engine chunk size in token rows [8192]")
+    how.add_argument("--site", choices=list(SITES), help="the activation patched, named as in TransformerLens: "
+                     "resid_pre/resid_mid/resid_post, attn_out, mlp_out by (layer, position); q, k, v, z, "
+                     "pattern by (layer, head, position) [resid_post]")
+    how.add_argument("--direction", choices=list(DIRECTIONS), help="denoise: clean values into the corrupt run "
+                     "(sufficient?); noise: corrupt values into the clean run (necessary?) [denoise]")
+    how.add_argument("--all-positions", dest="all_positions", action="store_const", const=True,
+                     help="head sites: patch each head at every position at once (axes layer, head)")
+    how.add_argument("--prepend-bos", dest="prepend_bos", action="store_const", const=True,
+                     help="put <|endoftext|> before both prompts as position 0 (TransformerLens's default) [off]")
+    ap.add_argument("--dry-run", action="store_true", help="print the sweep's plan (patches, chunks, memory) and stop")
+    study = ap.add_argument_group("studies (patching/study.py): many pairs, statistics, shards")
+    study.add_argument("--pairs", metavar="FILE.jsonl|.csv", help="run a study of these pairs (clean, corrupt, target, "
+                       "foil per row)")
+    study.add_argument("--shard", metavar="K/N", help="run the K-th of N deterministic slices of a study; "
+                       "combine the shards with patch-run merge")
+    study.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples of a study's 95%% intervals [1000]")
+
+
+def plugin(name: str):
+    return importlib.import_module(COMMANDS[name])
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="patch-run", description="Activation patching for GPT-2: which (layer, position) of the clean run "
-        "makes the model predict TARGET rather than FOIL?")
-    what = ap.add_argument_group("one experiment")
-    what.add_argument("--clean", help="the clean prompt")
-    what.add_argument("--corrupt", help="the corrupted prompt (same number of tokens)")
-    what.add_argument("--target", help="the word the clean prompt predicts (looked up with a leading space)")
-    what.add_argument("--foil", help="the word the corrupt prompt predicts")
-    ap.add_argument("--batch", metavar="FILE.yaml", help="run every experiment of a YAML file instead")
-    how = ap.add_argument_group("settings (defaults in brackets; in a batch they override its defaults)")
-    how.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, demo-names, demo-induction, "
-                     "a Hub id or a local folder [gpt2]")
-    how.add_argument("--metric", choices=list(METRICS), help="what to measure at the last position [logit-diff]")
-    how.add_argument("--top-k", dest="top_k", type=int, help="rows of the next-token tables [20]")
-    how.add_argument("--engine", choices=ENGINES, help="fast (exact, batched) or loop (one forward per patch) [fast]")
-    how.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="[auto]")
-    how.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="half precision is for GPUs [float32]")
-    how.add_argument("--max-rows", dest="max_rows", type=int, help="fast engine chunk size in token rows [8192]")
-    study = ap.add_argument_group("studies (patching/study.py): many pairs, statistics, shards")
-    study.add_argument("--pairs", metavar="FILE.jsonl|.csv", help="run a study of these pairs (clean, corrupt, target, foil per row)")
-    study.add_argument("--shard", metavar="K/N", help="run the K-th of N deterministic slices; combine with patch-run merge")
-    study.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples of the 95%% interval [1000]")
-    ap.add_argument("--out", help="output folder [outputs/<prompts>/, or outputs/<batch file name>/]")
-    ap.add_argument("--quiet", action="store_true", help="print only the output paths")
+        "makes the model predict TARGET rather than FOIL?",
+        epilog=f"Without a command, {DEFAULT} runs: `patch-run --clean ...` is `patch-run {DEFAULT} --clean ...`. "
+        "`patch-run COMMAND --help` lists a command's options.")
+    subs = ap.add_subparsers(dest="command", metavar="COMMAND")
+    shared = shared_options()
+    for name in COMMANDS:
+        mod = plugin(name)
+        mod.add_arguments(subs.add_parser(name, parents=[shared], help=mod.HELP, description=mod.HELP))
     return ap
 
 
 def given_settings(args) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
+
+
+# ----------------------------------------------------------------------------- terminal output
+
+
+class Say:
+    """print() that survives a closed pipe: the first BrokenPipeError silences stdout for good (the
+    reader has gone; the files are already written) instead of ending the run with a traceback.
+    Calling it prints unless --quiet; result() always prints."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet, self.broken = quiet, False
+
+    def __call__(self, *parts):
+        if not self.quiet:
+            self.result(*parts)
+
+    def result(self, *parts):
+        if self.broken:
+            return
+        try:
+            print(*parts, flush=True)
+        except BrokenPipeError:
+            self.broken = True
+            # point fd 1 at /dev/null so the interpreter's final flush cannot fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 class Bar:
@@ -61,11 +147,29 @@ class Bar:
         if self.on:
             width = 30
             fill = int(width * done / max(total, 1))
-            sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} patches "
-                             f"{time.perf_counter() - self.t0:.1f}s")
-            if done >= total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+            try:
+                sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} patches "
+                                 f"{time.perf_counter() - self.t0:.1f}s")
+                if done >= total:
+                    sys.stderr.write("\n")
+                sys.stderr.flush()
+            except OSError:  # a closed terminal must not stop the sweep
+                self.on = False
+
+
+# ----------------------------------------------------------------------------- the patch command
+
+
+def command(args, say) -> int:
+    from patching import study
+    if args.pairs or args.shard or args.bootstrap is not None or study.is_study(args.batch):
+        return study.command(args, given_settings(args), say)
+    if args.batch:
+        clash = [f"--{k}" for k in ("clean", "corrupt", "target", "foil") if getattr(args, k) is not None]
+        if clash:
+            raise PatchingError(f"--batch runs the experiments of its file: drop {', '.join(clash)}.")
+        return batch(args, say)
+    return single(args, say)
 
 
 def single(args, say) -> int:
@@ -74,80 +178,119 @@ def single(args, say) -> int:
         raise PatchingError(f"missing {', '.join(missing)}: give --clean, --corrupt, --target and --foil, or --batch FILE.")
     settings = Settings(**given_settings(args))
     model, tok = load(settings)
-    prep = prepare(tok, args.clean, args.corrupt, args.target, args.foil, model.config.block_size)
-    out = Path(args.out) if args.out else Path("outputs") / default_folder(prep)
-    check_writable(out.parent)  # before the sweep, so no work is lost to an unwritable folder
-    if out.exists() and not out.is_dir():
-        raise PatchingError(f"--out {out} is an existing file: pass a folder.")
-    say(f"model {model.name}: {model.config.n_layer} layers, {len(prep.clean_ids)} tokens; "
-        f"positions that differ: {', '.join(map(str, prep.differing)) or 'none'}")
+    prep = prepare(tok, args.clean, args.corrupt, args.target, args.foil, model.config.block_size,
+                   model.config.vocab_size, settings.prepend_bos)
+    experiment = (model, tok, args.clean, args.corrupt, args.target, args.foil, settings)
+    if args.dry_run:
+        try:
+            run(*experiment, plan=_stop_after_plan(say))
+        except _Planned:
+            return 0
+    out = expand(args.out) if args.out else free_name(expand("outputs") / default_folder(prep, settings))
+    with claim(out, kind="experiment", overwrite=args.overwrite) as dest:  # checked and locked before the sweep
+        result = run(*experiment, Bar("sweep"), plan=lambda p: say(p.describe()))
+        folder = dest.write(experiment_files(result))
+    # everything is on disk: only now print, so a closed pipe or a full terminal loses nothing
+    say(f"model {model.name}: {model.config.n_layer} layers, {len(prep.clean_ids)} tokens"
+        f"{' (position 0 is the <|endoftext|> added by --prepend-bos)' if settings.prepend_bos else ''}; "
+        f"positions that differ: {', '.join(map(str, prep.differing))}")
     say(token_table(prep))
-    result = run(model, tok, args.clean, args.corrupt, args.target, args.foil, settings, Bar("sweep"))
     say("")
     say(topk_table("clean run: next token after the last position", result.clean, prep))
     say("")
     say(topk_table("corrupt run: next token after the last position", result.corrupt, prep))
     say("")
     say(f"{settings.metric} = {METRICS[settings.metric]}: clean {result.clean.value:.4f}, "
-        f"corrupt {result.corrupt.value:.4f}; sweep of {result.timing['patches']} patches took "
-        f"{result.timing['sweep_seconds']:.3f} s ({settings.engine} engine, {result.timing['device']})")
-    for l, p, v in strongest(result):
-        say(f"  strongest: layer {l}, position {p} ({show(prep.tokens[p])}): {v:.4f}")
-    folder = write_experiment(result, out)
-    print(f"wrote {folder}/results.json, results.csv, heatmap.png")
+        f"corrupt {result.corrupt.value:.4f}; sweep of {result.timing['patches']} patches at {settings.site} "
+        f"({settings.direction}: {DIRECTIONS[settings.direction]}) took {result.timing['sweep_seconds']:.3f} s "
+        f"({settings.engine} engine, {result.timing['device']})")
+    for entry in strongest(result):
+        say(f"  strongest: {describe_cell(result, entry)}: {entry[-1]:.4f}")
+    say.result(f"wrote {folder}/results.json, results.csv, heatmap.png")
     return 0
+
+
+class _Planned(Exception):
+    """--dry-run: the plan is printed; stop before the sweep."""
+
+
+def _stop_after_plan(say):
+    def stop(plan):
+        say.result(plan.describe())
+        raise _Planned()
+    return stop
 
 
 def batch(args, say) -> int:
     from patching.batch import read_batch, run_batch
-    path = Path(args.batch)
+    path = expand(args.batch)
     spec = read_batch(path, given_settings(args))
-    out = Path(args.out) if args.out else Path("outputs") / path.stem
-    check_writable(out)
-    rows = run_batch(spec, out, say=say, progress_for=Bar)
+    out = expand(args.out) if args.out else free_name(expand("outputs") / slug(path.stem))
+    rows = run_batch(spec, out, say=say, progress_for=Bar, overwrite=args.overwrite)
     failed = [r for r in rows if r["status"] != "ok"]
-    print(f"wrote {out}/summary.json and summary.md: {len(rows) - len(failed)} ok, {len(failed)} failed")
+    say.result(f"wrote {out}/summary.json and summary.md: {len(rows) - len(failed)} ok, {len(failed)} failed")
     return 1 if failed else 0
 
 
-def subcommand(argv: list[str]) -> int | None:
-    """`patch-run merge ...` (until the subcommand parser lands, issue 14); None for the plain command."""
-    if not argv or argv[0] != "merge":
-        return None
-    from patching import merge
-    ap = argparse.ArgumentParser(prog="patch-run merge", description=merge.HELP)
-    merge.add_arguments(ap)
-    args = ap.parse_args(argv[1:])
-    try:
-        return merge.command(args, print)
-    except USER_ERRORS as exc:
-        print(f"patch-run: error: {exc}", file=sys.stderr)
-        return 1
+# ----------------------------------------------------------------------------- main
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds exactly like Ctrl-C."""
+
+    signame = "SIGTERM"
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    rc = subcommand(argv)
-    if rc is not None:
-        return rc
-    args = parser().parse_args(argv)
-    say = (lambda *_: None) if args.quiet else print
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for stream in (sys.stdout, sys.stderr):  # a token the terminal's encoding lacks prints escaped, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    if not argv:
+        parser().print_usage(sys.stderr)
+        print("patch-run: error: no arguments: give --clean, --corrupt, --target and --foil, or --batch FILE "
+              "(patch-run --help lists everything).", file=sys.stderr)
+        return 2
+    if argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = [DEFAULT, *argv]
     try:
-        from patching import study
-        if args.pairs or args.shard or args.bootstrap is not None or study.is_study(args.batch):
-            return study.command(args, given_settings(args), say)
-        if args.batch:
-            clash = [f"--{k}" for k in ("clean", "corrupt", "target", "foil") if getattr(args, k) is not None]
-            if clash:
-                raise PatchingError(f"--batch runs the experiments of its file: drop {', '.join(clash)}.")
-            return batch(args, say)
-        return single(args, say)
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage and the error (or the help)
+        return exc.code if isinstance(exc.code, int) else 2
+    say = Say(args.quiet)
+    term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        return plugin(args.command).command(args, say)
     except USER_ERRORS as exc:
         print(f"patch-run: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\npatch-run: interrupted; finished experiments are complete, nothing half-written was kept.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        why = getattr(exc, "signame", "Ctrl-C")
+        print(f"\npatch-run: interrupted ({why}); finished experiments are complete, nothing half-written "
+              f"was kept.", file=sys.stderr)
+        return 143 if why == "SIGTERM" else 130
+    except MemoryError:
+        print("patch-run: error: ran out of memory: use a smaller model, shorter prompts or a smaller --max-rows.",
+              file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug of ours: one line, the traceback on request
+        if os.environ.get("PATCH_RUN_DEBUG"):
+            raise
+        print(f"patch-run: internal error: {exc.__class__.__name__}: {str(exc)[:200]} (a bug in patch-run; "
+              f"PATCH_RUN_DEBUG=1 shows the traceback; please report it).", file=sys.stderr)
+        return 1
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ forward_patched(...).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -93,20 +94,17 @@ def sweep(model: GPT, base_ids: torch.Tensor, base: Recording, source: torch.Ten
     means (ablation). Axes: layer, (head,) position; the position axis is gone with all_positions.
     """
     slabs, shape = cells(site, source, all_positions)
-    src = source.flatten(0, 1) if SITES[site] != "btc" else source  # (n_slabs, T, ...)
-    own = base[site][:, 0]
-    own = own.flatten(0, 1) if SITES[site] != "btc" else own
     if engine == "loop":
-        out = _loop(model, base_ids, site, slabs, src, target_id, foil_id, lse, all_positions, progress)
+        out = _loop(model, base_ids, site, slabs, source, target_id, foil_id, lse, all_positions, progress)
     else:
-        out = _fast(model, base, site, slabs, src, own, target_id, foil_id, lse, all_positions, max_rows, progress)
+        out = _fast(model, base, site, slabs, source, target_id, foil_id, lse, all_positions, max_rows, progress)
     return out.view(*shape, 3)
 
 
 @torch.no_grad()
-def _loop(model, ids, site, slabs, src, target_id, foil_id, lse, every, progress) -> torch.Tensor:
+def _loop(model, ids, site, slabs, source, target_id, foil_id, lse, every, progress) -> torch.Tensor:
     """The oracle: one plain forward with one Patch per cell."""
-    T = ids.shape[1]
+    T, src = ids.shape[1], _per_slab(source, site)
     positions = [None] if every else list(range(T))
     out = torch.empty(len(slabs), len(positions), 3)
     for i, (l, h) in enumerate(slabs):
@@ -119,28 +117,77 @@ def _loop(model, ids, site, slabs, src, target_id, foil_id, lse, every, progress
     return out
 
 
-@torch.no_grad()
-def _fast(model, base, site, slabs, src, own, target_id, foil_id, lse, every, max_rows, progress) -> torch.Tensor:
-    """The same readouts from mingpt.resume, in chunks of at most max_rows suffix rows. A cell whose
-    value equals the base run's own value there is a no-op: it keeps the base readout, unrun."""
-    T = own.shape[1]
-    base_r = readout(base.last_logits[0], target_id, foil_id, lse).cpu()
-    noop = (src == own).flatten(2).all(-1)  # (n_slabs, T)
+def _per_slab(values: torch.Tensor, site: str) -> torch.Tensor:
+    """(L, T, ...) or (L, H, T, ...) -> (n_slabs, T, ...), slabs in cells()' order."""
+    return values if SITES[site] == "btc" else values.flatten(0, 1)
+
+
+def noop_cells(base: Recording, source: torch.Tensor, site: str, every: bool) -> torch.Tensor:
+    """(n_slabs, T) — or (n_slabs, 1) with every — True where the patch puts back the base run's own
+    value: exactly a no-op, so its readout is the base run's with no forward at all."""
+    noop = (_per_slab(source, site) == _per_slab(base[site][:, 0], site)).flatten(2).all(-1)  # (n_slabs, T)
+    return noop.all(1, keepdim=True) if every else noop
+
+
+def _chunks(noop: torch.Tensor, T: int, every: bool, max_rows: int, lse: bool) -> list[tuple[list[int], list[int]]]:
+    """(slab indices, positions) chunks covering every live cell in at most max_rows suffix rows."""
+    live = [i for i in range(noop.shape[0]) if not bool(noop[i].all())]
     if every:
-        noop = noop.all(1, keepdim=True)  # (n_slabs, 1): all positions at once
-    out = base_r.repeat(len(slabs), noop.shape[1], 1)
-    live = [i for i in range(len(slabs)) if not bool(noop[i].all())]
-    positions = [p for p in range(noop.shape[1]) if not bool(noop[live, p].all())] if live else []
-    ids = None if lse else torch.tensor([target_id, foil_id])
-    if every:
-        chunks = [(live[a:a + max(1, max_rows // T)], [0]) for a in range(0, len(live), max(1, max_rows // T))]
-    else:
-        chunks = [([live[i] for i in rows], pos) for rows, pos in
-                  plan_chunks(len(live), T, positions, max_rows, max_patches=512 if lse else None)]
-    done, total = 0, len(live) * len(positions)
+        step = max(1, max_rows // T)
+        return [(live[a:a + step], [0]) for a in range(0, len(live), step)]
+    positions = [p for p in range(T) if live and not bool(noop[live, p].all())]
+    return [([live[i] for i in rows], pos) for rows, pos in
+            plan_chunks(len(live), T, positions, max_rows, max_patches=512 if lse else None)]
+
+
+@dataclass
+class Plan:
+    """What a sweep will do, known before it runs: cells, the live ones, chunks, estimated peak memory."""
+
+    site: str
+    cells: int
+    live: int
+    chunks: int
+    peak_bytes: int
+
+    def describe(self) -> str:
+        return (f"plan: {self.cells} patches at {self.site} ({self.live} to compute, the rest are no-ops), "
+                f"{self.chunks} chunk{'s' * (self.chunks != 1)}, estimated peak memory {self.peak_bytes / 2**20:.1f} MiB")
+
+
+def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop: torch.Tensor | None) -> Plan:
+    """The sweep's plan; noop from noop_cells (None before recording: every cell counted live).
+    Memory: two recordings, plus the largest chunk's activations (MLP width, attention rows,
+    the full pattern of its first block for `pattern`, full-vocabulary logits when lse)."""
+    L, H, C = config.n_layer, config.n_head, config.n_embd
+    n_slabs = L * H if SITES[site] != "btc" else L
+    if noop is None:
+        noop = torch.zeros(n_slabs, 1 if every else T, dtype=torch.bool)
+    chunks = _chunks(noop, T, every, max_rows, lse)
+    f = 4  # bytes of float32; half precision halves this, which the estimate leaves as a margin
+    site_size = {"btc": T * C, "bhtd": T * C, "bhts": H * T * T}[SITES[site]]
+    recordings = 2 * L * (4 * T * C + site_size + C) * f
+    peak = 0
     for rows, pos in chunks:
-        if not rows:
-            continue
+        R = len(rows) * (T if every else sum(T - p for p in pos))
+        width = config.n_inner + 8 * C + (H * T if site == "pattern" else 0)
+        logits = len(rows) * len(pos) * (config.vocab_size if lse else 2)
+        peak = max(peak, (R * width + logits) * f)
+    cells = int(noop.numel())
+    return Plan(site, cells, cells - int(noop.sum()), len(chunks), recordings + peak)
+
+
+@torch.no_grad()
+def _fast(model, base, site, slabs, source, target_id, foil_id, lse, every, max_rows, progress) -> torch.Tensor:
+    """The same readouts from mingpt.resume, in chunks of at most max_rows suffix rows; no-op cells
+    keep the base readout."""
+    T, src = base.resid.shape[2], _per_slab(source, site)
+    noop = noop_cells(base, source, site, every)
+    out = readout(base.last_logits[0], target_id, foil_id, lse).cpu().repeat(len(slabs), noop.shape[1], 1)
+    ids = None if lse else torch.tensor([target_id, foil_id])
+    chunks = _chunks(noop, T, every, max_rows, lse)
+    done, total = 0, sum(len(rows) * len(pos) for rows, pos in chunks)
+    for rows, pos in chunks:
         values = src[rows] if every else src[rows][:, pos]  # (n, T or nP, ...)
         got = forward_cells(model, base, site, [slabs[i] for i in rows], None if every else pos, values, ids)
         r = readout(got, 0, 1, False) if ids is not None else readout(got, target_id, foil_id, True)
@@ -187,4 +234,4 @@ def fast_sweep(model: GPT, corrupt: Recording, clean: Recording, target_id: int,
                max_rows: int = 8192, progress: Progress | None = None) -> torch.Tensor:
     """(n_layer, T, 3) readouts of block-output patches, equal to loop_sweep's."""
     return _fast(model, corrupt, "resid_post", [(l, None) for l in range(clean.resid.shape[0])], clean.resid[:, 0],
-                 corrupt.resid[:, 0], target_id, foil_id, lse, False, max_rows, progress)
+                 target_id, foil_id, lse, False, max_rows, progress)

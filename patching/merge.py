@@ -14,24 +14,24 @@ from pathlib import Path
 from typing import Callable
 
 from patching import stats
-from patching._files_shim import write_folder
 from patching.api import PatchingError
+from patching.files import claim, expand
 from patching.study import finish
 
 HELP = "combine the shard folders of one study (--shard K/N runs) into one study folder"
 
 
 def add_arguments(ap):
+    """The shard folders; --out (required here), --overwrite and --quiet come with the shared options."""
     ap.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="folders written by --shard K/N runs of one study")
-    ap.add_argument("--out", required=True, help="the merged study's folder (must not exist)")
 
 
 def read_shard(folder: Path) -> tuple[dict, list[dict]]:
     """(summary, tidy rows) of one shard folder; PatchingError if it is not a complete study shard."""
     try:
         summary = json.loads((folder / "summary.json").read_text())
-        metrics, tidy = stats.read_tidy((folder / "results.csv").read_text())
-    except (OSError, ValueError) as exc:
+        metrics, tidy = stats.read_tidy((folder / "results.csv").read_text(), summary["analysis"]["axes"])
+    except (OSError, ValueError, KeyError, IndexError) as exc:
         raise PatchingError(f"{folder} is not a study folder with summary.json and results.csv ({exc}).") from None
     if summary.get("kind") != "study":
         raise PatchingError(f"{folder}/summary.json is not a study's summary: merge only folders of --shard runs.")
@@ -40,9 +40,9 @@ def read_shard(folder: Path) -> tuple[dict, list[dict]]:
     return summary, tidy
 
 
-def merge(shards: list[Path], out: Path, say: Callable[[str], None] = print) -> dict:
+def merge(shards: list[Path], out: Path, say: Callable[[str], None] = print, overwrite: bool = False) -> dict:
     """Check the shards belong together, copy their pairs, and write the merged study's files."""
-    read = [(Path(f), *read_shard(Path(f))) for f in shards]
+    read = [(expand(f), *read_shard(expand(f))) for f in shards]
     first = read[0][1]
     for folder, s, _ in read[1:]:
         if s["study"] != first["study"]:
@@ -60,20 +60,25 @@ def merge(shards: list[Path], out: Path, say: Callable[[str], None] = print) -> 
     meta = {k: v for k, v in first.items() if k not in ("pairs", "counts", "timing")}
     meta.update(shard=f"merged from {n}", complete=True,
                 timing={"shards_pairs_seconds": sum(s["timing"].get("pairs_seconds", 0.0) for _, s, _ in read)})
-    summary, files = finish(meta, rows, tidy, say=say)
-    for folder, s, _ in read:  # each pair's folder, as its shard wrote it
-        for r in s["pairs"]:
-            if r.get("folder"):
-                files[r["folder"]] = lambda p, src=folder / r["folder"]: shutil.copytree(src, p)
-    write_folder(out, files, kind="study")
+    with claim(out, kind="study", overwrite=overwrite) as dest:  # checked and locked before the copying
+        summary, files = finish(meta, rows, tidy, say=say)
+
+        def pairs(path: Path):  # each pair's folder, as its shard wrote it
+            path.mkdir()
+            for folder, s, _ in read:
+                for r in s["pairs"]:
+                    if r.get("folder"):
+                        shutil.copytree(folder / r["folder"], path / Path(r["folder"]).name)
+        files["pairs"] = pairs
+        dest.write(files)
     return summary
 
 
-def command(args, say: Callable[[str], None] = print) -> int:
-    out = Path(args.out)
-    if out.exists():
-        raise PatchingError(f"--out {out} already exists: merge into a new folder.")
-    summary = merge([Path(s) for s in args.shards], out, say=say)
-    print(f"wrote {out}/index.html, aggregate.json, aggregate.csv, results.csv, summary.json "
-          f"({len(args.shards)} shards, {summary['counts']['ok']} pairs)")
-    return 1 if summary["counts"]["failed"] or not summary["counts"]["ok"] else 0
+def command(args, say) -> int:
+    if not args.out:
+        raise PatchingError("merge needs --out DIR: the folder of the merged study.")
+    summary = merge(args.shards, expand(args.out), say=say, overwrite=args.overwrite)
+    c = summary["counts"]
+    getattr(say, "result", print)(f"wrote {args.out}/index.html, aggregate.json, aggregate.csv, results.csv, "
+                                  f"summary.json ({len(args.shards)} shards, {c['ok']} pairs)")
+    return 1 if c["failed"] or not c["ok"] else 0

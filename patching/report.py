@@ -1,7 +1,8 @@
 """What a person reads: the token table, top-k tables, the heatmap, and the files of one experiment.
 
-Files of an experiment are written into a hidden staging folder beside the destination and renamed
-into place at the end, so a folder under --out is either complete or absent, even after Ctrl-C.
+Files of an experiment are written by patching.files.write_folder: into a hidden staging folder
+beside the destination, then moved into place, so a folder under --out is either complete or
+absent, even after Ctrl-C; it never replaces a folder patch-run did not write.
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import io
 import json
 import os
 import re
-import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from patching.api import PatchingError, PatchResult, Prepared, RunSummary
+from patching.api import PatchingError, PatchResult, Prepared, RunSummary, Settings
+from patching.files import write_folder
 
 # ----------------------------------------------------------------------------- terminal tables
 
@@ -49,14 +51,57 @@ def _columns(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
-def strongest(result: PatchResult, n: int = 3) -> list[tuple[int, int, float]]:
-    """The (at most n) patches that move the metric furthest from the corrupt value: (layer, pos, value).
+def base_value(result: PatchResult) -> float:
+    """The metric of the run being patched: corrupt when denoising, clean when noising."""
+    return (result.corrupt if result.settings.direction == "denoise" else result.clean).value
+
+
+def strongest(result: PatchResult, n: int = 3) -> list[tuple]:
+    """The (at most n) patches that move the metric furthest from the patched run's own value, as
+    (*cell, value) with the cell's indices in result.axes order (layer, position for block outputs).
     Patches that leave it where it was (up to float noise) are no answer, so they are left out."""
-    c, k = result.clean.value, result.corrupt.value
-    delta = np.abs(result.matrix - k)
+    c, k, base = result.clean.value, result.corrupt.value, base_value(result)
+    delta = np.abs(result.matrix - base)
     noise = 1e-5 * max(abs(c), abs(k), abs(c - k))  # float32 rounding of values this size is ~1e-7 of them
     order = [int(i) for i in np.argsort(delta, axis=None)[::-1][:n] if delta.flat[i] > noise]
-    return [(*divmod(i, delta.shape[1]), float(result.matrix.flat[i])) for i in order]
+    return [(*map(int, np.unravel_index(i, delta.shape)), float(result.matrix.flat[i])) for i in order]
+
+
+def cell_fields(result: PatchResult, entry: tuple) -> dict:
+    """One strongest() entry as named fields: layer, head, position, token (where they apply), value."""
+    fields = dict(zip(result.axes, entry[:-1]))
+    if "position" in fields:
+        fields["token"] = result.prepared.tokens[fields["position"]]
+    return {**fields, "value": entry[-1]}
+
+
+def describe_cell(result: PatchResult, entry: tuple) -> str:
+    """'layer 0, position 1 ( Jones)', 'layer 1, head 0, position 10 ( Michelle)' or 'layer 1, head 0'."""
+    f = cell_fields(result, entry)
+    parts = [f"{axis} {f[axis]}" for axis in result.axes]
+    if "token" in f:
+        parts[-1] += f" ({show(f['token'])})"
+    return ", ".join(parts)
+
+
+def row_labels(result: PatchResult) -> list[str]:
+    """The matrix's rows as the CSV and the heatmap label them: layers, or 'L.H' per head by position."""
+    L = result.n_layers
+    if result.axes == ["layer", "head", "position"]:
+        return [f"{l}.{h}" for l in range(L) for h in range(result.matrix.shape[1])]
+    return [str(l) for l in range(L)]
+
+
+def as_rows(result: PatchResult) -> np.ndarray:
+    """The matrix in two dimensions: (layer or layer.head) x (position or head)."""
+    m = result.matrix
+    return m.reshape(-1, m.shape[-1])  # (L*H, T) for heads by position; unchanged otherwise
+
+
+def column_labels(result: PatchResult) -> list[str]:
+    if result.axes[-1] == "head":
+        return [f"head {h}" for h in range(result.matrix.shape[-1])]
+    return [f"{i}:{t}" for i, t in enumerate(result.prepared.tokens)]
 
 
 # ----------------------------------------------------------------------------- heatmap
@@ -64,34 +109,46 @@ def strongest(result: PatchResult, n: int = 3) -> list[tuple[int, int, float]]:
 
 def heatmap(result: PatchResult, path: Path):
     """matshow of the matrix: layers down, positions (labelled by token) across, diverging at zero."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless: no display needed
-    import matplotlib.pyplot as plt
+    # A bare Figure on the Agg canvas: headless, and without pyplot's import and figure manager.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
 
-    m = result.matrix
-    L, T = m.shape
+    m = as_rows(result)
+    rows, cols = m.shape
+    by_head = result.axes == ["layer", "head", "position"]
     lim = float(np.nanmax(np.abs(m))) or 1.0
-    fig, ax = plt.subplots(figsize=(min(3.0 + 0.55 * T, 40), max(3.8, 2.2 + 0.4 * L)))
+    fig = Figure(figsize=(min(3.0 + 0.55 * cols, 40), min(max(3.8, 2.2 + (0.28 if by_head else 0.4) * rows), 60)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     im = ax.matshow(m, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")
-    step = max(1, T // 60)  # keep labels legible on long prompts
-    ticks = list(range(0, T, step))
-    ax.set_xticks(ticks, [f"{show(result.prepared.tokens[i])} ({i})" for i in ticks], rotation=90)
-    ax.set_yticks(range(L), [str(l) for l in range(L)])
+    step = max(1, cols // 60)  # keep labels legible on long prompts
+    ticks = list(range(0, cols, step))
+    if result.axes[-1] == "position":
+        ax.set_xticks(ticks, [f"{show(result.prepared.tokens[i])} ({i})" for i in ticks], rotation=90)
+        ax.set_xlabel("position (clean token)")
+    else:
+        ax.set_xticks(ticks, [str(h) for h in ticks])
+        ax.set_xlabel("head (patched at every position)")
+    rstep = max(1, rows // 80)
+    ax.set_yticks(range(0, rows, rstep), row_labels(result)[::rstep])
+    if by_head:  # a thin rule between layers groups each layer's heads
+        for l in range(1, result.n_layers):
+            ax.axhline(l * result.matrix.shape[1] - 0.5, color="black", linewidth=0.6)
     ax.xaxis.set_ticks_position("bottom")
-    ax.set_xlabel("position (clean token)")
-    ax.set_ylabel("layer (output of block)")
+    ax.set_ylabel({"resid_post": "layer (output of block)", "resid_pre": "layer (input of block)"}.get(
+        result.settings.site, "layer.head" if by_head else "layer"))
     p = result.prepared
     what = {"logit-diff": f"logit({p.foil.strip()}) − logit({p.target.strip()})",
             "prob-diff": f"p({p.foil.strip()}) − p({p.target.strip()})",
             "target-logit": f"logit({p.target.strip()})",
             "recovery": f"recovery of logit({p.foil.strip()}) − logit({p.target.strip()})"}[result.settings.metric]
-    ax.set_title(f"{what} after patching clean into corrupt\n{result.model}: clean {result.clean.value:.3g}, "
-                 f"corrupt {result.corrupt.value:.3g}", fontsize=10)
+    src, dst = ("clean", "corrupt") if result.settings.direction == "denoise" else ("corrupt", "clean")
+    ax.set_title(f"{what} after patching {result.settings.site} {src} into {dst} ({result.settings.direction})\n"
+                 f"{result.model}: clean {result.clean.value:.3g}, corrupt {result.corrupt.value:.3g}", fontsize=10)
     fig.colorbar(im, ax=ax, label=result.settings.metric)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- files
@@ -103,18 +160,36 @@ def slug(text: str, limit: int = 60) -> str:
     return s or "experiment"
 
 
-def default_folder(prep: Prepared) -> str:
-    """outputs/<clean prompt>-vs-<the corrupt tokens that differ>."""
+def default_folder(prep: Prepared, settings: Settings) -> str:
+    """<clean prompt>-vs-<the corrupt tokens that differ>-<model>-<metric>[-<site>][-noise]...: runs that
+    differ in what they measure get different folders (the CLI numbers it -2, -3, ... if it exists already)."""
     changed = " ".join(prep.corrupt_tokens[i] for i in prep.differing) or "same"
-    return f"{slug(''.join(prep.tokens), 50)}-vs-{slug(changed, 20)}"
+    model = Path(settings.model.rstrip("/")).name or settings.model
+    tags = [t for t, on in ((settings.site, settings.site != "resid_post"), ("noise", settings.direction == "noise"),
+                            ("all-positions", settings.all_positions), ("bos", settings.prepend_bos)) if on]
+    return f"{slug(''.join(prep.tokens), 40)}-vs-{slug(changed, 20)}-{slug(model, 24)}-{settings.metric}" + \
+        "".join(f"-{slug(t)}" for t in tags)
+
+
+def json_text(doc) -> str:
+    """Strict JSON (no bare NaN or Infinity, which JSON does not have): non-finite floats become null."""
+    def clean(v):
+        if isinstance(v, float):
+            return v if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(doc), indent=1, allow_nan=False) + "\n"
 
 
 def results_csv(result: PatchResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer"] + [f"{i}:{t}" for i, t in enumerate(result.prepared.tokens)])
-    for l, row in enumerate(result.matrix):
-        w.writerow([l] + [repr(float(v)) for v in row])
+    w.writerow(["layer.head" if len(result.axes) == 3 else "layer"] + column_labels(result))
+    for label, row in zip(row_labels(result), as_rows(result)):
+        w.writerow([label] + [repr(float(v)) for v in row])
     return buf.getvalue()
 
 
@@ -132,34 +207,22 @@ def check_writable(folder: Path):
                             f"pass a writable --out.") from None
 
 
-def write_experiment(result: PatchResult, folder: Path, png: bool = True) -> Path:
-    """results.json, results.csv and heatmap.png into `folder`, all or nothing."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        (stage / "results.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-        (stage / "results.csv").write_text(results_csv(result))
-        if png:
-            heatmap(result, stage / "heatmap.png")
-        replace_dir(stage, folder)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return folder
+def experiment_files(result: PatchResult, png: bool = True) -> dict:
+    """The files of one experiment, for patching.files: results.json, results.csv, heatmap.png."""
+    files = {"results.json": json_text(result.to_json()), "results.csv": results_csv(result)}
+    if png:
+        files["heatmap.png"] = lambda path: quiet_heatmap(result, path)
+    return files
 
 
-def replace_dir(new: Path, dest: Path):
-    """Move a finished folder into place, replacing an older one of the same name."""
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    if dest.exists():
-        dest.rename(old)
-    new.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+def quiet_heatmap(result: PatchResult, path: Path):
+    """The heatmap, without matplotlib's "Glyph ... missing" warnings for tokens (CJK, emoji, partial
+    UTF-8 bytes) its font cannot draw: such labels show as boxes; the token ids in results.json are exact."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*[Gg]lyph .* missing")
+        heatmap(result, path)
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_experiment(result: PatchResult, folder: Path, png: bool = True, *, overwrite: bool = False) -> Path:
+    """results.json, results.csv and heatmap.png as `folder`, all or nothing (see patching.files)."""
+    return write_folder(folder, experiment_files(result, png), kind="experiment", overwrite=overwrite)

@@ -59,10 +59,14 @@ def sem(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Aggregate:
-    """One group of aligned pairs: every field but n_pairs/tokens is an (n_layers, n_tokens) array."""
+    """One group of aligned pairs. Statistics are (rows, columns) arrays over the grid as the heatmap
+    draws it: rows are layers (or layer.head), columns positions (or heads, with all_positions)."""
 
     n_pairs: int
-    tokens: list[str]  # position labels: the token all pairs share there, or "*" where they differ
+    row_axis: str  # "layer" or "layer.head"
+    column_axis: str  # "position" or "head"
+    rows: list[str]
+    columns: list[str]  # positions: the token all pairs share there, or "*" where they differ
     mean: np.ndarray
     sem: np.ndarray
     ci_low: np.ndarray
@@ -72,10 +76,10 @@ class Aggregate:
     raw_sem: np.ndarray
 
     def to_json(self) -> dict:
-        L, T = self.mean.shape
         grid = lambda a: [[_finite(v) for v in row] for row in a.tolist()]  # noqa: E731
-        return {"n_pairs": self.n_pairs, "n_tokens": T,
-                "axes": {"layer": list(range(L)), "position": list(range(T)), "token": self.tokens},
+        return {"n_pairs": self.n_pairs, "n_tokens": len(self.columns) if self.column_axis == "position" else None,
+                "axes": {"rows": self.row_axis, "columns": self.column_axis, self.row_axis: self.rows,
+                         "token" if self.column_axis == "position" else "head": self.columns},
                 "mean": grid(self.mean), "sem": grid(self.sem), "ci_low": grid(self.ci_low),
                 "ci_high": grid(self.ci_high), "share_above_half": grid(self.share_above_half),
                 "raw_mean": grid(self.raw_mean), "raw_sem": grid(self.raw_sem)}
@@ -85,13 +89,25 @@ class Aggregate:
         return (self.ci_low <= 0) & (self.ci_high >= 0)
 
 
-def aggregate(recovery: np.ndarray, raw: np.ndarray, tokens: list[list[str]], n_boot: int, seed: int) -> Aggregate:
-    """Aggregate aligned pairs: recovery and raw are (n, L, T); tokens are each pair's clean tokens."""
-    low, high = interval(recovery, n_boot, seed)
-    labels = [col[0] if len(set(col)) == 1 else "*" for col in zip(*tokens)]
-    return Aggregate(n_pairs=recovery.shape[0], tokens=labels, mean=recovery.mean(axis=0), sem=sem(recovery),
-                     ci_low=low, ci_high=high, share_above_half=(recovery > 0.5).mean(axis=0),
-                     raw_mean=raw.mean(axis=0), raw_sem=sem(raw))
+def grid_axes(axes: list[str], shape: tuple) -> tuple[str, str, list[str]]:
+    """(row axis, column axis, row labels) of a metric array with these axes (api.axes_of), as 2-D."""
+    if axes == ["layer", "head", "position"]:
+        return "layer.head", "position", [f"{l}.{h}" for l in range(shape[0]) for h in range(shape[1])]
+    return "layer", axes[-1], [str(l) for l in range(shape[0])]
+
+
+def aggregate(recovery: np.ndarray, raw: np.ndarray, axes: list[str], tokens: list[list[str]], n_boot: int,
+              seed: int) -> Aggregate:
+    """Aggregate aligned pairs: recovery and raw are (n, *grid) with these axes; tokens: each pair's clean tokens."""
+    n = recovery.shape[0]
+    row_axis, column_axis, rows = grid_axes(axes, recovery.shape[1:])
+    rec, raw = recovery.reshape(n, len(rows), -1), raw.reshape(n, len(rows), -1)
+    low, high = interval(rec, n_boot, seed)
+    columns = ([col[0] if len(set(col)) == 1 else "*" for col in zip(*tokens)] if column_axis == "position"
+               else [str(h) for h in range(rec.shape[2])])
+    return Aggregate(n_pairs=n, row_axis=row_axis, column_axis=column_axis, rows=rows, columns=columns,
+                     mean=rec.mean(axis=0), sem=sem(rec), ci_low=low, ci_high=high,
+                     share_above_half=(rec > 0.5).mean(axis=0), raw_mean=raw.mean(axis=0), raw_sem=sem(raw))
 
 
 def _finite(v: float):
@@ -105,58 +121,64 @@ CSV_STATS = ("mean", "sem", "ci_low", "ci_high", "share_above_half", "raw_mean",
 
 
 def aggregate_csv(groups: list[Aggregate]) -> str:
-    """One row per (group, layer, position) with every statistic."""
+    """One row per (group, grid row, grid column) with every statistic."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["n_tokens", "n_pairs", "layer", "position", "token", *CSV_STATS])
+    g0 = groups[0]
+    w.writerow(["n_columns", "n_pairs", g0.row_axis, g0.column_axis, "label", *CSV_STATS])
     for g in groups:
-        L, T = g.mean.shape
-        for l in range(L):
-            for p in range(T):
-                w.writerow([T, g.n_pairs, l, p, g.tokens[p], *(repr(float(getattr(g, s)[l, p])) for s in CSV_STATS)])
+        for i, row in enumerate(g.rows):
+            for j, col in enumerate(g.columns):
+                w.writerow([len(g.columns), g.n_pairs, row, j, col,
+                            *(repr(float(getattr(g, s)[i, j])) for s in CSV_STATS)])
     return buf.getvalue()
 
 
-TIDY_HEAD = ["pair", "name", "n_tokens", "layer", "position", "token"]
+TIDY_HEAD = ["pair", "name", "n_tokens", "layer", "head", "position", "token"]
 
 
-def tidy_csv(rows: list[dict], metrics: list[str]) -> str:
-    """The study's results.csv: one row per (pair, cell); rows are {index, name, tokens, metrics: {m: (L, T)}}."""
+def tidy_csv(rows: list[dict], metrics: list[str], axes: list[str]) -> str:
+    """The study's results.csv: one row per (pair, cell); rows are {index, name, tokens, metrics: {m: array}}
+    with arrays over `axes` (api.axes_of); a column that does not apply (head of a residual site) is empty."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([*TIDY_HEAD, *metrics])
     for r in rows:
         arrays = [np.asarray(r["metrics"][m]) for m in metrics]
-        L, T = arrays[0].shape
-        for l in range(L):
-            for p in range(T):
-                w.writerow([r["index"], r["name"], T, l, p, r["tokens"][p], *(repr(float(a[l, p])) for a in arrays)])
+        for cell in np.ndindex(arrays[0].shape):
+            at = dict(zip(axes, cell))
+            p = at.get("position")
+            w.writerow([r["index"], r["name"], len(r["tokens"]), at["layer"], at.get("head", ""),
+                        "" if p is None else p, "" if p is None else r["tokens"][p],
+                        *(repr(float(a[cell])) for a in arrays)])
     return buf.getvalue()
 
 
-def read_tidy(text: str) -> tuple[list[str], list[dict]]:
-    """Inverse of tidy_csv: (metric names, rows); floats round-trip exactly (written with repr)."""
+def read_tidy(text: str, axes: list[str]) -> tuple[list[str], list[dict]]:
+    """Inverse of tidy_csv: (metric names, rows); floats round-trip exactly (written with repr).
+    A pair's tokens are read back where its cells name them (all of them unless all_positions)."""
     reader = csv.reader(io.StringIO(text))
     head = next(reader)
     metrics = head[len(TIDY_HEAD):]
+    col = {name: TIDY_HEAD.index(name) for name in axes}
     rows: dict[int, dict] = {}
     for rec in reader:
-        i, name, T, l, p, token = int(rec[0]), rec[1], int(rec[2]), int(rec[3]), int(rec[4]), rec[5]
-        row = rows.setdefault(i, {"index": i, "name": name, "tokens": [None] * T, "cells": {}})
-        row["tokens"][p] = token
-        row["cells"][(l, p)] = [float(v) for v in rec[len(TIDY_HEAD):]]
+        i = int(rec[0])
+        row = rows.setdefault(i, {"index": i, "name": rec[1], "tokens": [""] * int(rec[2]), "cells": {}})
+        if rec[5] != "":
+            row["tokens"][int(rec[5])] = rec[6]
+        row["cells"][tuple(int(rec[col[a]]) for a in axes)] = [float(v) for v in rec[len(TIDY_HEAD):]]
     out = []
     for row in rows.values():
-        L = 1 + max(l for l, _ in row["cells"])
-        T = len(row["tokens"])
-        row["metrics"] = {m: np.array([[row["cells"][(l, p)][k] for p in range(T)] for l in range(L)])
+        shape = tuple(1 + max(c[k] for c in row["cells"]) for k in range(len(axes)))
+        row["metrics"] = {m: np.array([row["cells"][c][k] for c in np.ndindex(shape)]).reshape(shape)
                           for k, m in enumerate(metrics)}
         del row["cells"]
         out.append(row)
     return metrics, sorted(out, key=lambda r: r["index"])
 
 
-def heatmap_png(g: Aggregate, title: str, ylabel: str = "layer (output of block)") -> bytes:
+def heatmap_png(g: Aggregate, title: str, ylabel: str) -> bytes:
     """Mean recovery per cell (blue = restored to clean, as in the single-pair heatmap), each cell
     annotated with its interval when the grid is small; cells whose interval contains 0 are hatched."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -164,7 +186,7 @@ def heatmap_png(g: Aggregate, title: str, ylabel: str = "layer (output of block)
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    L, T = g.mean.shape
+    L, T = g.mean.shape  # grid rows and columns
     lim = max(1.0, float(np.nanmax(np.abs(g.mean))))
     fig = Figure(figsize=(min(3.0 + 0.95 * T, 40), max(3.4, 2.4 + 0.75 * L)))
     FigureCanvasAgg(fig)
@@ -181,10 +203,14 @@ def heatmap_png(g: Aggregate, title: str, ylabel: str = "layer (output of block)
                         ha="center", va="center", fontsize=6.5, color=ink)
     step = max(1, T // 60)
     ticks = list(range(0, T, step))
-    ax.set_xticks(ticks, [f"{g.tokens[i]!r}"[1:-1] + f" ({i})" for i in ticks], rotation=90)
-    ax.set_yticks(range(L), [str(l) for l in range(L)])
+    if g.column_axis == "position":
+        ax.set_xticks(ticks, [f"{g.columns[i]!r}"[1:-1] + f" ({i})" for i in ticks], rotation=90)
+        ax.set_xlabel("position (clean token; * where the pairs differ)")
+    else:
+        ax.set_xticks(ticks, [f"head {g.columns[i]}" for i in ticks])
+        ax.set_xlabel("head (every position at once)")
+    ax.set_yticks(range(L), g.rows, fontsize=8 if L > 24 else None)
     ax.xaxis.set_ticks_position("bottom")
-    ax.set_xlabel("position (clean token; * where the pairs differ)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="mean recovery")

@@ -9,7 +9,7 @@ A single pair is an anecdote; papers patch over a dataset of pairs built from te
       corrupt: "{first} {other} was a top-notch student. {first}"
       target: "{last}"
       foil: "{other}"
-      slots: {first: [...], last: [...], other: [...]}
+      slots: {first: [Michelle, Jessica, ...], last: first, other: first}   # a name reuses that list
       n: 200
       seed: 0
       distinct: true                       # the slots of one pair take different values
@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -45,17 +44,15 @@ import torch
 import yaml
 
 from patching import engines, stats
-from patching._files_shim import write_folder
-from patching.api import (USER_ERRORS, PatchingError, PatchResult, Settings, load, prepare, summarize,
-                          versions)
-from mingpt.sites import SITES
+from patching.api import (USER_ERRORS, PatchingError, PatchResult, Settings, axes_of, finite, indistinct, load,
+                          prepare, single_token, summarize, versions)
 from patching.engines import METRICS
-from patching.report import heatmap, results_csv, slug
+from patching.files import claim, expand, free_name, write_folder
+from patching.report import experiment_files, json_text, slug
 
-# kind -> sites: every residual-layout site of the seam (one (layer, position) grid per pair);
-# head sites (q, k, v, z, pattern; a (layer, head, position) grid) are not yet a study analysis.
-ANALYSES = {"patch": tuple(site for site, layout in SITES.items() if layout == "btc")}
-DIRECTIONS = ("denoise", "noise")  # clean values into the corrupt run, or corrupt values into the clean run
+ANALYSES = ("patch",)  # the patching sweep (api.run's); the toolkit's analyses (issue 14) join here
+# What `analysis:` may set for a patch study: the Settings fields that choose the sweep.
+PATCH_OPTIONS = ("site", "direction", "all_positions", "prepend_bos", "metric", "engine", "max_rows")
 SLOT = re.compile(r"\{(\w+)\}")
 
 
@@ -80,20 +77,24 @@ def _int(value, name: str, low: int) -> int:
 
 @dataclass
 class Analysis:
-    """What runs on every pair: the patching sweep of one site (engines.sweep), in one direction."""
+    """What runs on every pair: `kind`, and its options (for patch: Settings fields, PATCH_OPTIONS)."""
 
     kind: str = "patch"
-    site: str = "resid_post"
-    direction: str = "denoise"
+    options: dict = field(default_factory=dict)
 
-    def __post_init__(self):
-        if self.direction not in DIRECTIONS:
-            raise PatchingError(f"analysis direction {str(self.direction)[:40]!r} is not one of {', '.join(DIRECTIONS)}.")
-        if self.kind not in ANALYSES:
-            raise PatchingError(f"analysis kind {str(self.kind)[:40]!r} is not one of {', '.join(ANALYSES)}.")
-        if self.site not in ANALYSES[self.kind]:
-            raise PatchingError(f"analysis site {str(self.site)[:40]!r} is not available for {self.kind}: "
-                                f"use one of {', '.join(ANALYSES[self.kind])}.")
+    @classmethod
+    def from_dict(cls, data, where: str) -> "Analysis":
+        data = dict(data or {}) if isinstance(data or {}, dict) else data
+        if not isinstance(data, dict):
+            raise PatchingError(f"{where} must be a mapping like {{kind: patch, site: resid_post}}.")
+        kind = data.pop("kind", "patch")
+        if kind not in ANALYSES:
+            raise PatchingError(f"{where}: kind {str(kind)[:40]!r} is not one of {', '.join(ANALYSES)}.")
+        unknown = [k for k in data if k not in PATCH_OPTIONS]
+        if unknown:
+            raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; a patch analysis takes kind, "
+                                f"{', '.join(PATCH_OPTIONS)}.")
+        return cls(kind, data)
 
 
 @dataclass
@@ -131,9 +132,12 @@ class PairSpec:
                 raise PatchingError(f"pairs: {k} must be a text template, e.g. '{{first}} {{last}} was ...'.")
         if not isinstance(self.slots, dict) or not self.slots:
             raise PatchingError("pairs: slots must map each slot name to a list of values.")
+        # a slot may name another slot to draw from the same list (batch files allow no YAML aliases)
+        self.slots = {name: self.slots.get(v, v) if isinstance(v, str) else v for name, v in self.slots.items()}
         for name, values in self.slots.items():
             if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
-                raise PatchingError(f"pairs: slot {str(name)[:40]!r} must be a non-empty list of texts.")
+                raise PatchingError(f"pairs: slot {str(name)[:40]!r} must be a non-empty list of texts "
+                                    f"or the name of another slot.")
         used = {m for k in ("clean", "corrupt", "target", "foil") for m in SLOT.findall(getattr(self, k))}
         missing, unused = sorted(used - set(self.slots)), sorted(set(self.slots) - used)
         if missing:
@@ -241,7 +245,7 @@ class Study:
         statistics. (device, max_rows and threads change speed only; figures only the files.)"""
         settings = {k: v for k, v in asdict(self.settings).items() if k not in ("device", "max_rows")}
         doc = {"pairs": [[p.clean, p.corrupt, p.target, p.foil, p.name, p.error] for p in self.pairs],
-               "settings": settings, "analysis": asdict(self.analysis),
+               "settings": settings, "analysis": self.analysis.kind,
                "bootstrap": self.options.bootstrap, "seed": self.options.seed}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -251,14 +255,9 @@ TOP_KEYS = ("defaults", "experiments", *STUDY_KEYS)
 
 
 def read_yaml(path: Path) -> dict:
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PatchingError(f"cannot read study file {path} ({getattr(exc, 'strerror', None) or exc}).") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise PatchingError(f"{path} is not valid YAML{at}: fix the file.") from None
+    """batch.read_yaml (strict, bounded, one-line errors), which must give a mapping."""
+    from patching.batch import read_yaml as read
+    doc = read(expand(path))
     if not isinstance(doc, dict):
         raise PatchingError(f"{path} must be a mapping with pairs, experiments, defaults, analysis, study.")
     return doc
@@ -287,8 +286,9 @@ def read_study(path: Path | None, cli_settings: dict, pairs_file: Path | None = 
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise PatchingError(f"{where}: defaults must be a mapping of settings.")
-    settings = Settings.from_dict({**defaults, **cli_settings}, f"{where} defaults")
-    analysis = _options(Analysis, doc.get("analysis"), f"{where} analysis")
+    analysis = Analysis.from_dict(doc.get("analysis"), f"{where} analysis")
+    # the command line wins over the file's analysis, which wins over its defaults
+    settings = Settings.from_dict({**defaults, **analysis.options, **cli_settings}, f"{where} defaults and analysis")
     opts = dict(doc.get("study") or {}) if isinstance(doc.get("study") or {}, dict) else doc.get("study")
     if bootstrap is not None and isinstance(opts, dict):
         opts["bootstrap"] = bootstrap
@@ -334,9 +334,10 @@ def misfit(tok, pair: Pair, block_size: int) -> str | None:
     if len(a) > block_size:
         return f"too long: {len(a)} tokens, the context holds {block_size}"
     for role, word in (("target", pair.target), ("foil", pair.foil)):
-        n = len(tok.encode(word if word.startswith(" ") else " " + word))
-        if n != 1:
-            return f"{role} not one token: {word!r} is {n} tokens"
+        try:
+            single_token(tok, word, role)
+        except PatchingError as exc:
+            return f"{role} not one token: {exc}"
     return None
 
 
@@ -345,50 +346,48 @@ def reason_kind(reason: str) -> str:
 
 
 @torch.no_grad()
-def patch_pair(model, tok, pair: Pair, settings: Settings, analysis: Analysis, meta: dict) -> tuple[PatchResult, dict]:
-    """The sweep of one pair over analysis.site with every metric of engines.METRICS per cell.
-    (api.run computes one metric; a study's tidy table wants all, so the log-sum-exp is always read.)
-    denoise: the corrupt run with each cell set to the clean run's value; noise: the clean run with
-    each cell set to the corrupt run's. Recovery is (patched - corrupt) / (clean - corrupt) in both."""
-    prep = prepare(tok, pair.clean, pair.corrupt, pair.target, pair.foil, model.config.block_size)
+def patch_pair(model, tok, pair: Pair, settings: Settings, meta: dict) -> tuple[PatchResult, dict]:
+    """api.run's sweep of one pair (settings.site, .direction, .all_positions) with every metric of
+    engines.METRICS per cell: api.run returns one metric, a study's tidy table wants all, so the
+    log-sum-exp is always read. Recovery is api.run's: 0 = the patched run's own value, 1 = the other's."""
+    prep = prepare(tok, pair.clean, pair.corrupt, pair.target, pair.foil, model.config.block_size,
+                   model.config.vocab_size, settings.prepend_bos)
     device = next(model.parameters()).device
-    site = analysis.site
+    site = settings.site
     t0 = time.perf_counter()
     ids = {k: torch.tensor([v], device=device) for k, v in (("clean", prep.clean_ids), ("corrupt", prep.corrupt_ids))}
-    rec = {k: engines.record(model, v, sites=(site,)) for k, v in ids.items()}
-    r_clean, r_corrupt = (engines.readout(rec[k].last_logits[0], prep.target_id, prep.foil_id, True).cpu()
-                          for k in ("clean", "corrupt"))
-    gap = float((r_clean[1] - r_clean[0]) - (r_corrupt[1] - r_corrupt[0]))
-    if not abs(gap) > 1e-4 * max(1.0, abs(float(r_clean[1] - r_clean[0]))):  # float noise is ~1e-6 of it
-        raise PatchingError(f"clean and corrupt give the same logit difference (they differ by {gap:.2g}), "
-                            f"so recovery is undefined: the pair does not change the answer.")
+    rec = {k: engines.record(model, v, [site]) for k, v in ids.items()}
+    for k in rec:
+        finite(rec[k].last_logits, f"the {k} run's logits")
+    r = {k: engines.readout(rec[k].last_logits[0], prep.target_id, prep.foil_id, True).cpu() for k in rec}
+    if indistinct(r["clean"], r["corrupt"], rec["clean"].last_logits.dtype):
+        raise PatchingError(f"clean and corrupt give the same logit difference up to float rounding "
+                            f"({float(r['clean'][1] - r['clean'][0]):.6g}), so recovery is undefined: "
+                            f"the pair does not change the answer.")
     t1 = time.perf_counter()
-    base, source = ("corrupt", "clean") if analysis.direction == "denoise" else ("clean", "corrupt")
-    readouts = engines.sweep(model, ids[base], rec[base], rec[source][site][:, 0], site, prep.target_id,
-                             prep.foil_id, True, engine=settings.engine, max_rows=settings.max_rows)
+    base, src = ("corrupt", "clean") if settings.direction == "denoise" else ("clean", "corrupt")
+    readouts = engines.sweep(model, ids[base], rec[base], rec[src][site][:, 0], site, prep.target_id, prep.foil_id,
+                             True, settings.all_positions, settings.engine, settings.max_rows)
     t2 = time.perf_counter()
-    metrics = {m: engines.metric_values(m, readouts, r_clean, r_corrupt).numpy().astype(np.float64) for m in METRICS}
-    value = lambda r: float(engines.metric_values(settings.metric, r, r_clean, r_corrupt))  # noqa: E731
+    metrics = {m: engines.metric_values(m, readouts, r[src], r[base]).numpy().astype(np.float64) for m in METRICS}
+    finite(torch.from_numpy(metrics["logit-diff"]), "the patched runs' values")
+    value = lambda x: float(engines.metric_values(settings.metric, x, r[src], r[base]))  # noqa: E731
     result = PatchResult(
         prepared=prep, settings=settings, model=getattr(model, "name", settings.model),
         n_layers=model.config.n_layer, matrix=metrics[settings.metric],
-        clean=summarize(rec["clean"].last_logits[0], tok, prep, settings.top_k, value(r_clean)),
-        corrupt=summarize(rec["corrupt"].last_logits[0], tok, prep, settings.top_k, value(r_corrupt)),
+        clean=summarize(rec["clean"].last_logits[0], tok, prep, settings.top_k, value(r["clean"])),
+        corrupt=summarize(rec["corrupt"].last_logits[0], tok, prep, settings.top_k, value(r["corrupt"])),
         timing={"record_seconds": round(t1 - t0, 6), "sweep_seconds": round(t2 - t1, 6),
-                "patches": model.config.n_layer * len(prep.clean_ids), "device": str(device)},
+                "patches": int(metrics["logit-diff"].size), "device": str(device)},
         versions=meta["versions"])
     return result, metrics
 
 
-def pair_files(result: PatchResult, figures: bool, analysis: Analysis | None = None) -> dict:
-    """One pair's folder: what a single experiment writes (with the analysis in results.json), plus report.html."""
+def pair_files(result: PatchResult, figures: bool) -> dict:
+    """One pair's folder: what a single experiment writes (report.experiment_files), plus report.html."""
     from patching import html
-    doc = result.to_json()
-    if analysis is not None:
-        doc["analysis"] = asdict(analysis)
-    files: dict = {"results.json": json.dumps(doc, indent=1) + "\n", "results.csv": results_csv(result)}
-    if figures:
-        files["heatmap.png"] = lambda p: heatmap(result, p)
+    files = experiment_files(result, png=figures)
+    doc = json.loads(files["results.json"])  # the document once, for the page too
     files["report.html"] = lambda p: p.write_text(html.experiment_page(
         result, (p.parent / "heatmap.png").read_bytes() if figures else None, doc))
     return files
@@ -409,29 +408,52 @@ def folder_names(study: Study) -> list[str]:
     return [f"{i:0{width}d}-{p.name or slug(p.clean or 'invalid', 40)}" for i, p in enumerate(study.pairs, 1)]
 
 
+def describe(settings: Settings) -> dict:
+    """What the study's analysis is, for its summary and pages."""
+    return {"kind": "patch", "site": settings.site, "direction": settings.direction,
+            "all_positions": settings.all_positions, "axes": axes_of(settings.site, settings.all_positions)}
+
+
 def run_study(study: Study, out: Path, *, shard: tuple[int, int] = (1, 1), say: Callable[[str], None] = print,
               overwrite: bool = False) -> dict:
     """Run the shard's pairs with the model loaded once, then write the study's files (see finish).
-    The whole folder is staged and renamed into place at the end; Ctrl-C keeps the finished pairs
-    in a folder whose summary says 'complete': false. Returns the summary document."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise PatchingError(f"{out} already exists: choose a new --out for the study (or --overwrite a study folder).")
-    t_start = time.perf_counter()
-    model, tok = load(study.settings)
-    meta = {"kind": "study", "study": study.hash(), "shard": f"{shard[0]}/{shard[1]}", "n_study_pairs": len(study.pairs),
-            "settings": asdict(study.settings), "analysis": asdict(study.analysis), "options": asdict(study.options),
-            "model": getattr(model, "name", study.settings.model), "versions": versions()}
-    load_seconds = time.perf_counter() - t_start
-    stage = out.parent / f".{out.name}.study-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    (stage / "pairs").mkdir(parents=True)
+    `out` is claimed (checked, locked) before the model loads; the pairs' folders are staged and the
+    whole study moves into place at the end, so it is complete or absent; Ctrl-C keeps the finished
+    pairs in a study whose summary says 'complete': false. Returns the summary document."""
+    with claim(out, kind="study", overwrite=overwrite) as dest:
+        t_start = time.perf_counter()
+        model, tok = load(study.settings)
+        meta = {"kind": "study", "study": study.hash(), "shard": f"{shard[0]}/{shard[1]}",
+                "n_study_pairs": len(study.pairs), "settings": asdict(study.settings),
+                "analysis": describe(study.settings), "options": asdict(study.options),
+                "model": getattr(model, "name", study.settings.model), "versions": versions()}
+        load_seconds = time.perf_counter() - t_start
+        stage = dest.folder.parent / f".{dest.folder.name[:200]}.pairs-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        try:
+            _run_pairs(study, shard, model, tok, meta, stage, say)
+        finally:  # also on Ctrl-C: the finished pairs and a summary that says what is missing
+            meta["timing"] = {"load_seconds": round(load_seconds, 6),
+                              "pairs_seconds": round(time.perf_counter() - t_start - load_seconds, 6)}
+            summary, files = finish(meta, meta.pop("_rows", []), meta.pop("_tidy", []), say=say)
+            files["pairs"] = lambda p: os.replace(stage, p)  # moved in with the rest, all at once
+            try:
+                dest.write(files)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _run_pairs(study: Study, shard, model, tok, meta: dict, stage: Path, say):
+    """Each pair of the shard: skip with a reason, fail with its sentence, or sweep it and write its
+    folder under stage. The rows and the tidy list land in meta (_rows, _tidy) even on an interrupt."""
     names = folder_names(study)
     chosen = shard_pairs(study, shard)
     rows = [{"index": i, "name": names[i - 1], "origin": p.origin, "clean": p.clean, "corrupt": p.corrupt,
              "target": p.target, "foil": p.foil, "status": "pending"} for i, p in chosen]
     tidy: list[dict] = []
-    complete = False
+    meta["complete"] = False
     threads = torch.get_num_threads()
     if study.options.threads:  # small models on a busy CPU run faster single-threaded; shards add processes
         torch.set_num_threads(study.options.threads)
@@ -443,9 +465,8 @@ def run_study(study: Study, out: Path, *, shard: tuple[int, int] = (1, 1), say: 
                 row.update(status="skipped", reason=reason)
                 continue
             try:
-                result, metrics = patch_pair(model, tok, pair, study.settings, study.analysis, meta)
-                write_folder(stage / "pairs" / row["name"], pair_files(result, study.figures, study.analysis),
-                             kind="experiment")
+                result, metrics = patch_pair(model, tok, pair, study.settings, meta)
+                write_folder(stage / row["name"], pair_files(result, study.figures), kind="experiment")
             except USER_ERRORS as exc:
                 row.update(status="failed", reason=str(exc))
                 say(f"[{n_done}/{len(rows)}] {row['name']}: failed: {exc}")
@@ -455,20 +476,13 @@ def run_study(study: Study, out: Path, *, shard: tuple[int, int] = (1, 1), say: 
                        corrupt_value=result.corrupt.value, n_tokens=len(result.prepared.tokens),
                        seconds=round(time.perf_counter() - t0, 6),
                        sweep_seconds=result.timing["sweep_seconds"], record_seconds=result.timing["record_seconds"])
-        complete = True
+        meta["complete"] = True
     finally:
         torch.set_num_threads(threads)
         for row in rows:
             if row["status"] == "pending":
                 row.update(status="interrupted", reason="not run: the study was interrupted")
-        meta["complete"] = complete
-        meta["timing"] = {"load_seconds": round(load_seconds, 6), "pairs_seconds": round(time.perf_counter() - t_start - load_seconds, 6)}
-        doc, files = finish(meta, rows, tidy, say=say)
-        # the pairs staged so far move into write_folder's staging folder, and all goes into place at once
-        files["pairs"] = lambda p: os.replace(stage / "pairs", p)
-        write_folder(out, files, kind="study", overwrite=overwrite)
-        shutil.rmtree(stage, ignore_errors=True)
-    return doc
+        meta["_rows"], meta["_tidy"] = rows, tidy  # for run_study's finally, whatever happened
 
 
 def counts(rows: list[dict]) -> dict:
@@ -489,12 +503,12 @@ def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], 
     t0 = time.perf_counter()
     rows = sorted(rows, key=lambda r: r["index"])
     tidy = sorted(tidy, key=lambda r: r["index"])
-    opts, metric = meta["options"], meta["settings"]["metric"]
+    opts, metric, a = meta["options"], meta["settings"]["metric"], meta["analysis"]
     groups: dict[int, list[dict]] = {}
-    for r in tidy:
+    for r in tidy:  # pairs of one token count align cell by cell
         groups.setdefault(len(r["tokens"]), []).append(r)
     aggs = [stats.aggregate(np.stack([r["metrics"]["recovery"] for r in g]), np.stack([r["metrics"][metric] for r in g]),
-                            [r["tokens"] for r in g], opts["bootstrap"], opts["seed"])
+                            a["axes"], [r["tokens"] for r in g], opts["bootstrap"], opts["seed"])
             for g in sorted(groups.values(), key=len, reverse=True)]
     c = counts(rows)
     ok_rows = [r for r in rows if r["status"] == "ok"]
@@ -503,36 +517,29 @@ def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], 
               "record_seconds_mean": secs("record_seconds")}
     if ok_rows:  # what a pair costs beyond its own two recorded runs and its sweep: checks, metrics, files
         timing["overhead_seconds_mean"] = timing["pair_seconds_mean"] - timing["sweep_seconds_mean"] - timing["record_seconds_mean"]
-    files: dict[str, str | bytes] = {"results.csv": stats.tidy_csv(tidy, list(METRICS))}
+    files: dict[str, str | bytes] = {"results.csv": stats.tidy_csv(tidy, list(METRICS), a["axes"])}
     pngs = []
     if aggs:
-        main = aggs[0]
-        doc = {"study": meta["study"], "metric": metric, "analysis": meta["analysis"], "bootstrap": opts["bootstrap"],
-               "seed": opts["seed"], "level": stats.LEVEL, **main.to_json(),
+        doc = {"study": meta["study"], "metric": metric, "analysis": a, "bootstrap": opts["bootstrap"],
+               "seed": opts["seed"], "level": stats.LEVEL, **aggs[0].to_json(),
                "other_groups": [g.to_json() for g in aggs[1:]], "counts": c}
-        files["aggregate.json"] = json.dumps(doc, indent=1) + "\n"
+        files["aggregate.json"] = json_text(doc)
         files["aggregate.csv"] = stats.aggregate_csv(aggs)
         for k, g in enumerate(aggs):
-            a = meta["analysis"]
-            title = (f"mean recovery over {g.n_pairs} pairs ({g.mean.shape[1]} tokens), {meta['model']}, "
-                     f"{a['site']} ({a['direction']})\nhatched: the 95% bootstrap interval contains 0")
-            pngs.append(stats.heatmap_png(g, title, f"layer ({a['site']} of block)"))
-            files["aggregate.png" if k == 0 else f"aggregate-{g.mean.shape[1]}-tokens.png"] = pngs[-1]
+            n_tokens = len(g.columns) if g.column_axis == "position" else len(tidy[0]["tokens"])
+            title = (f"mean recovery over {g.n_pairs} pairs, {meta['model']}, {a['site']} ({a['direction']})"
+                     f"\nhatched: the 95% bootstrap interval contains 0")
+            pngs.append(stats.heatmap_png(g, title, f"{g.row_axis} ({a['site']})"))
+            files["aggregate.png" if k == 0 else f"aggregate-{n_tokens}-tokens.png"] = pngs[-1]
     timing["finish_seconds"] = round(time.perf_counter() - t0, 6)
-    summary = {**meta, "counts": c, "timing": timing, "pairs": rows}
-    files["summary.json"] = json.dumps(summary, indent=1, default=_jsonable) + "\n"
+    summary = {**{k: v for k, v in meta.items() if not k.startswith("_")}, "counts": c, "timing": timing, "pairs": rows}
+    files["summary.json"] = json_text(summary)
     files["summary.md"] = summary_md(summary)
     files["index.html"] = html.study_page(summary, aggs, pngs, tidy)
     say(f"{c['ok']} pairs ok, {c['skipped']} skipped, {c['failed']} failed"
         + (f", {c['interrupted']} interrupted" if c["interrupted"] else "")
         + "".join(f"; {k}: {v}" for k, v in c["reasons"].items()))
     return summary, files
-
-
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    raise TypeError(type(v).__name__)
 
 
 def summary_md(summary: dict) -> str:
@@ -557,22 +564,23 @@ def command(args, given: dict, say: Callable[[str], None] = print) -> int:
     if clash:
         raise PatchingError(f"a study runs the pairs of its files: drop {', '.join(clash)}.")
     shard = parse_shard(getattr(args, "shard", None))
-    path = Path(args.batch) if getattr(args, "batch", None) else None
-    pairs_file = Path(args.pairs) if getattr(args, "pairs", None) else None
+    path = expand(args.batch) if getattr(args, "batch", None) else None
+    pairs_file = expand(args.pairs) if getattr(args, "pairs", None) else None
     bootstrap = getattr(args, "bootstrap", None)
     study = read_study(path, given, pairs_file, None if bootstrap is None else _int(bootstrap, "--bootstrap", 1))
-    stem = (path or pairs_file).stem
-    out = Path(args.out) if args.out else Path("outputs") / (stem + (f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else ""))
+    stem = slug((path or pairs_file).stem) + (f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else "")
+    out = expand(args.out) if args.out else free_name(expand("outputs") / stem)
     n_here = len(shard_pairs(study, shard))
+    s = study.settings
     say(f"study {study.hash()}: {len(study.pairs)} pairs, shard {shard[0]}/{shard[1]} runs {n_here}; "
-        f"{study.analysis.kind} {study.analysis.site}, model {study.settings.model}")
+        f"{study.analysis.kind} {s.site} ({s.direction}), model {s.model}")
     summary = run_study(study, out, shard=shard, say=say, overwrite=bool(getattr(args, "overwrite", False)))
     t = summary["timing"]
     if t.get("pair_seconds_mean") is not None:
         say(f"model load {t['load_seconds']:.2f} s; per pair {t['pair_seconds_mean'] * 1e3:.1f} ms "
             f"(sweep {t['sweep_seconds_mean'] * 1e3:.1f} ms, recorded runs {t['record_seconds_mean'] * 1e3:.1f} ms, "
             f"overhead {t['overhead_seconds_mean'] * 1e3:.1f} ms); statistics and pages {t['finish_seconds']:.2f} s")
-    print(f"wrote {out}/index.html, aggregate.json, aggregate.csv, results.csv, summary.json")
+    result = getattr(say, "result", print)
+    result(f"wrote {out}/index.html, aggregate.json, aggregate.csv, results.csv, summary.json")
     c = summary["counts"]
     return 1 if c["failed"] or not c["ok"] else 0
-

@@ -1,22 +1,41 @@
-"""Benchmark of the patching sweep: loop (oracle) vs fast engine vs TransformerLens, same weights.
+"""Benchmarks of patch-run: the sweep against the loop oracle, the floor and TransformerLens; start-up.
 
-    python scripts/bench.py [--sizes 11 35 128] [--device cpu] [--long 1024] [--json FILE]
+    python scripts/bench.py [--sizes 11 35 128] [--device cpu] [--long 1024] [--tl-python PY ...] [--json FILE]
+    python scripts/bench.py --startup [--runs 5] [--threads 2] [--src DIR]
 
-Model: GPT-2 small's real weights when they are in the Hugging Face cache, otherwise a random-weight
-checkpoint of exactly GPT-2 small's shape (timings do not depend on the weights' values). For each
-prompt length n the corrupt prompt differs from the clean one at position 1 (as in the seed pair).
-Reported per n: seconds per full 12 x n sweep for each engine (the loop and TransformerLens are
-extrapolated from a timed sample of patches when a full sweep would take minutes; marked `~`),
-ratios, peak extra memory during the fast sweep, the fast engine's useful GFLOP/s against this
-machine's measured matmul peak, and the largest difference between engines.
+Sweep benchmark. Model: GPT-2 small's real weights when they are in the Hugging Face cache, otherwise
+a random-weight checkpoint of exactly GPT-2 small's shape saved by transformers with GPT-2's vocabulary
+(timings do not depend on the weights' values). For each prompt length n the corrupt prompt differs
+from the clean one at position 1 (as in the seed pair). Reported per n: seconds per full 12 x n sweep
+for each engine (the loop is extrapolated from a timed sample of layers when a full sweep would take
+minutes; marked `~`), peak extra memory during the fast sweep, and two FLOP counts against this
+machine's matmul peak measured in the same run:
+- "useful" (no savings): for patch (l, p), blocks l+1.. over positions p..T-1, plus two unembedding
+  columns;
+- "floor": the same after the two exact savings (`floor_flops`): at the first recomputed block only
+  row p needs its q, k, v; at the last block only row T-1 needs more than its k and v. The floor time
+  is floor FLOP / matmul peak; "% of floor" is floor time / fast time.
+TransformerLens runs in its own venv (`--tl-python /path/to/venv/bin/python`, repeatable: e.g. one
+venv with TL 4.x, one with TL 3.9), as a subprocess running scripts/tl_baseline.py on the same
+checkpoint, so patch-run's venv never needs it; TL's resid_pre rows 1..L-1 are compared with ours.
 `--long N` sweeps the first chunks of an N-token prompt to show that memory stays bounded (the peak
 is reached in the first chunks, which hold the longest suffixes) and projects the full sweep's time.
+
+Start-up benchmark (`--startup`): the whole-process wall time of `patch-run --quiet` on the seed's
+Michelle pair, for demo-names and for the GPT-2-small-shaped checkpoint, against a bare
+`python -c "import torch"`; overhead = whole process - bare torch import - the run's own
+sweep_seconds (targets 0.5 s and 0.6 s). Each figure is the minimum over --runs fresh processes,
+run round-robin after one warm-up round (warm file cache, bytecode compiled); the breakdown by stage
+comes from scripts/startup_stages.py, which repeats the CLI's steps with a clock between them.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,9 +45,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the cache or nothing: never wait on an unreachable Hub
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+SCRIPTS = Path(__file__).resolve().parent
+ROOT = SCRIPTS.parent
+sys.path.insert(0, str(ROOT))
+from mingpt.bpe import gpt2_vocabulary  # noqa: E402
 from mingpt.model import GPT, GPTConfig  # noqa: E402
 from patching import engines  # noqa: E402
+
+MICHELLE = ("Michelle Jones was a top-notch student. Michelle", "Michelle Smith was a top-notch student. Michelle",
+            "Jones", "Smith")
+TARGET, FOIL = 5437, 4176  # " Jones", " Smith"
 
 
 class PeakRSS:
@@ -81,8 +107,9 @@ def matmul_peak(device: torch.device, dtype=torch.float32) -> float:
 
 
 def useful_flops(config: GPTConfig, T: int, positions: list[int]) -> float:
-    """FLOPs a sweep cannot avoid: for patch (l, p), blocks l+1.. over positions p..T-1 (weights and
-    attention), plus two unembedding columns. Columns identical in both runs need nothing."""
+    """FLOPs of the sweep without the two savings: for patch (l, p), blocks l+1.. over positions
+    p..T-1 (weights and attention), plus two unembedding columns. Columns identical in both runs
+    need nothing."""
     C, L = config.n_embd, config.n_layer
     per_token = 2 * (4 * C * C + 2 * C * config.n_inner)  # c_attn, c_proj, c_fc, c_proj
     total = 0.0
@@ -94,8 +121,33 @@ def useful_flops(config: GPTConfig, T: int, positions: list[int]) -> float:
     return total
 
 
-def make_model(folder: Path):
-    """Real GPT-2 small from the HF cache if present (offline check), else random weights of its shape."""
+def floor_flops(config: GPTConfig, T: int, positions: list[int]) -> float:
+    """FLOPs no exact sweep can skip (multiply-add = 2): for patch (l, p), blocks l+1..L-1 over rows
+    p..T-1, where a row needs
+    - its q (2C^2) and its k, v (4C^2) unless it is past p in block l+1: there its input, and so its
+      q, k and v, are the base run's;
+    - attention (4C per visible key), c_proj (2C^2) and the MLP (4CF) unless block L-1 is the last
+      and the row is not T-1: only position T-1's output is read, so the others give only k and v
+      (and in block L-1, rows past p that also start there need nothing);
+    plus two unembedding columns per patch (4C); l = L-1 costs only its final norm. Columns where
+    both runs agree at every layer are no-ops and cost nothing."""
+    C, F, L = config.n_embd, config.n_inner, config.n_layer
+    total = 0.0
+    for l in range(L):
+        for p in positions:
+            total += 2 * 2 * C
+            for k in range(l + 1, L):
+                for i in range(p, T):
+                    kv = k > l + 1 or i == p  # else the base run's keys and values serve
+                    out = k < L - 1 or i == T - 1  # else nothing reads this row's output
+                    total += kv * 4 * C * C + (kv and out) * 2 * C * C
+                    total += out * (2 * C * C + 4 * C * F + 4 * C * (i + 1))
+    return total
+
+
+def save_checkpoint(folder: Path) -> str:
+    """Real GPT-2 small from the HF cache if present (offline check), else random weights of its shape,
+    saved by transformers in Hub layout with GPT-2's vocabulary; returns what it is."""
     from transformers import GPT2Config, GPT2LMHeadModel
     try:
         hf = GPT2LMHeadModel.from_pretrained("openai-community/gpt2", attn_implementation="eager")
@@ -105,7 +157,10 @@ def make_model(folder: Path):
         hf = GPT2LMHeadModel(GPT2Config(attn_implementation="eager"))
         kind = "random weights, GPT-2 small shape (12 layers, 768 wide, 50257 vocab)"
     hf.eval().save_pretrained(folder)
-    return GPT.from_pretrained(str(folder)), hf.eval(), kind
+    encoder, merges = gpt2_vocabulary()  # Hub layout: the same files under the Hub's names
+    shutil.copyfile(encoder, folder / "vocab.json")
+    shutil.copyfile(merges, folder / "merges.txt")
+    return kind
 
 
 def prompts(T: int, seed: int = 0):
@@ -145,86 +200,124 @@ def sample_loop(model, corrupt, rec_clean, target, foil, device, budget_s: float
         return None, (time.perf_counter() - t0) / done * L * T, True
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[11, 35, 128])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--long", type=int, default=1024, help="prompt length of the bounded-memory run (0: skip)")
-    ap.add_argument("--long-chunks", type=int, default=3)
-    ap.add_argument("--loop-budget", type=float, default=60.0, help="seconds before the loop is extrapolated")
-    ap.add_argument("--tl-max-n", type=int, default=64, help="longest prompt to time TransformerLens on")
-    ap.add_argument("--fast-only", action="store_true", help="skip the loop and TransformerLens")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", help="also write the results here")
-    args = ap.parse_args()
+def machine() -> str:
+    """CPU model, the ATen kernel family torch uses, threads and load: what every figure depends on."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, kernels {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads; load average {load}")
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    from tl_baseline import tl_available, tl_resid_sweep
+
+# ----------------------------------------------------------------------------- TransformerLens
+
+
+def run_tl(python: str, folder: Path, jobs: list[dict]) -> dict:
+    """Run scripts/tl_baseline.py with another venv's python on `jobs`; its result, or {"error": ...}."""
     with tempfile.TemporaryDirectory() as tmp:
-        model, hf, kind = make_model(Path(tmp))
-    model = model.to(device=device, dtype=dtype)
+        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps({"checkpoint": str(folder), "target": TARGET, "foil": FOIL, "jobs": jobs}))
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), TQDM_DISABLE="1")
+        proc = subprocess.run([python, str(SCRIPTS / "tl_baseline.py"), str(request), str(result)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        return json.loads(result.read_text())
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def sweep_bench(args):
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    tmp = tempfile.TemporaryDirectory()
+    folder = Path(tmp.name)
+    kind = save_checkpoint(folder)
+    model = GPT.from_pretrained(str(folder)).to(device=device, dtype=dtype)
     peak = matmul_peak(device, dtype)
-    has_tl = tl_available() and device.type == "cpu" and dtype == torch.float32
-    print(f"# patch-run sweep benchmark\nmodel: {kind}\ndevice: {device} ({torch.get_num_threads()} threads), "
-          f"{args.dtype}; torch {torch.__version__}; matmul peak {peak:.1f} GFLOP/s; TransformerLens: "
-          f"{'yes' if has_tl else 'not installed'}\n")
-    rows = []
-    target, foil = 5437, 4176
+    print(f"# patch-run sweep benchmark\nmodel: {kind}\nmachine: {machine()}\ndevice: {device}, {args.dtype}; "
+          f"torch {torch.__version__}; matmul peak {peak:.1f} GFLOP/s\n")
+    rows, L = [], model.config.n_layer
     for T in args.sizes:
         clean, corrupt = (t.to(device) for t in prompts(T))
         rc, rk = engines.record(model, clean), engines.record(model, corrupt)
         fast_times = []
         while len(fast_times) < args.repeats and sum(fast_times) < 20:  # best of a few, unless each is long
             with PeakRSS(device) as mem:
-                fast, s = timed(lambda: engines.fast_sweep(model, rk, rc, target, foil, False), device)
+                fast, s = timed(lambda: engines.fast_sweep(model, rk, rc, TARGET, FOIL, False), device)
             fast_times.append(s)
         s_fast = min(fast_times)
         positions = [p for p in range(T) if not torch.equal(rc.resid[:, 0, p], rk.resid[:, 0, p])]
-        gflops = useful_flops(model.config, T, positions) / 1e9
+        useful = useful_flops(model.config, T, positions) / 1e9
+        floor = floor_flops(model.config, T, positions) / 1e9
         loop, s_loop, loop_est = (None, float("nan"), False) if args.fast_only else \
-            sample_loop(model, corrupt, rc, target, foil, device, args.loop_budget)
-        fast_m = engines.metric_values("logit-diff", fast, fast[0, 0], fast[0, 0])
-        diff_loop = (engines.metric_values("logit-diff", loop, loop[0, 0], loop[0, 0]) - fast_m).abs().max().item() \
+            sample_loop(model, corrupt, rc, TARGET, FOIL, device, args.loop_budget)
+        fast_m = engines.metric_values("logit-diff", fast, fast[0, 0], fast[0, 0]).cpu().double()
+        diff_loop = (engines.metric_values("logit-diff", loop, loop[0, 0], loop[0, 0]).double() - fast_m).abs().max().item() \
             if loop is not None else None
-        s_tl = diff_tl = None
-        if has_tl and T <= args.tl_max_n and not args.fast_only:
-            tl_matrix, s_tl = tl_resid_sweep(hf, clean.cpu(), corrupt.cpu(), target, foil)
-            diff_tl = float((torch.as_tensor(tl_matrix, dtype=torch.float32) - fast_m.cpu()).abs().max())
-        row = dict(n=T, fast_s=s_fast, loop_s=s_loop, loop_extrapolated=loop_est, tl_s=s_tl,
-                   fast_peak_mb=mem.peak_mb, process_peak_mb=mem.peak_total_mb, useful_gflop=gflops, gflops_per_s=gflops / s_fast,
-                   peak_gflops=peak, max_diff_vs_loop=diff_loop, max_diff_vs_tl=diff_tl)
-        rows.append(row)
-        print(f"n={T}: fast {s_fast:.3f}s, loop {'~' if loop_est else ''}{s_loop:.2f}s, "
-              f"TL {'-' if s_tl is None else f'{s_tl:.2f}s'}, memory +{mem.peak_mb:.0f} MB "
-              f"(process peak {mem.peak_total_mb:.0f} MB), "
-              f"{gflops:.1f} GFLOP useful at {gflops / s_fast:.1f} GFLOP/s", flush=True)
+        rows.append(dict(n=T, fast_s=s_fast, loop_s=s_loop, loop_extrapolated=loop_est, fast_peak_mb=mem.peak_mb,
+                         process_peak_mb=mem.peak_total_mb, useful_gflop=useful, floor_gflop=floor,
+                         floor_s=floor / peak, peak_gflops=peak, max_diff_vs_loop=diff_loop, tl={},
+                         _fast_matrix=fast_m, _ids=(clean[0].tolist(), corrupt[0].tolist())))
+        print(f"n={T}: fast {s_fast:.3f}s, floor {floor / peak:.3f}s ({100 * floor / peak / s_fast:.0f}% of floor), "
+              f"loop {'~' if loop_est else ''}{s_loop:.2f}s, memory +{mem.peak_mb:.0f} MB (process peak "
+              f"{mem.peak_total_mb:.0f} MB), useful {useful:.1f} GFLOP, floor {floor:.1f} GFLOP", flush=True)
 
-    print("\n| tokens | fast engine | loop (oracle) | TransformerLens | loop / fast | TL / fast | memory rise (process peak) "
-          "| useful GFLOP | GFLOP/s (% of matmul peak) | max diff vs loop / TL |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    tl_names = []
+    if not args.fast_only and device.type == "cpu" and dtype == torch.float32:
+        for python in args.tl_python:
+            todo = [r for r in rows if r["n"] <= args.tl_max_n]
+            jobs = [{"sweep": "resid_pre", "clean": r["_ids"][0], "corrupt": r["_ids"][1]} for r in todo]
+            res = run_tl(python, folder, jobs)
+            if "error" in res:
+                print(f"TransformerLens with {python}: failed ({res['error']})")
+                continue
+            name = f"TL {res['transformer_lens']}"
+            tl_names.append(name)
+            print(f"{name} ({res['model']}, torch {res['torch']}, {res['threads']} threads, {python})")
+            for r, job in zip(todo, res["jobs"]):
+                m = torch.tensor(job["matrix"], dtype=torch.float64)
+                diff = (m[1:] - r["_fast_matrix"][:L - 1]).abs().max().item()  # TL's resid_pre row l+1 = our row l
+                r["tl"][name] = {"seconds": job["seconds"], "max_diff": diff}
+                print(f"  n={r['n']}: {job['seconds']:.2f}s, max diff vs fast (rows 1..L-1) {diff:.1e}", flush=True)
+    tmp.cleanup()
+
+    tl_head = "".join(f" {n} | {n} / fast | {n} / floor |" for n in tl_names)
+    print(f"\nmachine: {machine()}; matmul peak {peak:.1f} GFLOP/s; {time.strftime('%Y-%m-%d')}")
+    print("| tokens | fast engine | floor | % of floor | loop (oracle) | loop / fast |" + tl_head +
+          " memory rise (process peak) | useful GFLOP (no savings) | floor GFLOP | max diff vs loop" +
+          "".join(f" / {n}" for n in tl_names) + " |")
+    print("|---" * (10 + 3 * len(tl_names)) + "|")
     for r in rows:
-        tl = f"{r['tl_s']:.2f} s" if r["tl_s"] is not None else "—"
-        tl_ratio = f"{r['tl_s'] / r['fast_s']:.1f}x" if r["tl_s"] is not None else "—"
-        diffs = " / ".join("—" if d is None else f"{d:.1e}" for d in (r["max_diff_vs_loop"], r["max_diff_vs_tl"]))
-        print(f"| {r['n']} | {r['fast_s']:.3f} s | {'~' if r['loop_extrapolated'] else ''}{r['loop_s']:.2f} s | {tl} "
-              f"| {r['loop_s'] / r['fast_s']:.1f}x | {tl_ratio} | +{r['fast_peak_mb']:.0f} MB ({r['process_peak_mb']:.0f} MB) "
-              f"| {r['useful_gflop']:.1f} "
-              f"| {r['gflops_per_s']:.1f} ({100 * r['gflops_per_s'] / r['peak_gflops']:.0f}%) | {diffs} |")
+        tl_cells = ""
+        for n in tl_names:
+            t = r["tl"].get(n)
+            tl_cells += (f" {t['seconds']:.2f} s | {t['seconds'] / r['fast_s']:.1f}x | {t['seconds'] / r['floor_s']:.1f}x |"
+                         if t else " — | — | — |")
+        diffs = " / ".join("—" if d is None else f"{d:.1e}" for d in
+                           [r["max_diff_vs_loop"]] + [r["tl"].get(n, {}).get("max_diff") for n in tl_names])
+        print(f"| {r['n']} | {r['fast_s']:.3f} s | {r['floor_s']:.3f} s | {100 * r['floor_s'] / r['fast_s']:.0f} % "
+              f"| {'~' if r['loop_extrapolated'] else ''}{r['loop_s']:.2f} s | {r['loop_s'] / r['fast_s']:.1f}x |"
+              f"{tl_cells} +{r['fast_peak_mb']:.0f} MB ({r['process_peak_mb']:.0f} MB) | {r['useful_gflop']:.1f} "
+              f"| {r['floor_gflop']:.1f} | {diffs} |")
+    print("floor = floor GFLOP / matmul peak; % of floor = floor time / fast time; X / floor = how far exact "
+          "patching could go at most against X")
 
     long = None
     if args.long:
         T = min(args.long, model.config.block_size)
         clean, corrupt = (t.to(device) for t in prompts(T, seed=1))
         rc, rk = engines.record(model, clean), engines.record(model, corrupt)
-        L = model.config.n_layer
         chunks = engines.plan_chunks(L, T, list(range(1, T)), 8192)
         vals = rc.resid
         with PeakRSS(device) as mem:
             t0 = time.perf_counter()
             done_flops = 0.0
             for layers, pos in chunks[:args.long_chunks]:
-                model.forward_patched(rk, layers, pos, vals[layers][:, 0][:, pos], torch.tensor([target, foil]))
+                model.forward_patched(rk, layers, pos, vals[layers][:, 0][:, pos], torch.tensor([TARGET, FOIL]))
                 done_flops += sum(useful_flops(model.config, T, [p]) for p in pos) * len(layers) / L
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -234,10 +327,110 @@ def main():
                     process_peak_mb=mem.peak_total_mb,
                     projected_s=s * total_flops / done_flops, gflops_per_s=done_flops / s / 1e9)
         print(f"\nlong prompt: n={T}, {len(chunks)} chunks of <= 8192 rows; ran the first {args.long_chunks} "
-              f"(the longest suffixes) in {s:.1f} s at {done_flops / s / 1e9:.1f} GFLOP/s, memory +{mem.peak_mb:.0f} MB "
-              f"(process peak {mem.peak_total_mb:.0f} MB); whole sweep {total_flops / 1e12:.1f} TFLOP, projected {long['projected_s'] / 60:.0f} min")
+              f"(the longest suffixes) in {s:.1f} s at {done_flops / s / 1e9:.1f} useful GFLOP/s, memory +{mem.peak_mb:.0f} MB "
+              f"(process peak {mem.peak_total_mb:.0f} MB); whole sweep {total_flops / 1e12:.1f} TFLOP useful, "
+              f"projected {long['projected_s'] / 60:.0f} min")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": kind, "device": str(device), "rows": rows, "long": long}, indent=1))
+        clean_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+        Path(args.json).write_text(json.dumps({"model": kind, "machine": machine(), "device": str(device),
+                                               "rows": clean_rows, "long": long}, indent=1))
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def child_env(src: Path, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(src), HF_HUB_OFFLINE="1")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # a warm start has its bytecode compiled, as after an install
+    return env
+
+
+def wall(cmd: list[str], env: dict) -> tuple[float, str]:
+    """Seconds from spawning `cmd` to its exit, and its stdout; a failure stops the benchmark."""
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    s = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
+    return s, proc.stdout
+
+
+def startup_bench(args):
+    src = Path(args.src).resolve() if args.src else ROOT
+    env = child_env(src, args.threads)
+    py = sys.executable
+    clean, corrupt, target, foil = MICHELLE
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small = tmp / "gpt2-small-shaped"
+        kind = save_checkpoint(small)
+        models = {"demo-names": "demo-names", "gpt2-small-shaped": str(small)}
+        load_before = os.getloadavg()
+        bare, whole, stages = [], {m: [] for m in models}, {m: [] for m in models}
+        for i in range(args.runs + 1):  # round 0 warms the caches (bytecode, fonts, files) and is not kept
+            keep = i > 0
+            s, _ = wall([py, "-c", "import torch"], env)
+            bare += [s] * keep
+            for name, model in models.items():
+                out = tmp / f"out-{name}"
+                s, _ = wall([py, "-m", "patching.cli", "--model", model, "--quiet", "--clean", clean, "--corrupt", corrupt,
+                             "--target", target, "--foil", foil, "--out", str(out)], env)
+                sweep = json.loads((out / "results.json").read_text())["timing"]["sweep_seconds"]
+                whole[name] += [(s, sweep)] * keep
+                s, stdout = wall([py, str(SCRIPTS / "startup_stages.py"), model, str(tmp / f"stages-{name}"),
+                                  clean, corrupt, target, foil], env)
+                stages[name] += [dict(json.loads(stdout.strip().splitlines()[-1]), whole_process=s)] * keep
+        load_after = os.getloadavg()
+
+    base = min(bare)
+    targets = {"demo-names": 0.5, "gpt2-small-shaped": 0.6}
+    report = {"source": str(src), "checkpoint": kind, "runs": args.runs, "threads": args.threads,
+              "load_before": load_before, "load_after": load_after, "bare_import_torch": base, "models": {}}
+    names = list(models)
+    print(f"# patch-run start-up, {args.runs} runs each (fresh processes, minimum), {args.threads} threads, "
+          f"source {src}\nmachine: {machine()}; load average before {' '.join(f'{x:.2f}' for x in load_before)}, "
+          f"after {' '.join(f'{x:.2f}' for x in load_after)}\ngpt2-small-shaped: {kind}\n")
+    print(f"| stage (scripts/startup_stages.py) | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
+    keys = list(stages[names[0]][0])
+    for key in keys:
+        cells = [f"{min(r[key] for r in stages[n]):.3f} s" for n in names]
+        print(f"| {key} | {' | '.join(cells)} |")
+    print(f"\n| whole process | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
+    print(f"| bare `python -c \"import torch\"` | {' | '.join(f'{base:.3f} s' for _ in names)} |")
+    rows = {n: min(whole[n], key=lambda ws: ws[0] - ws[1]) for n in names}  # the run with the least overhead
+    print(f"| `patch-run --quiet` (Michelle pair) | {' | '.join(f'{rows[n][0]:.3f} s' for n in names)} |")
+    print(f"| its sweep_seconds | {' | '.join(f'{rows[n][1]:.3f} s' for n in names)} |")
+    cells = []
+    for n in names:
+        over = rows[n][0] - rows[n][1] - base
+        cells.append(f"**{over:.3f} s** (target <= {targets[n]} s: {'met' if over <= targets[n] else 'NOT met'})")
+        report["models"][n] = {"whole_process": rows[n][0], "sweep_seconds": rows[n][1], "overhead": over,
+                               "target": targets[n], "stages": {k: min(r[k] for r in stages[n]) for k in keys}}
+    print(f"| overhead = whole - bare torch - sweep | {' | '.join(cells)} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--startup", action="store_true", help="benchmark a whole run's start-up instead of the sweep")
+    ap.add_argument("--runs", type=int, default=5, help="--startup: fresh processes per figure (the minimum is kept)")
+    ap.add_argument("--threads", type=int, default=2, help="--startup: OMP_NUM_THREADS of every process")
+    ap.add_argument("--src", help="--startup: the source tree to run (default: this one), e.g. an older checkout")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[11, 35, 128])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--long", type=int, default=1024, help="prompt length of the bounded-memory run (0: skip)")
+    ap.add_argument("--long-chunks", type=int, default=3)
+    ap.add_argument("--loop-budget", type=float, default=60.0, help="seconds before the loop is extrapolated")
+    ap.add_argument("--tl-python", action="append", default=[], metavar="PY",
+                    help="python of a venv with TransformerLens (4.x or 3.9); repeatable")
+    ap.add_argument("--tl-max-n", type=int, default=64, help="longest prompt to time TransformerLens on")
+    ap.add_argument("--fast-only", action="store_true", help="skip the loop and TransformerLens")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    startup_bench(args) if args.startup else sweep_bench(args)
 
 
 if __name__ == "__main__":

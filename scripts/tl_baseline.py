@@ -1,90 +1,104 @@
-"""TransformerLens activation-patching baseline (optional dependency).
+"""TransformerLens's own patching sweeps, for scripts/bench.py; run in a venv that has TransformerLens.
 
-Builds a ``HookedTransformer`` offline from an in-memory
-``transformers.GPT2LMHeadModel`` (config written by hand, weights converted with
-TL's ``convert_gpt2_weights``; no LayerNorm folding or weight centering, so the
-residual stream is numerically the same as HF's) and runs TL's own patching
-sweep over (layer, position).
+    /path/to/tl-venv/bin/python scripts/tl_baseline.py REQUEST.json RESULT.json
 
-Row correspondence of the returned matrix M (shape ``(n_layers, T)``):
-``M[l, p]`` is the metric after patching the OUTPUT of block ``l`` at position
-``p`` with its clean value, i.e. TL hook ``blocks.{l}.hook_resid_post``.
-For ``l < n_layers - 1`` that equals TL's ``resid_pre`` of layer ``l + 1``
-(``get_act_patch_resid_pre(...)[l + 1]``); TL has no ``get_act_patch_resid_post``,
-so we call TL's ``generic_activation_patch`` with ``activation_name="resid_post"``
-and the same patch setter as ``get_act_patch_resid_pre``: one sweep of exactly
-``n_layers * T`` patched forwards.
+patch-run's venv stays free of TransformerLens: bench.py writes a request, runs this file with
+another venv's python (`--tl-python`), and reads the result. Nothing here imports patch-run.
 
-Metric: ``logit(foil) - logit(target)`` at the last position. Requires
-TransformerLens 2.x/3.x (``HookedTransformer`` was removed in 4.0); tested with
-transformer-lens 3.9.0, torch 2.13.0, transformers 5.24.0.
+REQUEST: {"checkpoint": a folder in Hugging Face layout, "target": id, "foil": id,
+          "jobs": [{"sweep": "resid_pre", "clean": [ids], "corrupt": [ids]}, ...]}
+RESULT:  {"transformer_lens": version, "torch": version, "model": how it was built,
+          "jobs": [{"sweep": ..., "seconds": the sweep call alone, "matrix": [[...], ...]}, ...]}
+
+The model is built from the same checkpoint patch-run loads, with no weight processing (no LayerNorm
+folding or centering), so its residual stream is numerically GPT-2's:
+- TransformerLens >= 4: `TransformerBridge.boot_transformers(folder)` (raw Hugging Face weights);
+- TransformerLens 2.x/3.x: a `HookedTransformer` configured by hand, weights converted with TL's
+  `convert_gpt2_weights` (`HookedTransformer` was removed in 4.0).
+
+Sweeps (metric logit(foil) - logit(target) at the last position; a new one is one more SWEEPS entry):
+- "resid_pre": `transformer_lens.patching.get_act_patch_resid_pre`, one patched forward per
+  (layer, position). Row l patches the input of block l, i.e. the output of block l-1: TL's rows
+  1..L-1 are patch-run's rows 0..L-2 (its row 0, the embeddings, has no patch-run counterpart).
 """
-
 from __future__ import annotations
 
+import json
+import sys
 import time
+import warnings
+from importlib.metadata import version
 
-import numpy as np
 import torch
 
 
-def tl_available() -> bool:
-    """True if a TransformerLens with ``HookedTransformer`` can be imported."""
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-        from transformer_lens.patching import generic_activation_patch  # noqa: F401
-    except Exception:
-        return False
-    return True
+def tl_major() -> int:
+    return int(version("transformer-lens").split(".")[0])
+
+
+def load_model(folder: str):
+    """(model, description) for the checkpoint folder, with unprocessed weights, fp32, eval mode."""
+    if tl_major() >= 4:
+        from transformer_lens.model_bridge import TransformerBridge
+        model = TransformerBridge.boot_transformers(folder, device="cpu", dtype=torch.float32)
+        return model.eval(), "TransformerBridge.boot_transformers (raw weights)"
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+    return hooked_from_hf(hf), "HookedTransformer (convert_gpt2_weights, no processing)"
 
 
 def hooked_from_hf(hf_model):
-    """HookedTransformer with the same weights as a GPT2LMHeadModel (fp32, eval)."""
-    import warnings
-
+    """HookedTransformer (TransformerLens 2.x/3.x) with the same weights as a GPT2LMHeadModel."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
     c = hf_model.config
     cfg = HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions,
-        d_head=c.n_embd // c.n_head, n_heads=c.n_head,
-        d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size,
-        act_fn="gelu_new", normalization_type="LN", eps=c.layer_norm_epsilon,
-        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
-        init_weights=False, device="cpu", dtype=torch.float32,
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head, d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new",
+        normalization_type="LN", eps=c.layer_norm_epsilon, positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel", init_weights=False, device="cpu", dtype=torch.float32,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg)
     sd = {k: v.detach().float().clone() for k, v in convert_gpt2_weights(hf_model, cfg).items()}
-    model.load_and_process_state_dict(
-        sd, fold_ln=False, center_writing_weights=False,
-        center_unembed=False, fold_value_biases=False,
-    )
+    model.load_and_process_state_dict(sd, fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
     return model.eval()
 
 
-def tl_resid_sweep(hf_model, clean_ids, corrupt_ids, target_id: int, foil_id: int):
-    """Return (M, seconds): M[l, p] = metric with block l's output patched at p.
+def resid_pre(model, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> tuple[torch.Tensor, float]:
+    """TL's resid_pre sweep: (n_layers, T) matrix and the seconds of the sweep call alone."""
+    from transformer_lens.patching import get_act_patch_resid_pre
+    _, cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("hook_resid_pre"))
+    t0 = time.perf_counter()
+    out = get_act_patch_resid_pre(model, corrupt, cache, metric)
+    return out, time.perf_counter() - t0
 
-    ``seconds`` is the wall time of the TL sweep call alone (no conversion, no
-    clean-cache run).
-    """
-    from transformer_lens.patching import generic_activation_patch, layer_pos_patch_setter
 
-    model = hooked_from_hf(hf_model)
+SWEEPS = {"resid_pre": resid_pre}
+
+
+def main(request_path: str, result_path: str):
+    req = json.loads(open(request_path).read())
+    model, how = load_model(req["checkpoint"])
+    target, foil = req["target"], req["foil"]
 
     def metric(logits):
-        return logits[0, -1, foil_id] - logits[0, -1, target_id]
+        return logits[0, -1, foil] - logits[0, -1, target]
 
+    jobs = []
     with torch.no_grad():
-        _, clean_cache = model.run_with_cache(clean_ids, names_filter=lambda n: n.endswith("hook_resid_post"))
-        t0 = time.perf_counter()
-        out = generic_activation_patch(
-            model, corrupt_ids, clean_cache, metric,
-            patch_setter=layer_pos_patch_setter, activation_name="resid_post",
-            index_axis_names=("layer", "pos"),
-        )
-        seconds = time.perf_counter() - t0
-    return out.detach().cpu().numpy().astype(np.float64), seconds
+        for job in req["jobs"]:
+            clean, corrupt = torch.tensor([job["clean"]]), torch.tensor([job["corrupt"]])
+            matrix, seconds = SWEEPS[job["sweep"]](model, clean, corrupt, metric)
+            jobs.append({"sweep": job["sweep"], "seconds": seconds, "matrix": matrix.detach().cpu().double().tolist()})
+    result = {"transformer_lens": version("transformer-lens"), "torch": torch.__version__, "model": how,
+              "threads": torch.get_num_threads(), "jobs": jobs}
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -8,23 +8,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import patching.batch
 import patching.report
-from conftest import openai_vocab_dir
+from conftest import assert_close, openai_vocab_dir
 from mingpt.bpe import BPETokenizer
 from patching.batch import Experiment, read_batch
 from patching.cli import main
-
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 MICHELLE = {"clean": "Michelle Jones was a top-notch student. Michelle",
@@ -133,19 +131,19 @@ def test_mixed_good_folders(mixed):
         folder = out / r["name"]
         if r["status"] == "ok":
             assert Path(r["folder"]).resolve() == folder.resolve()
-            assert sorted(p.name for p in folder.iterdir()) == ["heatmap.png", "results.csv", "results.json"]
+            assert sorted(p.name for p in folder.iterdir()) == [".patch-run.json", "heatmap.png", "results.csv", "results.json"]
             assert (folder / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             res = json_of(folder)
             assert len(res["topk"]["clean"]) == len(res["topk"]["corrupt"]) == 5  # defaults: top_k 5
-            assert r["clean_value"] == pytest.approx(res["clean_value"])
-            assert r["corrupt_value"] == pytest.approx(res["corrupt_value"])
+            assert r["clean_value"] == res["clean_value"]  # the same float, written twice: exact
+            assert r["corrupt_value"] == res["corrupt_value"]
             assert r["metric"] == res["metric"]
             assert len(r["strongest"]) == 3
         else:
             assert not folder.exists()
     # only the good folders and the summary are in --out: no staging folders, nothing for failures
     ok = sorted(r["name"] for r in rows if r["status"] == "ok")
-    assert sorted(p.name for p in out.iterdir()) == sorted(ok + ["summary.json", "summary.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(ok + [".patch-run.json", "summary.json", "summary.md"])
 
 
 def test_mixed_override_took_effect(mixed):
@@ -155,13 +153,17 @@ def test_mixed_override_took_effect(mixed):
     m = np.array(prob["matrix"])
     assert np.all(np.abs(m) <= 1.0)
     # p(foil) - p(target) from the run's own probabilities
+    # (readouts vs a full softmax: other kernels), rounded relative to p * logits since dp = p dz
     runs = prob["runs"]
+    logits = max(abs(x) for run in runs.values()  # target, foil and the log-sum-exp (logit - log p)
+                 for x in (run["target_logit"], run["foil_logit"], run["target_logit"] - math.log(run["target_prob"])))
+    scale = logits * max(run[k] for run in runs.values() for k in ("target_prob", "foil_prob"))
     for run in ("clean", "corrupt"):
-        assert prob[f"{run}_value"] == pytest.approx(runs[run]["foil_prob"] - runs[run]["target_prob"], abs=1e-9)
-    np.testing.assert_allclose(m[-1, -1], prob["clean_value"], atol=1e-9)
+        assert_close(prob[f"{run}_value"], runs[run]["foil_prob"] - runs[run]["target_prob"], scale=scale, what=run)
+    assert_close(m[-1, -1], prob["clean_value"], scale=scale, what="last patch")
     # the hostile-named copy of the first experiment gives the same numbers as the first
     evil = [r for r in mixed["rows"] if r["status"] == "ok" and r["name"] not in ("good-logit", "good-prob")][0]
-    np.testing.assert_allclose(json_of(mixed["out"] / evil["name"])["matrix"], logit["matrix"])
+    assert json_of(mixed["out"] / evil["name"])["matrix"] == logit["matrix"]  # the same run again: exact
 
 
 def test_mixed_writes_nothing_outside_out(mixed):
@@ -266,7 +268,7 @@ def test_ctrl_c_during_batch(tiny_ckpt, tmp_path, monkeypatch, where):
     assert r["rc"] == 130
     assert "interrupted" in r["stderr"] and "Traceback" not in r["stderr"]
     assert len(calls) == 2
-    assert sorted(p.name for p in (out / "first").iterdir()) == ["heatmap.png", "results.csv", "results.json"]
+    assert sorted(p.name for p in (out / "first").iterdir()) == [".patch-run.json", "heatmap.png", "results.csv", "results.json"]
     json_of(out / "first")  # complete, parseable
     assert not (out / "second").exists() and not (out / "third").exists()
     leftovers = [p for p in tmp_path.rglob("*") if ".partial" in p.name or ".tmp-" in p.name or ".old-" in p.name]

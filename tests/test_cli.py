@@ -25,11 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hf_model, make_checkpoint
+from conftest import assert_close, hf_model, make_checkpoint, tol
 from patching.cli import main
-
-# 2 shared cores: one intra-op thread is much faster than several fighting each other.
-torch.set_num_threads(1)
 
 CLEAN = "Michelle Jones was a top-notch student. Michelle"
 CORRUPT = "Michelle Smith was a top-notch student. Michelle"
@@ -106,6 +103,13 @@ def hf_last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, logits_to_keep=1).logits[0, -1].float()
 
 
+def logit_scale(hf: dict) -> float:
+    """Magnitude of the reference's logits and their log-sum-exp: what a logit, a difference of two, or
+    a log-probability is rounded relative to."""
+    runs = [hf[k] for k in ("patched", "clean", "corrupt")]
+    return float(max(max(x.abs().max(), torch.logsumexp(x, -1).abs().max()) for x in runs))
+
+
 # ----------------------------------------------------------------------------- GPT-2 small, end to end
 
 
@@ -142,42 +146,45 @@ def test_small_matrix_equals_transformers_reference(small_run, small_hf):
     m = np.array(small_run["results"]["matrix"], dtype=np.float64)
     assert m.shape == (12, 11)
     ref = (small_hf["patched"][..., SMITH] - small_hf["patched"][..., JONES]).double().numpy()
-    np.testing.assert_allclose(m, ref, rtol=0, atol=1e-4)
+    assert_close(m, ref, scale=logit_scale(small_hf), what="matrix vs transformers")
     # the patches must matter somewhere, or the comparison above would be vacuous
     assert np.ptp(ref) > 1e-2
 
 
 def test_small_clean_and_corrupt_values(small_run, small_hf):
-    r = small_run["results"]
+    r, scale = small_run["results"], logit_scale(small_hf)
     for run in ("clean", "corrupt"):
         logits = small_hf[run]
-        assert r[f"{run}_value"] == pytest.approx(float(logits[SMITH] - logits[JONES]), abs=1e-4)
-        assert r["runs"][run]["target_logit"] == pytest.approx(float(logits[JONES]), abs=1e-4)
-        assert r["runs"][run]["foil_logit"] == pytest.approx(float(logits[SMITH]), abs=1e-4)
+        assert_close(r[f"{run}_value"], logits[SMITH] - logits[JONES], scale=scale, what=f"{run} value")
+        assert_close(r["runs"][run]["target_logit"], logits[JONES], scale=scale, what=f"{run} target logit")
+        assert_close(r["runs"][run]["foil_logit"], logits[SMITH], scale=scale, what=f"{run} foil logit")
     assert abs(r["clean_value"] - r["corrupt_value"]) > 1e-3  # the two runs really differ
 
 
-def test_small_matrix_invariants(small_run):
-    r = small_run["results"]
+def test_small_matrix_invariants(small_run, small_hf):
+    r, scale = small_run["results"], logit_scale(small_hf)
     m = np.array(r["matrix"])
     # position 0 holds the same token in both prompts, so patching it changes nothing
-    np.testing.assert_allclose(m[:, 0], r["corrupt_value"], atol=1e-5)
+    assert_close(m[:, 0], r["corrupt_value"], scale=scale, what="column 0")
     # after the last block only the last position reaches the logits
-    np.testing.assert_allclose(m[-1, :-1], r["corrupt_value"], atol=1e-5)
-    assert m[-1, -1] == pytest.approx(r["clean_value"], abs=1e-5)
+    assert_close(m[-1, :-1], r["corrupt_value"], scale=scale, what="last layer")
+    assert_close(m[-1, -1], r["clean_value"], scale=scale, what="last patch")
 
 
 def assert_topk_matches(entries: list[dict], logits: torch.Tensor, k: int):
     probs = torch.softmax(logits.double(), dim=-1)
+    # logits round relative to this; a probability p relative to p * it
+    scale = float(max(logits.abs().max(), torch.logsumexp(logits, -1).abs()))
     assert [e["rank"] for e in entries] == list(range(1, k + 1))
     got = [e["token_id"] for e in entries]
     want = torch.topk(probs, k).indices.tolist()
     for rank, (g, w) in enumerate(zip(got, want), 1):
-        # the same ids in the same order; a swap is only allowed between exact-tie probabilities
-        assert g == w or abs(float(probs[g] - probs[w])) < 1e-9, f"rank {rank}: {g} vs {w}"
+        # the same ids in the same order; a swap is only allowed between probabilities equal within rounding
+        assert g == w or abs(float(probs[g] - probs[w])) <= tol(float(probs[g]) * scale), f"rank {rank}: {g} vs {w}"
     for e in entries:
-        assert e["prob"] == pytest.approx(float(probs[e["token_id"]]), rel=1e-4, abs=1e-9)
-        assert e["logit"] == pytest.approx(float(logits[e["token_id"]]), abs=1e-4)
+        p = float(probs[e["token_id"]])
+        assert_close(e["prob"], p, scale=p * scale, what=f"p({e['token_id']})")
+        assert_close(e["logit"], logits[e["token_id"]], scale=scale, what=f"logit({e['token_id']})")
     probs_got = [e["prob"] for e in entries]
     assert probs_got == sorted(probs_got, reverse=True)
 
@@ -192,9 +199,9 @@ def test_small_topk_equals_transformers_softmax(small_run, small_hf, small_ckpt)
         assert_topk_matches(entries, small_hf[run], 20)
         for e in entries:
             assert e["token"] == hf_tok.decode([e["token_id"]])
-        probs = torch.softmax(small_hf[run].double(), -1)
-        assert r["runs"][run]["target_prob"] == pytest.approx(float(probs[JONES]), rel=1e-4)
-        assert r["runs"][run]["foil_prob"] == pytest.approx(float(probs[SMITH]), rel=1e-4)
+        probs, scale = torch.softmax(small_hf[run].double(), -1), logit_scale(small_hf)
+        for word, i in (("target", JONES), ("foil", SMITH)):  # dp = p dz
+            assert_close(r["runs"][run][f"{word}_prob"], probs[i], scale=float(probs[i]) * scale, what=word)
 
 
 def test_small_csv(small_run):
@@ -204,8 +211,8 @@ def test_small_csv(small_run):
     assert rows[0] == ["layer"] + [f"{i}:{t}" for i, t in enumerate(r["tokens"])]
     assert rows[0][2] == "1: Jones"
     assert [int(row[0]) for row in rows[1:]] == list(range(12))
-    np.testing.assert_allclose(np.array([[float(v) for v in row[1:]] for row in rows[1:]]), np.array(r["matrix"]),
-                               rtol=0, atol=1e-12)
+    # the same floats written as repr() and read back: exact
+    assert [[float(v) for v in row[1:]] for row in rows[1:]] == r["matrix"]
 
 
 def test_small_heatmap_is_a_png(small_run):
@@ -221,7 +228,7 @@ def test_small_heatmap_is_a_png(small_run):
 
 def test_small_output_folder_holds_exactly_the_results(small_run):
     out = small_run["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["heatmap.png", "results.csv", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".patch-run.json", "heatmap.png", "results.csv", "results.json"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no staging folders left beside it
 
 
@@ -273,9 +280,10 @@ def test_loop_engine_equals_fast_engine(tiny_runs, tiny_hf):
     fast, loop = tiny_runs["logit-diff"]["results"], tiny_runs["loop"]["results"]
     assert loop["engine"] == "loop" and fast["engine"] == "fast"
     assert np.array(loop["matrix"]).shape == (2, 11)
-    np.testing.assert_allclose(np.array(loop["matrix"]), np.array(fast["matrix"]), rtol=0, atol=1e-5)
+    scale = logit_scale(tiny_hf)
+    assert_close(loop["matrix"], fast["matrix"], scale=scale, what="loop vs fast")
     ref = (tiny_hf["patched"][..., SMITH] - tiny_hf["patched"][..., JONES]).numpy()
-    np.testing.assert_allclose(np.array(loop["matrix"]), ref, rtol=0, atol=1e-4)
+    assert_close(loop["matrix"], ref, scale=scale, what="loop vs transformers")
     assert np.ptp(ref) > 1e-2
 
 
@@ -291,29 +299,33 @@ def test_prob_diff_metric(tiny_runs, tiny_hf):
     r = tiny_runs["prob-diff"]["results"]
     probs = torch.softmax(tiny_hf["patched"], dim=-1)
     ref = (probs[..., SMITH] - probs[..., JONES]).numpy()
-    # probabilities of a random model are ~1e-4, so the tolerance is far below the spread of values
-    np.testing.assert_allclose(np.array(r["matrix"]), ref, rtol=0, atol=1e-8)
+    # dp = p dz: probabilities of a random model are ~1e-4, so they round relative to p * logits
+    scale = float(probs[..., [SMITH, JONES]].max()) * logit_scale(tiny_hf)
+    assert_close(r["matrix"], ref, scale=scale, what="prob-diff vs transformers")
     for run in ("clean", "corrupt"):
         p = torch.softmax(tiny_hf[run], -1)
-        assert r[f"{run}_value"] == pytest.approx(float(p[SMITH] - p[JONES]), abs=1e-8)
-    assert np.ptp(ref) > 1e-6
+        assert_close(r[f"{run}_value"], p[SMITH] - p[JONES], scale=scale, what=f"{run} value")
+    assert np.ptp(ref) > 100 * tol(scale)  # the tolerance is far below the spread of values
     assert np.abs(ref).max() <= 1.0
 
 
 def test_target_logit_metric(tiny_runs, tiny_hf):
     r = tiny_runs["target-logit"]["results"]
-    np.testing.assert_allclose(np.array(r["matrix"]), tiny_hf["patched"][..., JONES].numpy(), rtol=0, atol=1e-4)
-    assert r["clean_value"] == pytest.approx(float(tiny_hf["clean"][JONES]), abs=1e-4)
+    scale = logit_scale(tiny_hf)
+    assert_close(r["matrix"], tiny_hf["patched"][..., JONES], scale=scale, what="target logit vs transformers")
+    assert_close(r["clean_value"], tiny_hf["clean"][JONES], scale=scale, what="clean value")
 
 
-def test_recovery_metric(tiny_runs):
+def test_recovery_metric(tiny_runs, tiny_hf):
     rec, ld = tiny_runs["recovery"]["results"], tiny_runs["logit-diff"]["results"]
     m = np.array(rec["matrix"])
-    assert m[-1, -1] == pytest.approx(1.0, abs=1e-5)
-    np.testing.assert_allclose(m[:, 0], 0.0, atol=1e-5)
-    assert rec["clean_value"] == pytest.approx(1.0) and rec["corrupt_value"] == pytest.approx(0.0, abs=1e-12)
     lo, hi = ld["corrupt_value"], ld["clean_value"]
-    np.testing.assert_allclose(m, (np.array(ld["matrix"]) - lo) / (hi - lo), rtol=1e-4, atol=1e-4)
+    scale = logit_scale(tiny_hf) / abs(hi - lo)  # a logit difference divided by (clean - corrupt)
+    assert_close(m[-1, -1], 1.0, scale=scale, what="last patch")
+    # the skipped column and the unpatched runs are (x - x) / d and d / d of the same floats: exact
+    assert (m[:, 0] == 0.0).all()
+    assert rec["clean_value"] == 1.0 and rec["corrupt_value"] == 0.0
+    assert_close(m, (np.array(ld["matrix"]) - lo) / (hi - lo), scale=scale, what="recovery from logit-diff")
 
 
 def test_top_k_flag(tiny_ckpt, tmp_path, tiny_hf):

@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_model, openai_vocab_dir
+from conftest import assert_close, hf_model, openai_vocab_dir
 from mingpt.bpe import BPETokenizer
 from mingpt.model import GPT
-
-torch.set_num_threads(1)  # 2 shared cores: one thread is much faster than two spinning against others
 
 ROOT = Path(__file__).resolve().parents[1]
 MICHELLE = ("Michelle Jones was a top-notch student. Michelle", "Michelle Smith was a top-notch student. Michelle")
@@ -106,7 +104,7 @@ def test_saved_folder_loads_in_both_loaders(tmp_path):
         with torch.no_grad():
             a = ours(idx)[0]
             b = ref(idx).logits
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_close(a, b, what=f"{dtype} logits vs transformers")
 
 
 def test_cli_writes_folder_with_metrics(tmp_path):
@@ -191,7 +189,9 @@ def michelle_result(demo_names):
 def test_shipped_names_model_michelle_pair(demo_names, michelle_result):
     r, L = michelle_result, demo_names.config.n_layer
     assert r.clean.value <= -2 and r.corrupt.value >= 2, (r.clean.value, r.corrupt.value)
-    assert abs(r.matrix[L - 1, -1] - r.clean.value) < 1e-3
+    # logit differences round relative to the logits they are read from
+    scale = max(abs(x) for run in (r.clean, r.corrupt) for x in (run.target_logit, run.foil_logit, run.topk[0].logit))
+    assert_close(r.matrix[L - 1, -1], r.clean.value, scale=scale, what="last patch")
 
 
 def test_shipped_names_model_block0_at_surname(michelle_result):
@@ -213,7 +213,9 @@ def test_shipped_names_model_through_cli(tmp_path):
     res = json.loads((out / "results.json").read_text())
     m = res["matrix"]
     assert res["clean_value"] <= -2 and res["corrupt_value"] >= 2
-    assert abs(m[-1][-1] - res["clean_value"]) < 1e-3
+    scale = max(abs(x) for run in ("clean", "corrupt")  # the logits the differences are read from
+                for x in (*(res["runs"][run][k] for k in ("target_logit", "foil_logit")), res["topk"][run][0]["logit"]))
+    assert_close(m[-1][-1], res["clean_value"], scale=scale, what="last patch")
 
 
 def test_shipped_names_model_heldout_accuracy(demo_names, names):

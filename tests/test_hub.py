@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import torch
 
-from conftest import make_checkpoint
+from conftest import assert_close, make_checkpoint
 from mingpt.model import GPT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ class FakeHub:
 # The child: run a list of steps, report each one's result (or mingpt error) as JSON on the last line.
 CHILD = r"""
 import json, sys, torch
-torch.set_num_threads(1)
+torch.set_num_threads(1)  # a process of its own: conftest's one-thread fixture does not reach it
 from mingpt.errors import MinGPTError
 steps, out_dir = json.loads(sys.argv[1]), sys.argv[2]
 results = []
@@ -215,7 +215,7 @@ def _logits_of(folder: Path) -> torch.Tensor:
 
 def _assert_loaded(result: dict, folder: Path):
     assert "ok" in result, result
-    torch.testing.assert_close(torch.load(result["ok"]), _logits_of(folder), atol=1e-5, rtol=1e-5)
+    assert_close(torch.load(result["ok"]), _logits_of(folder), what="logits loaded from the Hub")
 
 
 # ----------------------------------------------------------------------------- tests

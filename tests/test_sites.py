@@ -3,12 +3,14 @@ every site, both directions and all-positions patches, and patches against trans
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from mingpt.model import GPT, GPTConfig
 from mingpt.sites import HEAD_SITES, SITES, Patch, Recording
 from patching import engines
+from conftest import assert_close, hf_model
 
 CONFIGS = {  # name: (GPTConfig kwargs, seed)
     "1L1H8": (dict(n_layer=1, n_head=1, n_embd=8, vocab_size=37, block_size=64), 0),
@@ -45,11 +47,12 @@ def pair(model: GPT, T: int, differ: list[int], seed: int):
     return clean, corrupt
 
 
-def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5):
-    """Equal up to float32 rounding of values this size (the suite's rule: tolerance scaled to them)."""
-    a, b = a.detach(), b.detach()
-    scale = max(1.0, float(b.abs().max()))
-    assert float((a - b).abs().max()) <= rel * scale, f"max diff {float((a - b).abs().max()):.3g} at scale {scale:.3g}"
+def close(a: torch.Tensor, b: torch.Tensor, exact: bool = False):
+    """The suite's tolerance rule (conftest.assert_close); `exact` where equality holds by construction."""
+    if exact:
+        assert torch.equal(a, b)
+    else:
+        assert_close(a, b)
 
 
 # ----------------------------------------------------------------------------- recording
@@ -68,7 +71,7 @@ def test_recording_has_every_site_with_its_layout():
     # identities of the residual stream, and the pattern is a causal distribution
     close(rec["resid_mid"], rec["resid_pre"] + rec["attn_out"])
     close(rec["resid_post"], rec["resid_mid"] + rec["mlp_out"])
-    close(rec["resid_pre", 1], rec["resid_post", 0], 0)
+    close(rec["resid_pre", 1], rec["resid_post", 0], exact=True)
     close(rec["pattern"].sum(-1), torch.ones(L, 1, nh, 7))
     assert float(rec["pattern"].triu(1).abs().max()) == 0.0
     # z is the pattern applied to v
@@ -89,16 +92,16 @@ def test_explicit_softmax_equals_fused_attention():
 def test_patching_a_run_with_its_own_values_changes_nothing(site):
     model = model_of("2L2H16")
     idx = pair(model, 9, [1], 2)[0]
-    rec = Recording(sites=SITES)
+    rec = Recording(sites=(site,))  # (recording the pattern would switch every block to the explicit softmax)
     want, _ = model(idx, record=rec)
     for l in range(2):
         for p in (0, 4, 8):
             head = 1 if site in HEAD_SITES else None
             value = rec[site, l][0, head, p] if head is not None else rec[site, l][0, p]
             got, _ = model(idx, patch=Patch(l, p, value, site=site, head=head))
-            close(got, want, 1e-6)
+            close(got, want, exact=site != "pattern")  # the same value put back: the same tensors flow on
         got, _ = model(idx, patch=Patch(l, None, rec[site, l][0], site=site))  # every position and head
-        close(got, want, 1e-6)
+        close(got, want, exact=site != "pattern")  # (a patched pattern takes the explicit softmax)
 
 
 def test_patch_list_applies_all():
@@ -160,7 +163,6 @@ def test_fast_equals_loop_lengths(T, site):
 
 @pytest.fixture(scope="module")
 def both(tiny_ckpt):
-    from tests.conftest import hf_model
     return GPT.from_pretrained(str(tiny_ckpt)), hf_model(tiny_ckpt)
 
 
@@ -207,7 +209,7 @@ def test_sites_match_transformers_hooks(both):
         want = _hooked(hf, idx, module, fn, pre)
         with torch.no_grad():
             got, _ = ours(idx, patch=Patch(l, p, v, site=site, head=head))
-        close(got, want, 1e-4)
+        close(got, want)
         assert float((want - hf(idx).logits.detach()).abs().max()) > 1e-3  # the edit matters
 
 
@@ -219,4 +221,89 @@ def test_pattern_and_z_match_transformers(both):
         ours(idx, record=rec)
         att = hf(idx, output_attentions=True).attentions
     for l, a in enumerate(att):
-        close(rec["pattern", l], a, 1e-5)
+        close(rec["pattern", l], a)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+MICHELLE = ["--clean", "Michelle Jones was a top-notch student. Michelle",
+            "--corrupt", "Michelle Smith was a top-notch student. Michelle", "--target", "Jones", "--foil", "Smith"]
+
+
+def cli(args, tmp_path=None, name="out"):
+    import contextlib
+    import io
+    import json
+
+    from patching.cli import main
+    out = [] if tmp_path is None else ["--out", str(tmp_path / name)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main([*args, "--device", "cpu", *out])
+    res = json.loads((tmp_path / name / "results.json").read_text()) if rc == 0 and tmp_path else None
+    return rc, stdout.getvalue(), stderr.getvalue(), res
+
+
+@pytest.mark.parametrize("extra, axes, shape", [
+    (["--site", "z"], ["layer", "head", "position"], (2, 4, 11)),
+    (["--site", "k", "--direction", "noise"], ["layer", "head", "position"], (2, 4, 11)),
+    (["--site", "pattern", "--all-positions"], ["layer", "head"], (2, 4)),
+    (["--site", "mlp_out", "--metric", "recovery"], ["layer", "position"], (2, 11)),
+])
+def test_cli_sites_write_their_axes(tiny_ckpt, tmp_path, extra, axes, shape):
+    import csv
+    import io
+    rc, stdout, stderr, res = cli(["--model", str(tiny_ckpt), *MICHELLE, *extra], tmp_path)
+    assert rc == 0, stderr
+    assert res["axes"] == axes and np.array(res["matrix"]).shape == shape
+    assert res["site"] == extra[1] and res["direction"] == ("noise" if "noise" in extra else "denoise")
+    assert "plan:" in stdout and f"at {extra[1]}" in stdout
+    rows = list(csv.reader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
+    assert len(rows) - 1 == int(np.prod(shape[:-1])) and len(rows[0]) - 1 == shape[-1]
+    assert rows[0][0] == ("layer.head" if len(axes) == 3 else "layer")
+    np.testing.assert_array_equal(np.array([[float(v) for v in r[1:]] for r in rows[1:]]),
+                                  np.array(res["matrix"]).reshape(-1, shape[-1]))
+    assert (tmp_path / "out" / "heatmap.png").stat().st_size > 1000
+
+
+def test_noise_recovery_is_one_at_the_last_block_output(tiny_ckpt, tmp_path):
+    """Noising the last block's output at the last position gives the corrupt run: recovery 1 there,
+    and the clean run (the one patched) has recovery 0."""
+    rc, _, stderr, res = cli(["--model", str(tiny_ckpt), *MICHELLE, "--direction", "noise", "--metric", "recovery"],
+                             tmp_path)
+    assert rc == 0, stderr
+    m = np.array(res["matrix"])
+    assert abs(m[-1, -1] - 1) < 1e-4 and abs(res["clean_value"]) < 1e-12 and res["corrupt_value"] == 1.0
+    assert np.allclose(m[:, 0], 0)  # position 0 is the same token in both prompts: no-op, the clean value
+
+
+def test_prepend_bos_is_position_zero(tiny_ckpt, tmp_path):
+    rc, stdout, _, res = cli(["--model", str(tiny_ckpt), *MICHELLE, "--prepend-bos"], tmp_path)
+    assert rc == 0 and res["prepend_bos"] is True
+    assert res["clean_ids"][0] == 50256 and res["tokens"][0] == "<|endoftext|>" and len(res["tokens"]) == 12
+    assert res["differing_positions"] == [2]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_ckpt, tmp_path):
+    rc, stdout, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "v", "--dry-run",
+                                 "--out", str(tmp_path / "never")])
+    assert rc == 0, stderr
+    assert stdout.startswith("plan: 88 patches at v (") and "chunk" in stdout and "MiB" in stdout
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--site", "attn_out", "--all-positions"], "needs a head site"),
+    (["--site", "nowhere"], "invalid choice"),
+])
+def test_bad_site_flags_are_one_line(tiny_ckpt, args, message):
+    rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, *args])
+    assert rc in (1, 2) and message in stderr and "Traceback" not in stderr
+
+
+def test_pattern_sweep_that_cannot_fit_is_refused(tiny_ckpt, monkeypatch):
+    from patching import api
+    monkeypatch.setattr(api, "available_memory", lambda device: 2**12)  # a machine with 4 KiB free
+    rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "pattern"])
+    assert rc == 1 and "pattern sweep needs about" in stderr and "shorten the prompt" in stderr
+    assert len(stderr.strip().splitlines()) == 1

@@ -48,7 +48,7 @@ def generator(n=7, seed=3, **over) -> dict:
     return {"clean": "{first} {last} was a top-notch student. {first}",
             "corrupt": "{first} {other} was a top-notch student. {first}",
             "target": "{last}", "foil": "{other}", "n": n, "seed": seed,
-            "slots": {"first": NAMES, "last": NAMES, "other": NAMES}, **over}
+            "slots": {"first": list(NAMES), "last": "first", "other": "first"}, **over}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -91,8 +91,8 @@ def test_sem_by_hand():
 
 def test_aggregate_labels_and_share():
     rec = np.array([[[0.2, 0.9]], [[0.4, 0.6]], [[0.6, 0.1]]])  # 3 pairs, 1 layer, 2 positions
-    g = stats.aggregate(rec, -rec, [["A", " x"], ["B", " x"], ["C", " x"]], 200, 0)
-    assert g.tokens == ["*", " x"]
+    g = stats.aggregate(rec, -rec, ["layer", "position"], [["A", " x"], ["B", " x"], ["C", " x"]], 200, 0)
+    assert g.columns == ["*", " x"] and g.rows == ["0"]
     np.testing.assert_allclose(g.share_above_half, [[1 / 3, 2 / 3]])
     np.testing.assert_allclose(g.mean, [[0.4, 1.6 / 3]])
     np.testing.assert_allclose(g.raw_mean, -g.mean)
@@ -115,10 +115,11 @@ def test_generator_is_seeded_distinct_and_fills_every_template(tiny_ckpt):
 
 @pytest.mark.parametrize("bad, words", [
     ({"colour": 1}, "unknown key 'colour'"),
-    ({"slots": {"first": NAMES, "last": NAMES}}, "slot {other}"),
-    ({"slots": {"first": NAMES, "last": NAMES, "other": NAMES, "spare": NAMES}}, "slot 'spare' is not used"),
+    ({"slots": {"first": NAMES, "last": list(NAMES)}}, "slot {other}"),
+    ({"slots": {"first": NAMES, "last": "first", "other": "first", "spare": "first"}}, "slot 'spare' is not used"),
+    ({"slots": {"first": NAMES, "last": "first", "other": "nobody"}}, "slot 'other' must be a non-empty list"),
     ({"n": 0}, "pairs n must be an integer >= 1"),
-    ({"slots": {"first": ["A"], "last": ["A"], "other": ["A"]}}, "enough different values"),
+    ({"slots": {"first": ["A"], "last": "first", "other": "first"}}, "enough different values"),
 ])
 def test_bad_generators_fail_in_one_sentence(tmp_path, tiny_ckpt, bad, words):
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(**bad))
@@ -128,8 +129,10 @@ def test_bad_generators_fail_in_one_sentence(tmp_path, tiny_ckpt, bad, words):
 
 def test_unknown_study_keys_fail(tmp_path, tiny_ckpt):
     for extra, words in (({"study": {"bootstrapp": 5}}, "unknown key 'bootstrapp'"),
-                         ({"analysis": {"site": "z"}}, "site .z. is not available"),
-                         ({"analysis": {"direction": "up"}}, "direction .up. is not one of"),
+                         ({"analysis": {"site": "zz"}}, "site 'zz' is not one of"),
+                         ({"analysis": {"direction": "up"}}, "direction 'up' is not one of"),
+                         ({"analysis": {"kind": "lens"}}, "kind 'lens' is not one of patch"),
+                         ({"analysis": {"model": "gpt2"}}, "unknown key 'model'; a patch analysis takes"),
                          ({"pairs": generator(), "extra": 1}, "unknown top-level key 'extra'")):
         with pytest.raises(PatchingError, match=words):
             read_study(study_yaml(tmp_path / "s.yaml", tiny_ckpt, **extra), {})
@@ -167,7 +170,7 @@ def test_every_metric_of_a_study_pair_equals_api_run(tmp_path, tiny_ckpt):
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE], study={"figures": True})
     assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
     from patching.stats import read_tidy
-    metrics, (row,) = read_tidy((tmp_path / "out" / "results.csv").read_text())
+    metrics, (row,) = read_tidy((tmp_path / "out" / "results.csv").read_text(), ["layer", "position"])
     assert metrics == list(METRICS)
     settings = Settings(model=str(tiny_ckpt), device="cpu")
     model, tok = load(settings)
@@ -180,7 +183,7 @@ def test_every_metric_of_a_study_pair_equals_api_run(tmp_path, tiny_ckpt):
 
 
 def test_identical_pairs_aggregate_to_the_single_run_with_zero_spread(tmp_path, tiny_ckpt):
-    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE] * 5, study={"bootstrap": 300})
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[dict(MICHELLE) for _ in range(5)], study={"bootstrap": 300})
     assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
     agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
     model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
@@ -203,7 +206,7 @@ def test_a_failing_pair_is_reported_and_the_others_aggregate(tmp_path, tiny_ckpt
     pairs = [MICHELLE,
              {**MICHELLE, "corrupt": "Michelle Smith was a top student. Michelle"},  # token counts differ
              {**MICHELLE, "target": "Jonesification"},  # not one token
-             {**MICHELLE, "corrupt": MICHELLE["clean"]},  # no difference: recovery undefined -> failed
+             {**MICHELLE, "corrupt": MICHELLE["clean"]},  # the same tokens: nothing to patch -> failed
              {**MICHELLE, "clean": "Jessica Smith was a top-notch student. Jessica",
               "corrupt": "Jessica Jones was a top-notch student. Jessica", "target": "Smith", "foil": "Jones"}]
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=pairs, study={"bootstrap": 100})
@@ -217,7 +220,7 @@ def test_a_failing_pair_is_reported_and_the_others_aggregate(tmp_path, tiny_ckpt
     agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
     assert agg["n_pairs"] == 2 and agg["counts"]["failed"] == 1
     page = (tmp_path / "out" / "index.html").read_text()
-    assert "token counts differ" in page and "recovery is undefined" in page
+    assert "token counts differ" in page and "nothing to patch" in page
     assert not (tmp_path / "out" / "pairs" / summary["pairs"][3]["name"]).exists()
 
 
@@ -250,13 +253,16 @@ def test_shards_merge_to_exactly_the_unsharded_study(tmp_path, tiny_ckpt):
         assert got["rc"] == 1 and words in got["stderr"] and "Traceback" not in got["stderr"], (words, got)
         assert not (tmp_path / "m2").exists()
     got = cli(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "merged")])
-    assert got["rc"] == 1 and "already exists" in got["stderr"]
+    assert got["rc"] == 1 and "pass --overwrite" in got["stderr"]
+    got = cli(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "merged"), "--overwrite"])
+    assert got["rc"] == 0 and json.loads((tmp_path / "merged" / "aggregate.json").read_text()) == a
 
 
 def test_study_cli_errors_are_one_line(tmp_path, tiny_ckpt):
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(n=2))
     (tmp_path / "taken").mkdir()
-    for argv, words in ((["--shard", "3/2"], "must be K/N"), (["--out", str(tmp_path / "taken")], "already exists"),
+    (tmp_path / "taken" / "thesis.txt").write_text("mine")
+    for argv, words in ((["--shard", "3/2"], "must be K/N"), (["--out", str(tmp_path / "taken")], "did not write"),
                         (["--clean", "x"], "drop --clean"), (["--bootstrap", "0"], "--bootstrap must be")):
         got = cli(["--batch", str(path), *argv])
         assert got["rc"] == 1 and words in got["stderr"] and got["stderr"].count("\n") == 1, (argv, got)
@@ -280,7 +286,7 @@ def test_a_study_at_another_site_and_direction_matches_one_forward_per_cell(tmp_
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE],
                       analysis={"kind": "patch", "site": "attn_out", "direction": "noise"}, study={"bootstrap": 10})
     assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
-    _, (row,) = read_tidy((tmp_path / "out" / "results.csv").read_text())
+    _, (row,) = read_tidy((tmp_path / "out" / "results.csv").read_text(), ["layer", "position"])
     model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
     clean, corrupt = (torch.tensor([tok.encode(MICHELLE[k])]) for k in ("clean", "corrupt"))
     t, f = tok.encode(" Jones")[0], tok.encode(" Smith")[0]
@@ -316,3 +322,23 @@ def test_an_interrupted_study_keeps_its_finished_pairs_and_cannot_be_merged(tmp_
     assert not list(tmp_path.glob(".out*"))  # no staging folder left behind
     got = cli(["merge", str(tmp_path / "out"), "--out", str(tmp_path / "m")])
     assert got["rc"] == 1 and "interrupted shard" in got["stderr"]
+
+
+@pytest.mark.parametrize("options, rows, columns", [({"site": "z"}, 8, 11), ({"site": "v", "all_positions": True}, 2, 4)])
+def test_head_site_studies_aggregate_the_grid_api_run_gives(tmp_path, tiny_ckpt, options, rows, columns):
+    """Head sites: rows are layer.head by position, or layers by head with all_positions (2 layers, 4 heads)."""
+    from patching.stats import read_tidy
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[dict(MICHELLE), dict(MICHELLE)],
+                      analysis={"kind": "patch", **options}, study={"bootstrap": 20})
+    assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
+    agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
+    assert np.array(agg["mean"]).shape == (rows, columns)
+    settings = Settings(model=str(tiny_ckpt), device="cpu", **options)
+    model, tok = load(settings)
+    ref = run(model, tok, **MICHELLE, settings=settings)
+    axes = agg["analysis"]["axes"]
+    assert axes == ref.axes
+    _, tidy = read_tidy((tmp_path / "out" / "results.csv").read_text(), axes)
+    scale = max(1.0, float(np.abs(ref.matrix).max()))
+    np.testing.assert_allclose(tidy[0]["metrics"]["logit-diff"], ref.matrix, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(agg["raw_mean"], ref.matrix.reshape(rows, columns), rtol=0, atol=1e-5 * scale)

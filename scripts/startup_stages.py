@@ -1,0 +1,67 @@
+"""One patch-run experiment done step by step as `patch-run --quiet` does it, timing each step.
+
+    python scripts/startup_stages.py MODEL OUT_DIR CLEAN CORRUPT TARGET FOIL
+
+Prints one JSON object of seconds per stage (and the run's own record/sweep seconds). Run by
+`scripts/bench.py --startup` in a fresh process per measurement, so every stage, imports included,
+costs what it costs in a real run. The steps mirror patching.cli.single; nothing is imported before
+the clock starts but the standard library.
+"""
+import json
+import sys
+import time
+
+t0 = time.perf_counter()
+marks = {}
+
+
+def mark(name: str):
+    global t0
+    now = time.perf_counter()
+    marks[name] = now - t0
+    t0 = now
+
+
+def main(model_name: str, out: str, clean: str, corrupt: str, target: str, foil: str):
+    import torch  # noqa: F401  (the baseline that nothing can remove)
+    mark("import torch")
+    from pathlib import Path
+
+    from mingpt.bpe import BPETokenizer
+    from mingpt.model import GPT
+    from patching import api, cli, report
+    mark("other imports")
+
+    settings = cli.Settings(model=model_name)
+    device = api.resolve_device(settings.device)
+    model = GPT.from_pretrained(settings.model).to(device=device, dtype=api.DTYPES[settings.dtype])
+    mark("model load")
+    tok = BPETokenizer(settings.model)
+    prep = api.prepare(tok, clean, corrupt, target, foil, model.config.block_size, model.config.vocab_size)
+    mark("vocabulary + tokenize")
+
+    t = time.perf_counter()
+    result = api.run(model, tok, clean, corrupt, target, foil, settings)
+    whole = time.perf_counter() - t
+    mark("run")
+    record, sweep = result.timing["record_seconds"], result.timing["sweep_seconds"]
+    del marks["run"]
+    marks["two recorded runs"] = record
+    marks["sweep"] = sweep
+    marks["tokenize + summaries + versions"] = whole - record - sweep
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    report.quiet_heatmap(result, Path(out) / "heatmap.png")
+    mark("heatmap")
+    report.write_experiment(result, Path(out) / "files", png=False, overwrite=True)
+    mark("files")
+    report.token_table(prep)  # --quiet still builds the tables it does not print
+    report.topk_table("clean", result.clean, prep)
+    report.topk_table("corrupt", result.corrupt, prep)
+    report.strongest(result)
+    mark("tables")
+    print(json.dumps(marks))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:7])
