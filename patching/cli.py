@@ -161,9 +161,10 @@ class Bar:
 
 
 def command(args, say) -> int:
-    from patching import study
-    if args.pairs or args.shard or args.bootstrap is not None or study.is_study(args.batch):
-        return study.command(args, given_settings(args), say)
+    if args.batch or args.pairs or args.shard or args.bootstrap is not None:
+        from patching import study  # only where a file is read: a single run never imports YAML
+        if study.wanted(args):
+            return study.command(args, given_settings(args), say)
     if args.batch:
         clash = [f"--{k}" for k in ("clean", "corrupt", "target", "foil") if getattr(args, k) is not None]
         if clash:

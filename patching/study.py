@@ -41,7 +41,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
 from patching import engines, stats
 from patching.api import (USER_ERRORS, PatchingError, PatchResult, Settings, axes_of, finite, indistinct, load,
@@ -263,14 +262,15 @@ def read_yaml(path: Path) -> dict:
     return doc
 
 
-def is_study(batch_file: str | None, pairs_file: str | None = None) -> bool:
-    """Whether the CLI should run a study: a --pairs file, or a YAML with pairs/analysis/study keys."""
-    if pairs_file:
+def wanted(args) -> bool:
+    """Whether the patch command runs a study: --pairs, --shard or --bootstrap, or a YAML file with a
+    pairs, analysis or study key (any other YAML is a plain batch)."""
+    if getattr(args, "pairs", None) or getattr(args, "shard", None) or getattr(args, "bootstrap", None) is not None:
         return True
-    if not batch_file:
+    if not getattr(args, "batch", None):
         return False
     try:
-        return any(k in read_yaml(Path(batch_file)) for k in STUDY_KEYS)
+        return any(k in read_yaml(Path(args.batch)) for k in STUDY_KEYS)
     except PatchingError:
         return False  # the batch reader reports the problem
 
