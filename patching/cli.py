@@ -30,7 +30,9 @@ from patching.report import (default_folder, describe_cell, experiment_files, sl
                              topk_table)
 
 # name -> module path; a module plugs in with HELP, add_arguments(ap) and command(args, say) -> int.
-COMMANDS: dict[str, str] = {"patch": __name__, "merge": "patching.merge"}  # this module ("__main__" under python -m)
+COMMANDS: dict[str, str] = {"patch": __name__}  # this module ("__main__" under python -m)
+COMMANDS.update({name: f"patching.{name}" for name in ("lens", "dla", "attention", "heads", "ablate")})  # issue 14
+COMMANDS["merge"] = "patching.merge"  # issue 16: combine the shards of a study
 DEFAULT = "patch"
 
 HELP = "activation patching of every (layer, position) of the residual stream (the default command)"
@@ -130,11 +132,14 @@ class Say:
         try:
             print(*parts, flush=True)
         except BrokenPipeError:
-            self.broken = True
-            # point fd 1 at /dev/null so the interpreter's final flush cannot fail again
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+            self.mute()
+
+    def mute(self):
+        self.broken = True
+        # point fd 1 at /dev/null so the interpreter's final flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 class Bar:
@@ -256,12 +261,24 @@ def main(argv: list[str] | None = None) -> int:
         print("patch-run: error: no arguments: give --clean, --corrupt, --target and --foil, or --batch FILE "
               "(patch-run --help lists everything).", file=sys.stderr)
         return 2
-    if argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+    if argv[0] in ("-h", "--help"):  # the commands, then the default command's own options
+        default = argparse.ArgumentParser(prog=f"patch-run [{DEFAULT}]", parents=[shared_options()])
+        plugin(DEFAULT).add_arguments(default)
+        Say().result(parser().format_help() + "\n" + default.format_help())
+        return 0
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):  # a word where a command goes
+        print(f"patch-run: error: unknown command {argv[0][:40]!r}: use one of {', '.join(COMMANDS)} "
+              f"(or flags alone for {DEFAULT}).", file=sys.stderr)
+        return 2
+    if argv[0] not in COMMANDS:
         argv = [DEFAULT, *argv]
     try:
         args = parser().parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage and the error (or the help)
         return exc.code if isinstance(exc.code, int) else 2
+    except BrokenPipeError:  # `patch-run patch --help | head`
+        Say().mute()
+        return 0
     say = Say(args.quiet)
     term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:

@@ -86,6 +86,13 @@ class Claim:
         self._lock()
         try:
             self.check()  # again under the lock: another run may have written it meanwhile
+            if self.folder.is_dir():  # filled in place, or emptied of our old files: it must be writable
+                probe = self.folder / f".patch-run-probe-{os.getpid()}"
+                try:
+                    probe.write_bytes(b"")
+                    probe.unlink()
+                except OSError as exc:
+                    raise _fail(self.folder, exc) from None
         except BaseException:
             self.__exit__(None, None, None)
             raise

@@ -240,7 +240,8 @@ def cli(args, tmp_path=None, name="out"):
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = main([*args, "--device", "cpu", *out])
-    res = json.loads((tmp_path / name / "results.json").read_text()) if rc == 0 and tmp_path else None
+    written = tmp_path / name / "results.json" if tmp_path else None
+    res = json.loads(written.read_text()) if rc == 0 and written and written.exists() else None
     return rc, stdout.getvalue(), stderr.getvalue(), res
 
 
@@ -285,8 +286,7 @@ def test_prepend_bos_is_position_zero(tiny_ckpt, tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_ckpt, tmp_path):
-    rc, stdout, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "v", "--dry-run",
-                                 "--out", str(tmp_path / "never")])
+    rc, stdout, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "v", "--dry-run"], tmp_path, "never")
     assert rc == 0, stderr
     assert stdout.startswith("plan: 88 patches at v (") and "chunk" in stdout and "MiB" in stdout
     assert not (tmp_path / "never").exists()
@@ -296,14 +296,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_ckpt, tmp_path):
     (["--site", "attn_out", "--all-positions"], "needs a head site"),
     (["--site", "nowhere"], "invalid choice"),
 ])
-def test_bad_site_flags_are_one_line(tiny_ckpt, args, message):
-    rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, *args])
+def test_bad_site_flags_are_one_line(tiny_ckpt, tmp_path, args, message):
+    rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, *args], tmp_path)
     assert rc in (1, 2) and message in stderr and "Traceback" not in stderr
 
 
-def test_pattern_sweep_that_cannot_fit_is_refused(tiny_ckpt, monkeypatch):
+def test_pattern_sweep_that_cannot_fit_is_refused(tiny_ckpt, tmp_path, monkeypatch):
     from patching import api
     monkeypatch.setattr(api, "available_memory", lambda device: 2**12)  # a machine with 4 KiB free
-    rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "pattern"])
+    rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "pattern"], tmp_path)
     assert rc == 1 and "pattern sweep needs about" in stderr and "shorten the prompt" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_unknown_command_is_one_line(capsys):
+    from patching.cli import main
+    assert main(["lenz", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown command 'lenz'" in err[0] and "lens" in err[0]

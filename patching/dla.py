@@ -1,0 +1,144 @@
+"""Direct logit attribution (DLA): how much each component writes logit(foil) - logit(target).
+
+Method (Elhage et al., "A Mathematical Framework for Transformer Circuits", 2021; Nanda's DLA): the
+final residual stream at the last position is a sum of what every component wrote into it,
+    x = embed + sum_l (sum_h head_lh + attn_bias_l + mlp_l),
+where head_lh = W_O[:, slice h] z_lh is head h's mixed value through its slice of c_proj, attn_bias_l is
+c_proj's bias, mlp_l the MLP's output and embed = wte[token] + wpe[position]. The final LayerNorm is
+ln(x) = w * (x - mean(x)) / s + b. With its scale s frozen at the run's value it is linear, and
+centring distributes over the sum, so with d = W_U[foil] - W_U[target] (GPT-2's unembedding has no bias)
+    logit(foil) - logit(target) = sum_c (c - mean(c)) . (w * d) / s  +  b . d.
+Every term is kept, so the components add up to the model's own value (checked in tests); forgetting
+the centring or the bias is why DLA "does not add up" without folded LayerNorm (TransformerLens #523).
+Computed in float64 from the model's recorded activations.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mingpt.model import Recording
+from patching import toolkit
+
+HELP = "direct logit attribution: each head's, MLP's and embedding's share of logit(foil) - logit(target)"
+
+
+@dataclass
+class DLAOptions(toolkit.Options):
+    prompt: str
+    target: str | None = None
+    foil: str | None = None
+
+    def __post_init__(self):
+        toolkit.check_prompt(self.prompt)
+        toolkit.check_pair(self.target, self.foil, needed=True, command="dla")
+
+
+@dataclass
+class DLAResult:
+    model: str
+    tokens: list[str]
+    ids: list[int]
+    target: tuple[str, int]
+    foil: tuple[str, int]
+    heads: np.ndarray  # (L, H)
+    attn_bias: np.ndarray  # (L,)
+    mlp: np.ndarray  # (L,)
+    embed: float  # token + position embedding
+    final_ln_bias: float
+    metric: float  # the model's own logit(foil) - logit(target)
+    scale: float  # the frozen final LayerNorm scale s at the last position
+
+    @property
+    def total(self) -> float:
+        return float(self.heads.sum() + self.attn_bias.sum() + self.mlp.sum() + self.embed + self.final_ln_bias)
+
+    def components(self) -> list[tuple[str, float]]:
+        """Every component by name, largest magnitude first."""
+        L, H = self.heads.shape
+        named = [(f"L{l}H{h}", float(self.heads[l, h])) for l in range(L) for h in range(H)]
+        named += [(f"attn bias {l}", float(self.attn_bias[l])) for l in range(L)]
+        named += [(f"mlp {l}", float(self.mlp[l])) for l in range(L)]
+        named += [("embed", self.embed), ("final LN bias", self.final_ln_bias)]
+        return sorted(named, key=lambda kv: -abs(kv[1]))
+
+    def to_json(self) -> dict:
+        return {"analysis": "dla", "model": self.model, "tokens": self.tokens, "ids": self.ids,
+                "target": {"text": self.target[0], "id": self.target[1]},
+                "foil": {"text": self.foil[0], "id": self.foil[1]},
+                "metric_definition": "logit(foil) - logit(target) at the last position",
+                "heads": toolkit.finite(self.heads), "attn_bias": toolkit.finite(self.attn_bias),
+                "mlp": toolkit.finite(self.mlp), "embed": toolkit.finite(self.embed),
+                "final_ln_bias": toolkit.finite(self.final_ln_bias), "total": toolkit.finite(self.total),
+                "metric": toolkit.finite(self.metric), "final_ln_scale": toolkit.finite(self.scale)}
+
+
+@torch.no_grad()
+def dla(model, tok, options: DLAOptions) -> DLAResult:
+    ids = toolkit.encode(tok, model, options.prompt)
+    target, foil = toolkit.answer_ids(tok, options.target, options.foil)
+    rec = Recording(sites=("resid_pre", "z", "mlp_out", "resid_post"))
+    model(torch.tensor([ids], device=toolkit.device_of(model)), record=rec, last_only=True)
+    cfg, tr = model.config, model.transformer
+    L, H, C = cfg.n_layer, cfg.n_head, cfg.n_embd
+    f64 = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    d = f64(tr.wte.weight[foil[1]] - tr.wte.weight[target[1]])  # (C,) the logit-difference direction
+    x = f64(rec["resid_post", L - 1][0, -1])  # the final residual stream at the last position
+    scale = float((x.var(unbiased=False) + tr.ln_f.eps).sqrt())
+    g = f64(tr.ln_f.weight) * d / scale  # what one unit of a centred component adds to the metric
+
+    def project(v: torch.Tensor) -> torch.Tensor:  # (..., C) -> (...): centre, then read along g
+        return (v - v.mean(-1, keepdim=True)) @ g
+
+    heads, bias, mlp = np.zeros((L, H)), np.zeros(L), np.zeros(L)
+    for l, block in enumerate(tr.h):
+        w_o = f64(block.attn.c_proj.weight).view(C, H, C // H)  # (C_out, head, head_size)
+        z = f64(rec["z", l][0, :, -1])  # (H, head_size) at the last position
+        heads[l] = project(torch.einsum("chd,hd->hc", w_o, z)).numpy()
+        bias[l] = float(project(f64(block.attn.c_proj.bias)))
+        mlp[l] = float(project(f64(rec["mlp_out", l][0, -1])))
+    embed = float(project(f64(rec["resid_pre", 0][0, -1])))
+    ln_bias = float(f64(tr.ln_f.bias) @ d)
+    last = rec.last_logits[0].double()
+    return DLAResult(toolkit.model_name(model), [tok.token_str(i) for i in ids], ids, target, foil, heads, bias,
+                     mlp, embed, ln_bias, float(last[foil[1]] - last[target[1]]), scale)
+
+
+# ----------------------------------------------------------------------------- figures and files
+
+
+def heads_figure(r: DLAResult):
+    return toolkit.layer_head_figure(r.heads, f"direct logit attribution per head\nlogit({r.foil[0].strip()}) − "
+                                              f"logit({r.target[0].strip()}) = {r.metric:.3g}")
+
+
+def layers_figure(r: DLAResult):
+    return toolkit.layer_bars_figure(
+        {"attention (heads + bias)": r.heads.sum(1) + r.attn_bias, "MLP": r.mlp},
+        f"logit({r.foil[0].strip()}) − logit({r.target[0].strip()})",
+        f"per layer; embed {r.embed:.3g}, final LN bias {r.final_ln_bias:.3g}, total {r.total:.4g}")
+
+
+def files(r: DLAResult) -> dict:
+    return toolkit.component_files(r, "contribution", heads_figure, layers_figure)
+
+
+def add_arguments(ap: argparse.ArgumentParser):
+    toolkit.add_prompt_arguments(ap, "the text whose next token is explained", pair_required=True)
+
+
+def command(args: argparse.Namespace, say) -> int:
+    options = DLAOptions(args.prompt, args.target, args.foil)
+    model, tok = toolkit.load_model(args)
+    with toolkit.claim_out(args, "dla", options.prompt) as dest:
+        r = dla(model, tok, options)
+        folder = dest.write(files(r))
+    say(f"logit({r.foil[0].strip()}) - logit({r.target[0].strip()}) = {r.metric:.4f}; "
+        f"sum of the components {r.total:.4f}")
+    for name, v in r.components()[:10]:
+        say(f"  {name:>14}: {v:+.4f}")
+    say.result(f"wrote {folder}/results.json, results.csv, heads.png, layers.png")
+    return 0
