@@ -32,6 +32,7 @@ from patching.report import (default_folder, describe_cell, experiment_files, sl
 # name -> module path; a module plugs in with HELP, add_arguments(ap) and command(args, say) -> int.
 COMMANDS: dict[str, str] = {"patch": __name__}  # this module ("__main__" under python -m)
 COMMANDS.update({name: f"patching.{name}" for name in ("lens", "dla", "attention", "heads", "ablate")})  # issue 14
+COMMANDS["merge"] = "patching.merge"  # issue 16: combine the shards of a study
 DEFAULT = "patch"
 
 HELP = "activation patching of every (layer, position) of the residual stream (the default command)"
@@ -80,6 +81,12 @@ def add_arguments(ap: argparse.ArgumentParser):
     how.add_argument("--prepend-bos", dest="prepend_bos", action="store_const", const=True,
                      help="put <|endoftext|> before both prompts as position 0 (TransformerLens's default) [off]")
     ap.add_argument("--dry-run", action="store_true", help="print the sweep's plan (patches, chunks, memory) and stop")
+    study = ap.add_argument_group("studies (patching/study.py): many pairs, statistics, shards")
+    study.add_argument("--pairs", metavar="FILE.jsonl|.csv", help="run a study of these pairs (clean, corrupt, target, "
+                       "foil per row)")
+    study.add_argument("--shard", metavar="K/N", help="run the K-th of N deterministic slices of a study; "
+                       "combine the shards with patch-run merge")
+    study.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples of a study's 95%% intervals [1000]")
 
 
 def plugin(name: str):
@@ -159,6 +166,10 @@ class Bar:
 
 
 def command(args, say) -> int:
+    if args.batch or args.pairs or args.shard or args.bootstrap is not None:
+        from patching import study  # only where a file is read: a single run never imports YAML
+        if study.wanted(args):
+            return study.command(args, given_settings(args), say)
     if args.batch:
         clash = [f"--{k}" for k in ("clean", "corrupt", "target", "foil") if getattr(args, k) is not None]
         if clash:
