@@ -212,7 +212,7 @@ def single(args, say) -> int:
         f"({settings.engine} engine, {result.timing['device']})")
     for entry in strongest(result):
         say(f"  strongest: {describe_cell(result, entry)}: {entry[-1]:.4f}")
-    say.result(f"wrote {folder}/results.json, results.csv, heatmap.png")
+    say.result(f"wrote {folder}/results.json, results.csv, heatmap.png, report.html")
     return 0
 
 

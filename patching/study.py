@@ -384,13 +384,8 @@ def patch_pair(model, tok, pair: Pair, settings: Settings, meta: dict) -> tuple[
 
 
 def pair_files(result: PatchResult, figures: bool) -> dict:
-    """One pair's folder: what a single experiment writes (report.experiment_files), plus report.html."""
-    from patching import html
-    files = experiment_files(result, png=figures)
-    doc = json.loads(files["results.json"])  # the document once, for the page too
-    files["report.html"] = lambda p: p.write_text(html.experiment_page(
-        result, (p.parent / "heatmap.png").read_bytes() if figures else None, doc))
-    return files
+    """One pair's folder: what a single experiment writes (report.experiment_files)."""
+    return experiment_files(result, png=figures)
 
 
 # ----------------------------------------------------------------------------- the study
