@@ -7,7 +7,9 @@ Prints one JSON object of seconds per stage (and the run's own record/sweep seco
 costs what it costs in a real run. The steps mirror patching.cli.single; nothing is imported before
 the clock starts but the standard library.
 """
+import inspect
 import json
+import shutil
 import sys
 import time
 
@@ -37,7 +39,9 @@ def main(model_name: str, out: str, clean: str, corrupt: str, target: str, foil:
     model = GPT.from_pretrained(settings.model).to(device=device, dtype=api.DTYPES[settings.dtype])
     mark("model load")
     tok = BPETokenizer(settings.model)
-    prep = api.prepare(tok, clean, corrupt, target, foil, model.config.block_size, model.config.vocab_size)
+    sizes = (model.config.block_size, model.config.vocab_size)
+    n_sizes = len(inspect.signature(api.prepare).parameters) - 5  # older checkouts (--src) take block_size only
+    prep = api.prepare(tok, clean, corrupt, target, foil, *sizes[:n_sizes])
     mark("vocabulary + tokenize")
 
     t = time.perf_counter()
@@ -51,9 +55,10 @@ def main(model_name: str, out: str, clean: str, corrupt: str, target: str, foil:
     marks["tokenize + summaries + versions"] = whole - record - sweep
 
     Path(out).mkdir(parents=True, exist_ok=True)
-    report.quiet_heatmap(result, Path(out) / "heatmap.png")
+    getattr(report, "quiet_heatmap", report.heatmap)(result, Path(out) / "heatmap.png")
     mark("heatmap")
-    report.write_experiment(result, Path(out) / "files", png=False, overwrite=True)
+    shutil.rmtree(Path(out) / "files", ignore_errors=True)
+    report.write_experiment(result, Path(out) / "files", png=False)
     mark("files")
     report.token_table(prep)  # --quiet still builds the tables it does not print
     report.topk_table("clean", result.clean, prep)
