@@ -256,11 +256,13 @@ def _main_thread() -> bool:
 
 
 def program() -> int:
-    """The `patch-run` executable: main(), then a quick exit. The interpreter's last garbage collection
-    walks every object torch and matplotlib created (~0.7 s on a 2-core CPU); frozen objects are
-    skipped, and the process is ending anyway. (Not in main(): callers in Python keep their GC.)"""
+    """The `patch-run` executable: main() with the garbage collector kept off torch's objects. Every
+    collection of the oldest generation walks the million objects importing torch made, and the
+    interpreter's last one at exit costs ~0.7 s on a 2-core CPU; frozen objects are skipped (they
+    live until exit anyway). Not in main(): callers in Python keep their GC as it is."""
+    gc.freeze()  # what the imports made so far
     code = main()
-    gc.freeze()
+    gc.freeze()  # and what the run made (matplotlib's modules, the model), before the exit
     return code
 
 
