@@ -33,6 +33,9 @@ def main(model_name: str, out: str, clean: str, corrupt: str, target: str, foil:
     from mingpt.bpe import BPETokenizer
     from mingpt.model import GPT
     from patching import api, cli, report
+    if hasattr(cli, "program"):  # as the patch-run executable does (older checkouts, --src, did not)
+        import gc
+        gc.freeze()
     mark("other imports")
 
     settings = cli.Settings(model=model_name)
