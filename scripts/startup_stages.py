@@ -19,9 +19,10 @@ marks, cpu = {}, {}  # wall seconds per stage; CPU seconds (all threads), which 
 
 
 def mark(name: str):
+    """Charge the time since the last mark to `name` (added up if it comes again)."""
     global t0, c0
     now, cnow = time.perf_counter(), time.process_time()
-    marks[name], cpu[name] = now - t0, cnow - c0
+    marks[name], cpu[name] = marks.get(name, 0) + now - t0, cpu.get(name, 0) + cnow - c0
     t0, c0 = now, cnow
 
 
@@ -58,12 +59,18 @@ def main(model_name: str, out: str, clean: str, corrupt: str, target: str, foil:
     marks["sweep"] = sweep
     marks["tokenize + summaries + versions"] = whole - record - sweep
 
-    Path(out).mkdir(parents=True, exist_ok=True)
-    getattr(report, "quiet_heatmap", report.heatmap)(result, Path(out) / "heatmap.png")
-    mark("heatmap")
-    shutil.rmtree(Path(out) / "files", ignore_errors=True)
-    report.write_experiment(result, Path(out) / "files", png=False)
-    mark("files")
+    folder = Path(out) / "files"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if hasattr(report, "experiment_files"):  # the files the CLI writes, in its order (the heatmap's apart)
+        for name, content in report.experiment_files(result).items():
+            content(folder / name) if callable(content) else (folder / name).write_text(content)
+            mark("heatmap" if name == "heatmap.png" else "files")
+    else:  # an older checkout (--src)
+        report.heatmap(result, folder / "heatmap.png")
+        mark("heatmap")
+        report.write_experiment(result, folder / "rest", png=False)
+        mark("files")
     report.token_table(prep)  # --quiet still builds the tables it does not print
     report.topk_table("clean", result.clean, prep)
     report.topk_table("corrupt", result.corrupt, prep)
