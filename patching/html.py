@@ -127,7 +127,10 @@ def study_page(summary: dict, aggs: list, pngs: list[bytes], tidy: list[dict]) -
                 tidy_rows.append([*keys[:2], *keys[3:], *(fmt(x[cell]) for x in arrays)])  # n_tokens: in the CSV
     s = summary
     head = tidy_head(axes, labels)
-    settings = [*s["settings"].items(), ("analysis", ", ".join(f"{k}={v}" for k, v in a.items())),
+    from patching.study import PATCH_ONLY
+    shown = {k: v for k, v in s["settings"].items() if recovery or k not in PATCH_ONLY}  # what the analysis reads
+    about = {k: v for k, v in a.items() if k not in ("labels", "metrics", "scalars")}  # the grid's labels: the tables
+    settings = [*shown.items(), ("analysis", ", ".join(f"{k}={v}" for k, v in about.items())),
                 *((f"study {k}", v) for k, v in s["options"].items())]
     how = HOW_TO_READ_AGGREGATE if recovery else HOW_TO_READ_RAW.format(metric=metric,
                                                                          definition=a.get("metric_definition", ""))

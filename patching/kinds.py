@@ -112,7 +112,8 @@ def options(kind: str, data: dict, where: str) -> dict:
     allowed = k.option_names()
     unknown = [key for key in data if key not in allowed]
     if unknown:
-        raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; a {kind} analysis takes kind"
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; {article} {kind} analysis takes kind"
                             + "".join(f", {a}" for a in allowed) + ".")
     data = dict(data)
     if kind == "ablate":
