@@ -47,7 +47,7 @@ class Outcome:
 class Kind:
     name: str
     options_class: type
-    run: Callable  # (model, tok, Options, figures) -> Outcome
+    run: Callable  # (model, tok, Options, figures, cache) -> Outcome
     axes: tuple[str, str]
     metrics: tuple[str, ...]
     definition: str  # of metrics[0]
@@ -68,22 +68,28 @@ def _components(L: int, H: int, extra: tuple[str, str]) -> dict:
     return {"layer": [str(l) for l in range(L)], "component": [f"head {h}" for h in range(H)] + list(extra)}
 
 
-def _lens(model, tok, o: lens.LensOptions, figures: bool) -> Outcome:
+def _lens(model, tok, o: lens.LensOptions, figures: bool, cache: dict) -> Outcome:
     r = lens.lens(model, tok, o)
     # the last row at the last position is the model's own logit(foil) - logit(target) (lens.py)
     return Outcome({"logit-diff": r.matrix, "top1-prob": r.top_probs}, r.tokens,
                    _files(lens.files(r), figures, KINDS["lens"].figures), {"clean_value": float(r.matrix[-1, -1])})
 
 
-def _dla(model, tok, o: dla.DLAOptions, figures: bool) -> Outcome:
+def _dla(model, tok, o: dla.DLAOptions, figures: bool, cache: dict) -> Outcome:
     r = dla.dla(model, tok, o)
     grid = np.concatenate([r.heads, r.attn_bias[:, None], r.mlp[:, None]], axis=1)
     return Outcome({"contribution": grid}, r.tokens, _files(dla.files(r), figures, KINDS["dla"].figures),
                    {"clean_value": r.metric, "embed": r.embed, "final_ln_bias": r.final_ln_bias})
 
 
-def _ablate(model, tok, o: ablate.AblateOptions, figures: bool) -> Outcome:
-    r = ablate.ablate(model, tok, o)
+def _ablate(model, tok, o: ablate.AblateOptions, figures: bool, cache: dict) -> Outcome:
+    means = None
+    if o.kind == "mean" and o.reference:  # one reference for every pair: its means once per prompt length
+        T = len(tok.encode(o.prompt))
+        if T not in cache:
+            cache[T] = ablate.mean_source(model, tok, o.reference, T)
+        means = cache[T]
+    r = ablate.ablate(model, tok, o, means)
     grid = np.concatenate([r.heads, r.attn[:, None], r.mlp[:, None]], axis=1)
     return Outcome({"ablated-minus-base": grid}, r.tokens, _files(ablate.files(r), figures, KINDS["ablate"].figures),
                    {"clean_value": r.base_value})
@@ -151,10 +157,11 @@ def build(kind: str, data: dict, prompt: str, target: str, foil: str):
                                      **{rename.get(k, k): v for k, v in data.items()})
 
 
-def run_pair(kind: str, model, tok, pair, data: dict, figures: bool) -> tuple[Outcome, float]:
-    """(the analysis of the pair's clean prompt, its seconds)."""
+def run_pair(kind: str, model, tok, pair, data: dict, figures: bool, cache: dict) -> tuple[Outcome, float]:
+    """(the analysis of the pair's clean prompt, its seconds); `cache`: one dict for the whole study,
+    where an analysis keeps what every pair shares (mean ablation's reference means)."""
     t0 = time.perf_counter()
-    out = KINDS[kind].run(model, tok, build(kind, data, pair.clean, pair.target, pair.foil), figures)
+    out = KINDS[kind].run(model, tok, build(kind, data, pair.clean, pair.target, pair.foil), figures, cache)
     out.metrics = {m: np.asarray(v, dtype=np.float64) for m, v in out.metrics.items()}
     return out, time.perf_counter() - t0
 

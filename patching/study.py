@@ -486,7 +486,7 @@ def _run_pairs(study: Study, shard, model, tok, meta: dict, stage: Path, say):
     if study.options.threads:  # small models on a busy CPU run faster single-threaded; shards add processes
         torch.set_num_threads(study.options.threads)
     try:
-        kind = study.analysis.kind
+        kind, cache = study.analysis.kind, {}
         for n_done, ((i, pair), row) in enumerate(zip(chosen, rows), 1):
             t0 = time.perf_counter()
             reason = misfit(tok, pair, model.config.block_size, clean_only=kind != "patch")
@@ -500,7 +500,7 @@ def _run_pairs(study: Study, shard, model, tok, meta: dict, stage: Path, say):
                     values = {"clean_value": result.clean.value, "corrupt_value": result.corrupt.value}
                     timing = {k: result.timing[k] for k in ("sweep_seconds", "record_seconds")}
                 else:
-                    out, seconds = kinds.run_pair(kind, model, tok, pair, study.analysis.options, study.figures)
+                    out, seconds = kinds.run_pair(kind, model, tok, pair, study.analysis.options, study.figures, cache)
                     files, tokens, metrics, values = out.files, out.tokens, out.metrics, out.values
                     timing = {"analysis_seconds": round(seconds, 6)}
                 write_folder(stage / row["name"], files, kind="experiment")
