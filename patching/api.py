@@ -198,11 +198,14 @@ def axes_of(site: str, all_positions: bool) -> list[str]:
     return ["layer"] + (["head"] if site in HEAD_SITES else []) + ([] if all_positions else ["position"])
 
 
-def finite(values: torch.Tensor, what: str):
-    """A damaged checkpoint (a NaN weight, a negative layer_norm_epsilon) makes every number NaN: say so."""
+def finite(values: torch.Tensor, what: str, model: GPT | None = None):
+    """A damaged checkpoint (a NaN weight, a negative layer_norm_epsilon) makes every number NaN: say so,
+    naming the damaged tensor when there is one."""
     if not bool(torch.isfinite(values).all()):
-        raise PatchingError(f"{what} are not finite (NaN or infinity): the model's weights or config are damaged; "
-                            f"re-download or re-save the checkpoint.")
+        bad = model.damaged() if model is not None and hasattr(model, "damaged") else None
+        why = f"tensor {quote(bad, 60)} holds NaN or infinite values" if bad else \
+            "the model's weights or config are damaged"
+        raise PatchingError(f"{what} are not finite (NaN or infinity): {why}; re-download or re-save the checkpoint.")
 
 
 def indistinct(r_clean: torch.Tensor, r_corrupt: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -373,7 +376,7 @@ def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, fo
                               settings.max_rows, lse, None), device)
     rec_clean, rec_corrupt = engines.record(model, clean_ids, [site]), engines.record(model, corrupt_ids, [site])
     for name, rec in (("clean", rec_clean), ("corrupt", rec_corrupt)):
-        finite(rec.last_logits, f"the {name} run's logits")
+        finite(rec.last_logits, f"the {name} run's logits", model)
     r_clean = engines.readout(rec_clean.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
     r_corrupt = engines.readout(rec_corrupt.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
     denoise = settings.direction == "denoise"
