@@ -33,6 +33,7 @@ from patching.report import (default_folder, describe_cell, experiment_files, sl
 # name -> module path; a module plugs in with HELP, add_arguments(ap) and command(args, say) -> int.
 COMMANDS: dict[str, str] = {"patch": __name__}  # this module ("__main__" under python -m)
 COMMANDS.update({name: f"patching.{name}" for name in ("lens", "dla", "attention", "heads", "ablate")})  # issue 14
+COMMANDS["path"] = "patching.path"  # issue 15
 DEFAULT = "patch"
 
 HELP = "activation patching of every (layer, position) of the residual stream (the default command)"
