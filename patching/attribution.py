@@ -148,14 +148,20 @@ def compare(exact: np.ndarray, estimated: np.ndarray, base_value: float, live: n
             tokens: list[str], k: int = 10) -> dict:
     """How wrong the estimate was, over the live cells (those that patch a different value).
 
-    exact, estimated: metric values per cell; live: bool, same shape. Effects are value - base_value."""
+    exact, estimated: metric values per cell; live: bool, same shape. Effects are value - base_value.
+    Effects within the noise floor (1e-5 of the values' scale: float32 rounding of the exact sweep,
+    ~1e-7 relative, is far below it) count as 0 for the ranks, and the top k are taken among the
+    cells whose exact effect is above it: ranking rounding noise would say nothing."""
     e, a = (exact - base_value)[live], (estimated - base_value)[live]
     cells = np.argwhere(live)
     err = np.abs(a - e)
     n = len(e)
-    kk = min(k, n)
-    top_exact = set(np.argsort(-np.abs(e), kind="stable")[:kk].tolist())
-    top_est = set(np.argsort(-np.abs(a), kind="stable")[:kk].tolist())
+    noise = 1e-5 * max(abs(base_value), float(np.abs(exact).max(initial=0.0)))
+    e0, a0 = np.where(np.abs(e) > noise, e, 0.0), np.where(np.abs(a) > noise, a, 0.0)
+    above = np.flatnonzero(e0)
+    kk = min(k, len(above))
+    top_exact = set(above[np.argsort(-np.abs(e0[above]), kind="stable")[:kk]].tolist())
+    top_est = set(np.argsort(-np.abs(a0), kind="stable")[:kk].tolist())
     worst = np.argsort(-err, kind="stable")[:5]
 
     def cell(i):  # a cell by name: layer, (head,) (position and its token)
@@ -167,7 +173,8 @@ def compare(exact: np.ndarray, estimated: np.ndarray, base_value: float, live: n
 
     scale = float(np.abs(e).max()) if n else 0.0
     return {
-        "cells": n, "pearson": _pearson(e, a), "spearman": _pearson(_ranks(e), _ranks(a)) if n else None,
+        "cells": n, "noise_floor": noise, "cells_above_noise": int(len(above)),
+        "pearson": _pearson(e, a), "spearman": _pearson(_ranks(e0), _ranks(a0)) if n else None,
         "max_abs_error": float(err.max()) if n else 0.0, "max_abs_error_cell": cell(int(worst[0])) if n else None,
         "max_abs_error_relative": float(err.max()) / scale if n and scale else None,
         "mean_abs_error": float(err.mean()) if n else 0.0, "largest_exact_effect": scale,
@@ -183,7 +190,8 @@ def check_lines(result) -> list[str]:
         return []
     fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
     w = c["max_abs_error_cell"]
-    lines = [f"check against the exact sweep ({c['cells']} cells that patch a different value): "
+    lines = [f"check against the exact sweep ({c['cells']} cells that patch a different value, "
+             f"{c['cells_above_noise']} with an effect above {c['noise_floor']:.2g}): "
              f"Pearson {fmt(c['pearson'])}, Spearman {fmt(c['spearman'])}, "
              f"top-{c['top_k']} recall {fmt(c['top_k_recall'])}"]
     if w is not None:
@@ -211,7 +219,7 @@ def scatter(result):
     lo, hi = float(np.nanmin([exact.min(), est.min()])), float(np.nanmax([exact.max(), est.max()]))
     ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--", label="estimate = exact")
     for c in result.check["worst_cells"][:5]:
-        if c["error"] > 0:
+        if c["error"] > 1e-3 * result.check["largest_exact_effect"]:  # not the cells that agree to rounding
             ax.annotate(cell_label(c), (c["exact"], c["estimate"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
     c = result.check

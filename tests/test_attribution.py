@@ -278,3 +278,14 @@ def test_cli_check_needs_attribution(tiny_ckpt, tmp_path):
     rc, out, err = cli([*PAIR, "--model", str(tiny_ckpt), "--device", "cpu", "--check", "--out", str(tmp_path / "x")])
     assert rc == 1 and err.count("\n") == 1 and "--method attribution" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_ignores_rounding_noise_in_ranks_and_top_k():
+    """Exact effects of a few float32 ulps are no ranking: they count as 0, and top-k takes only the
+    cells above the noise floor."""
+    exact = np.array([20.0, 20.0 - 1.9e-6, 20.0 + 1.9e-6, -18.0, 5.0])
+    est = np.array([20.0, 20.0 + 1e-9, 20.0 - 1e-9, -6.0, 12.0])
+    c = attribution.compare(exact, est, 20.0, np.ones(5, bool), ["layer"], [])
+    assert c["cells_above_noise"] == 2 and c["top_k"] == 2 and c["top_k_recall"] == 1.0
+    assert c["noise_floor"] == pytest.approx(2e-4)
+    assert c["spearman"] == pytest.approx(np.corrcoef([3, 3, 3, 1, 5], [3, 3, 3, 1, 5])[0, 1])
