@@ -7,16 +7,17 @@ LayerNorm and an unembedding tied to the token embedding. Parameter names follow
 is a name-aligned copy; HF stores the four Conv1D weights as (in, out), which we transpose once, in
 `_hf_to_ours`/`_ours_to_hf`.
 
-Activation patching needs two things from forward(), and nothing else of the model's inside:
-- `record=Recording()` fills the recording with detached copies of the residual stream after every
-  block at every position (and, with `Recording(kv=True)`, every block's attention keys and values,
-  so a later run can resume from it), plus the last position's logits.
-- `patch=Patch(layer, pos, value)` replaces the output of block `layer` at position `pos` by `value`
-  before it flows into block `layer + 1` (tensors of shape (B,) give each batch row its own patch).
+Activation patching needs two things from forward(), and nothing else of the model's inside
+(mingpt.sites): every block visits each named site once (`x = at("attn_out", x)`, names as in
+TransformerLens), and `at` belongs to one call:
+- `record=Recording(sites=...)` keeps detached copies of those sites at every block and position
+  (block outputs by default; `Recording(kv=True)` adds keys and values), plus the last logits.
+- `patch=Patch(layer, pos, value, site=..., head=...)`, or a list of them, replaces a site's value
+  at one position (or every position) of one block, for one head or all of them.
 
-`forward_patched` is the same patch, many at once and exactly: for patch (l, p) blocks 0..l are the
-base run's, positions < p are untouched (causal attention), and only a few logits are wanted, so it
-resumes at block l+1 from the recording, recomputes positions >= p only, and unembeds selected columns.
+`forward_patched` (mingpt.resume) is the same patch, many at once and exactly: a patch in block l at
+position p cannot change earlier blocks or positions, so it resumes inside block l from the
+recording, recomputes positions >= p only, and unembeds selected columns.
 """
 from __future__ import annotations
 

@@ -95,26 +95,25 @@ def _block_input(base, k: int) -> torch.Tensor:
 def _edits(site, k, new, offset, slabs, groups, every, values, dev) -> Edits:
     """One Edits for the slabs that start at block k: slab offset+i gets values[new[i], j] at the
     first row of group j (every row of the one group, when every position is patched)."""
-    batch, rows, heads, vals = [], [], [], []
-    for i, s in enumerate(new):
-        head = slabs[s][1]
-        for j, (p, start, size) in enumerate(groups):
-            r = torch.arange(start, start + size) if every else torch.tensor([start])
-            v = values[s] if every else values[s, j][None]  # (r, *value)
-            if site in HEAD_SITES and head is None:  # all heads: one edit per head
-                nh = v.shape[1]
-                batch.append(torch.full((len(r) * nh,), offset + i))
-                heads.append(torch.arange(nh).repeat(len(r)))
-                rows.append(r.repeat_interleave(nh))
-                vals.append(v.flatten(0, 1))
-                continue
-            batch.append(torch.full((len(r),), offset + i))
-            rows.append(r)
-            if site in HEAD_SITES:
-                heads.append(torch.full((len(r),), head))
-            vals.append(v)
-    cat = lambda ts: torch.cat(ts).to(dev)  # noqa: E731
-    return Edits(site, k, cat(batch), cat(rows), torch.cat(vals), cat(heads) if heads else None)
+    idx = torch.tensor(new)
+    vals = values[idx.to(values.device)]  # (n, X, *value): X = groups, or every position of the one group
+    n, X = vals.shape[:2]
+    rows = torch.arange(groups[0][2]) if every else torch.tensor([start for _, start, _ in groups])  # (X,)
+    batch = (offset + torch.arange(n))[:, None].expand(n, X)
+    rows = rows[None, :].expand(n, X)
+    heads = None
+    all_heads = site in HEAD_SITES and slabs[new[0]][1] is None
+    assert all(site in HEAD_SITES and (slabs[i][1] is None) == all_heads for i in new) or site not in HEAD_SITES
+    if all_heads:  # one edit per head
+        nh = vals.shape[2]
+        batch, rows = (t[..., None].expand(n, X, nh) for t in (batch, rows))
+        heads, vals = torch.arange(nh).expand(n, X, nh), vals.flatten(0, 2)  # vals: (n*X*nh, ...)
+    else:
+        vals = vals.flatten(0, 1)  # (n*X, ...)
+        if site in HEAD_SITES:
+            heads = torch.tensor([slabs[i][1] for i in new])[:, None].expand(n, X)
+    flat = lambda t: t.reshape(-1).to(dev)  # noqa: E731
+    return Edits(site, k, flat(batch), flat(rows), vals, None if heads is None else flat(heads))
 
 
 def _apply_rows(slab: torch.Tensor, edits: Edits, offset: int) -> torch.Tensor:

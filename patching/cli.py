@@ -34,6 +34,7 @@ from patching.report import (default_folder, describe_cell, experiment_files, sl
 COMMANDS: dict[str, str] = {"patch": __name__}  # this module ("__main__" under python -m)
 COMMANDS.update({name: f"patching.{name}" for name in ("lens", "dla", "attention", "heads", "ablate")})  # issue 14
 COMMANDS["path"] = "patching.path"  # issue 15
+COMMANDS["merge"] = "patching.merge"  # issue 16: combine the shards of a study
 DEFAULT = "patch"
 
 HELP = "activation patching of every (layer, position) of the residual stream (the default command)"
@@ -88,6 +89,12 @@ def add_arguments(ap: argparse.ArgumentParser):
     how.add_argument("--check", action="store_const", const=True, help="attribution: also run the exact sweep and "
                      "report correlation, largest error and top-10 recall, with a scatter plot")
     ap.add_argument("--dry-run", action="store_true", help="print the sweep's plan (patches, chunks, memory) and stop")
+    study = ap.add_argument_group("studies (patching/study.py): many pairs, statistics, shards")
+    study.add_argument("--pairs", metavar="FILE.jsonl|.csv", help="run a study of these pairs (clean, corrupt, target, "
+                       "foil per row)")
+    study.add_argument("--shard", metavar="K/N", help="run the K-th of N deterministic slices of a study; "
+                       "combine the shards with patch-run merge")
+    study.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples of a study's 95%% intervals [1000]")
 
 
 def plugin(name: str):
@@ -167,6 +174,10 @@ class Bar:
 
 
 def command(args, say) -> int:
+    if args.batch or args.pairs or args.shard or args.bootstrap is not None:
+        from patching import study  # only where a file is read: a single run never imports YAML
+        if study.wanted(args):
+            return study.command(args, given_settings(args), say)
     if args.batch:
         clash = [f"--{k}" for k in ("clean", "corrupt", "target", "foil") if getattr(args, k) is not None]
         if clash:
@@ -212,8 +223,8 @@ def single(args, say) -> int:
         say(f"  strongest: {describe_cell(result, entry)}: {entry[-1]:.4f}")
     for line in check_lines(result):
         say(line)
-    say.result(f"wrote {folder}/results.json, results.csv, heatmap.png"
-               f"{', exact.csv, exact-heatmap.png, scatter.png' if result.check else ''}")
+    say.result(f"wrote {folder}/results.json, results.csv, heatmap.png, "
+               f"{'exact.csv, exact-heatmap.png, scatter.png, ' if result.check else ''}report.html")
     return 0
 
 
@@ -267,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         plugin(DEFAULT).add_arguments(default)
         Say().result(parser().format_help() + "\n" + default.format_help())
         return 0
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):  # a word where a command goes
+        print(f"patch-run: error: unknown command {argv[0][:40]!r}: use one of {', '.join(COMMANDS)} "
+              f"(or flags alone for {DEFAULT}).", file=sys.stderr)
+        return 2
     if argv[0] not in COMMANDS:
         argv = [DEFAULT, *argv]
     try:

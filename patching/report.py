@@ -210,13 +210,18 @@ def check_writable(folder: Path):
 
 
 def experiment_files(result: PatchResult, png: bool = True) -> dict:
-    """The files of one experiment, for patching.files: results.json, results.csv, heatmap.png."""
-    files = {"results.json": json_text(result.to_json()), "results.csv": results_csv(result)}
+    """The files of one experiment, for patching.files: results.json, results.csv, heatmap.png and
+    report.html (self-contained: the heatmap inline), written in this order."""
+    from patching import html
+    doc = result.to_json()
+    files = {"results.json": json_text(doc), "results.csv": results_csv(result)}
     if png:
         files["heatmap.png"] = lambda path: quiet_heatmap(result, path)
     if result.check is not None:  # --check: the exact sweep and the scatter beside the estimate
         from patching.attribution import check_files
         files.update(check_files(result) if png else {"exact.csv": check_files(result)["exact.csv"]})
+    files["report.html"] = lambda path: path.write_text(html.experiment_page(
+        result, (path.parent / "heatmap.png").read_bytes() if png else None, doc))
     return files
 
 

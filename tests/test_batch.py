@@ -131,7 +131,7 @@ def test_mixed_good_folders(mixed):
         folder = out / r["name"]
         if r["status"] == "ok":
             assert Path(r["folder"]).resolve() == folder.resolve()
-            assert sorted(p.name for p in folder.iterdir()) == [".patch-run.json", "heatmap.png", "results.csv", "results.json"]
+            assert sorted(p.name for p in folder.iterdir()) == [".patch-run.json", "heatmap.png", "report.html", "results.csv", "results.json"]
             assert (folder / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             res = json_of(folder)
             assert len(res["topk"]["clean"]) == len(res["topk"]["corrupt"]) == 5  # defaults: top_k 5
@@ -268,7 +268,7 @@ def test_ctrl_c_during_batch(tiny_ckpt, tmp_path, monkeypatch, where):
     assert r["rc"] == 130
     assert "interrupted" in r["stderr"] and "Traceback" not in r["stderr"]
     assert len(calls) == 2
-    assert sorted(p.name for p in (out / "first").iterdir()) == [".patch-run.json", "heatmap.png", "results.csv", "results.json"]
+    assert sorted(p.name for p in (out / "first").iterdir()) == [".patch-run.json", "heatmap.png", "report.html", "results.csv", "results.json"]
     json_of(out / "first")  # complete, parseable
     assert not (out / "second").exists() and not (out / "third").exists()
     leftovers = [p for p in tmp_path.rglob("*") if ".partial" in p.name or ".tmp-" in p.name or ".old-" in p.name]

@@ -228,7 +228,7 @@ def test_small_heatmap_is_a_png(small_run):
 
 def test_small_output_folder_holds_exactly_the_results(small_run):
     out = small_run["out"]
-    assert sorted(p.name for p in out.iterdir()) == [".patch-run.json", "heatmap.png", "results.csv", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".patch-run.json", "heatmap.png", "report.html", "results.csv", "results.json"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no staging folders left beside it
 
 

@@ -26,6 +26,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import assert_close
+
 import patching.batch
 import patching.report
 from mingpt.errors import ConfigError, VocabularyError, WeightsError, quote
@@ -36,7 +38,6 @@ from patching.batch import Batch, Experiment, unique_names
 from patching.cli import main
 from patching.files import MARKER, claim, read_marker, write_folder
 
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CLEAN = "Michelle Jones was a top-notch student. Michelle"
@@ -301,8 +302,10 @@ def test_07_recovery_of_float_noise_is_refused(tiny_ckpt, tmp_path):
     # a real difference still gives recovery, with the identities of the definition
     model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
     res = run(model, tok, CLEAN, CORRUPT, "Jones", "Smith", Settings(model=str(tiny_ckpt), device="cpu", metric="recovery"))
-    assert res.clean.value == pytest.approx(1.0) and res.corrupt.value == pytest.approx(0.0, abs=1e-9)
-    assert res.matrix[-1, -1] == pytest.approx(1.0, abs=1e-4)
+    assert res.clean.value == 1.0 and res.corrupt.value == 0.0  # (d - d0) / (d - d0) and (d0 - d0) / ...: exact
+    logits = [abs(v) for r in (res.clean, res.corrupt) for v in (r.target_logit, r.foil_logit)]
+    gap = (res.clean.foil_logit - res.clean.target_logit) - (res.corrupt.foil_logit - res.corrupt.target_logit)
+    assert_close(res.matrix[-1, -1], 1.0, scale=max(logits) / abs(gap))  # the rule's scale for a ratio
 
 
 @pytest.mark.parametrize("text, key, line", [
@@ -362,7 +365,7 @@ def test_11_yaml_alias_bomb_is_refused_fast(tmp_path):
     spec = write_yaml(tmp_path / "bomb.yaml", bomb)
     t0 = time.perf_counter()
     one_line(run_main(["--batch", str(spec), "--out", str(tmp_path / "out")]), "aliases", "line 2")
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 60  # a hang guard (the bomb took minutes), not a speed target
     # messages quote at most ~80 characters of a bad value, however big it is
     nested = [1]
     for _ in range(40):
@@ -383,7 +386,7 @@ def test_12_huge_config_fails_before_allocating(tiny_ckpt, tmp_path, change, wha
     t0 = time.perf_counter()
     with pytest.raises(WeightsError, match=what):
         GPT.from_pretrained(str(folder))
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 60  # a hang guard (the bomb took minutes), not a speed target
 
 
 def test_13_summary_is_written_in_linear_time(tmp_path, monkeypatch):
@@ -399,13 +402,13 @@ def test_13_summary_is_written_in_linear_time(tmp_path, monkeypatch):
     rows = summary(tmp_path / "out")
     assert r["rc"] == 1 and len(rows) == n and {x["status"] for x in rows} == {"failed"}
     assert len(writes) <= 2 + elapsed / patching.batch.SUMMARY_EVERY + 1  # start, end, every 2 s: not per experiment
-    assert elapsed < 60
+    assert elapsed < 120  # a hang guard (10,000 rewrites took 400 s), not a speed target
 
 
 def test_13_dev_zero_is_not_read_without_bound(tmp_path):
     t0 = time.perf_counter()
     one_line(run_main(["--batch", "/dev/zero", "--out", str(tmp_path / "out")]), "larger than 1 MiB")
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 60  # a hang guard (the bomb took minutes), not a speed target
 
 
 # ----------------------------------------------------------------------------- tracebacks
@@ -582,11 +585,14 @@ def test_21_offline_fails_fast(tmp_path):
     for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         env.pop(v, None)
     t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import patching.cli"], env=env, check=True, timeout=120)
+    start = time.perf_counter() - t0  # this machine's start-up, measured now: the bound below is relative to it
+    t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "patching.cli", "--model", "gpt2", *PAIR, "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env, timeout=120)
     elapsed = time.perf_counter() - t0
     one_line({"rc": p.returncode, "stderr": p.stderr}, "not in the Hugging Face cache")
-    assert elapsed < 15, elapsed  # huggingface_hub alone retries for ~25 s
+    assert elapsed < 2 * start + 10, (elapsed, start)  # one 3 s check; huggingface_hub alone retries for ~25 s
 
 
 def test_21_out_expands_home(tiny, tmp_path, monkeypatch):

@@ -307,3 +307,26 @@ def test_pattern_sweep_that_cannot_fit_is_refused(tiny_ckpt, tmp_path, monkeypat
     rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "pattern"], tmp_path)
     assert rc == 1 and "pattern sweep needs about" in stderr and "shorten the prompt" in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_unknown_command_is_one_line(capsys):
+    from patching.cli import main
+    assert main(["lenz", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown command 'lenz'" in err[0] and "lens" in err[0]
+
+
+@pytest.mark.parametrize("site", ["q", "v", "z"])
+def test_forward_cells_all_heads_at_once(site):
+    """A head site with head None patches every head of the cell at once, as Patch(head=None) does."""
+    from mingpt.resume import forward_cells
+    model = model_of("3L4H32i")
+    clean, corrupt = pair(model, 9, [2, 5], 20)
+    rc, rx = engines.record(model, clean, [site]), engines.record(model, corrupt, [site])
+    positions = [2, 5, 8]
+    values = rc[site][:, 0][:, :, positions].transpose(1, 2)  # (L, P, nh, hs)
+    got = forward_cells(model, rx, site, [(l, None) for l in range(3)], positions, values)
+    for l in range(3):
+        for j, p in enumerate(positions):
+            want, _ = model(corrupt, patch=Patch(l, p, values[l, j], site=site))
+            close(got[l, j], want[0, -1])

@@ -1,0 +1,581 @@
+"""Studies: one analysis over many prompt pairs, with statistics, shardable over machines.
+
+A single pair is an anecdote; papers patch over a dataset of pairs built from templates (Wang et al.
+2022, IOI) and report the mean effect with its spread. A study is a YAML file (or a --pairs file):
+
+    defaults: {model: demo-names}          # any Settings field, as in a batch
+    pairs:                                 # a generator: n pairs drawn from slot values with a seed
+      clean: "{first} {last} was a top-notch student. {first}"
+      corrupt: "{first} {other} was a top-notch student. {first}"
+      target: "{last}"
+      foil: "{other}"
+      slots: {first: [Michelle, Jessica, ...], last: first, other: first}   # a name reuses that list
+      n: 200
+      seed: 0
+      distinct: true                       # the slots of one pair take different values
+    experiments: [...]                     # optional: listed pairs, as in a batch (no overrides)
+    analysis: {kind: patch, site: resid_post}
+    study: {bootstrap: 1000, seed: 0, figures: false}
+
+Pairs that do not fit (token counts differ, a target/foil that is not one token, ...) are skipped
+and counted by reason; a pair that fails while running is recorded with its reason; the others are
+aggregated (patching.stats). `--shard K/N` runs pairs K, K+N, K+2N, ... (1-based) of the study into
+the same layout; `patch-run merge` (patching.merge) combines shards whose study hash agrees.
+
+The model loads once; per pair the work is the two recorded runs, the sweep and the pair's files
+(results.json, results.csv, report.html, and heatmap.png when `figures` is on).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from patching import engines, stats
+from patching.api import (USER_ERRORS, PatchingError, PatchResult, Settings, axes_of, finite, indistinct, load,
+                          prepare, single_token, summarize, versions)
+from patching.engines import METRICS
+from patching.files import claim, expand, free_name, write_folder
+from patching.report import experiment_files, json_text, slug
+
+ANALYSES = ("patch",)  # the patching sweep (api.run's); the toolkit's analyses (issue 14) join here
+# What `analysis:` may set for a patch study: the Settings fields that choose the sweep.
+PATCH_OPTIONS = ("site", "direction", "all_positions", "prepend_bos", "metric", "engine", "max_rows")
+SLOT = re.compile(r"\{(\w+)\}")
+
+
+def _options(cls, data, where: str):
+    """A dataclass from a YAML mapping; unknown keys fail with the allowed ones listed."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PatchingError(f"{where} must be a mapping, got {type(data).__name__}.")
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; allowed keys are {', '.join(known)}.")
+    return cls(**data)
+
+
+def _int(value, name: str, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise PatchingError(f"{name} must be an integer >= {low}, got {str(value)[:40]!r}.")
+    return value
+
+
+@dataclass
+class Analysis:
+    """What runs on every pair: `kind`, and its options (for patch: Settings fields, PATCH_OPTIONS)."""
+
+    kind: str = "patch"
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data, where: str) -> "Analysis":
+        data = dict(data or {}) if isinstance(data or {}, dict) else data
+        if not isinstance(data, dict):
+            raise PatchingError(f"{where} must be a mapping like {{kind: patch, site: resid_post}}.")
+        kind = data.pop("kind", "patch")
+        if kind not in ANALYSES:
+            raise PatchingError(f"{where}: kind {str(kind)[:40]!r} is not one of {', '.join(ANALYSES)}.")
+        unknown = [k for k in data if k not in PATCH_OPTIONS]
+        if unknown:
+            raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; a patch analysis takes kind, "
+                                f"{', '.join(PATCH_OPTIONS)}.")
+        return cls(kind, data)
+
+
+@dataclass
+class StudyOptions:
+    bootstrap: int = 1000  # resamples of the bootstrap interval
+    seed: int = 0  # of the bootstrap
+    figures: bool | None = None  # per-pair heatmap.png; default: on for listed pairs, off for generated ones
+    threads: int | None = None  # torch CPU threads while the study runs; None: torch's default
+
+    def __post_init__(self):
+        _int(self.bootstrap, "study bootstrap", 1)
+        if self.threads is not None:
+            _int(self.threads, "study threads", 1)
+        _int(self.seed, "study seed", 0)
+        if self.figures not in (None, True, False):
+            raise PatchingError(f"study figures must be true or false, got {str(self.figures)[:40]!r}.")
+
+
+@dataclass
+class PairSpec:
+    """The `pairs:` generator: templates with {slot}s, value lists per slot, n pairs from a seed."""
+
+    clean: str
+    corrupt: str
+    target: str
+    foil: str
+    slots: dict
+    n: int
+    seed: int = 0
+    distinct: bool = True
+
+    def __post_init__(self):
+        for k in ("clean", "corrupt", "target", "foil"):
+            if not isinstance(getattr(self, k), str):
+                raise PatchingError(f"pairs: {k} must be a text template, e.g. '{{first}} {{last}} was ...'.")
+        if not isinstance(self.slots, dict) or not self.slots:
+            raise PatchingError("pairs: slots must map each slot name to a list of values.")
+        # a slot may name another slot to draw from the same list (batch files allow no YAML aliases)
+        self.slots = {name: self.slots.get(v, v) if isinstance(v, str) else v for name, v in self.slots.items()}
+        for name, values in self.slots.items():
+            if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+                raise PatchingError(f"pairs: slot {str(name)[:40]!r} must be a non-empty list of texts "
+                                    f"or the name of another slot.")
+        used = {m for k in ("clean", "corrupt", "target", "foil") for m in SLOT.findall(getattr(self, k))}
+        missing, unused = sorted(used - set(self.slots)), sorted(set(self.slots) - used)
+        if missing:
+            raise PatchingError(f"pairs: the templates use slot {{{missing[0]}}} but slots has no list for it.")
+        if unused:
+            raise PatchingError(f"pairs: slot {unused[0]!r} is not used by any template: remove it or use it.")
+        _int(self.n, "pairs n", 1)
+        _int(self.seed, "pairs seed", 0)
+        if not isinstance(self.distinct, bool):
+            raise PatchingError("pairs: distinct must be true or false.")
+
+    def generate(self) -> list["Pair"]:
+        """n pairs; each slot drawn uniformly from its list with one seeded generator, in slot order."""
+        rng, names, out = random.Random(self.seed), sorted(self.slots), []
+        for i in range(self.n):
+            for _ in range(1000):
+                values = {s: rng.choice(self.slots[s]) for s in names}
+                if not self.distinct or len(set(values.values())) == len(values):
+                    break
+            else:
+                raise PatchingError("pairs: distinct is on but the slot lists do not have enough different values.")
+            fill = lambda t: SLOT.sub(lambda m: values[m.group(1)], t)  # noqa: E731
+            out.append(Pair(fill(self.clean), fill(self.corrupt), fill(self.target), fill(self.foil),
+                            name=slug("-".join(values[s] for s in names), 40), origin=f"pairs draw {i + 1}"))
+        return out
+
+
+@dataclass
+class Pair:
+    clean: str
+    corrupt: str
+    target: str
+    foil: str
+    name: str | None = None
+    origin: str = ""
+    error: str | None = None  # the row could not be read: recorded as skipped with this reason
+
+
+PAIR_KEYS = ("clean", "corrupt", "target", "foil")
+
+
+def pair_from_row(data, where: str) -> Pair:
+    """A listed pair (YAML experiment, JSONL line, CSV row); a bad row becomes a Pair with its error."""
+    try:
+        if not isinstance(data, dict):
+            raise PatchingError(f"{where} must be a mapping with clean, corrupt, target and foil.")
+        unknown = [k for k in data if k not in (*PAIR_KEYS, "name")]
+        if unknown:
+            raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; a study pair has clean, corrupt, "
+                                f"target, foil and an optional name (overrides are for plain batches).")
+        missing = [k for k in PAIR_KEYS if not isinstance(data.get(k), str) or not data[k]]
+        if missing:
+            raise PatchingError(f"{where} lacks {', '.join(missing)} (each must be text).")
+        name = data.get("name") or None
+        return Pair(*(data[k] for k in PAIR_KEYS), name=None if name is None else str(name), origin=where)
+    except PatchingError as exc:
+        return Pair("", "", "", "", origin=where, error=str(exc))
+
+
+def read_pairs_file(path: Path) -> list[Pair]:
+    """--pairs FILE.jsonl (one JSON object per line) or FILE.csv (a header row), one pair per row."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PatchingError(f"cannot read pairs file {path} ({getattr(exc, 'strerror', None) or exc}).") from None
+    if path.suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        head = reader.fieldnames or []
+        if not set(PAIR_KEYS) <= set(head):
+            raise PatchingError(f"{path}: the header must name clean, corrupt, target, foil (and optionally name); "
+                                f"it has {', '.join(head) or 'nothing'}.")
+        return [pair_from_row(row, f"{path.name} row {i}") for i, row in enumerate(reader, 2)]
+    if path.suffix != ".jsonl":
+        raise PatchingError(f"--pairs {path}: give a .jsonl or .csv file.")
+    pairs = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            row = None
+            pairs.append(Pair("", "", "", "", origin=f"{path.name} line {i}",
+                              error=f"{path.name} line {i} is not JSON ({exc.msg})."))
+        if row is not None:
+            pairs.append(pair_from_row(row, f"{path.name} line {i}"))
+    return pairs
+
+
+@dataclass
+class Study:
+    settings: Settings
+    analysis: Analysis = field(default_factory=Analysis)
+    options: StudyOptions = field(default_factory=StudyOptions)
+    pairs: list = field(default_factory=list)
+    generated: bool = False
+
+    @property
+    def figures(self) -> bool:
+        return (not self.generated) if self.options.figures is None else self.options.figures
+
+    def hash(self) -> str:
+        """What makes two shards parts of one study: its pairs, settings that change numbers, analysis,
+        statistics. (device, max_rows and threads change speed only; figures only the files.)"""
+        settings = {k: v for k, v in asdict(self.settings).items() if k not in ("device", "max_rows")}
+        doc = {"pairs": [[p.clean, p.corrupt, p.target, p.foil, p.name, p.error] for p in self.pairs],
+               "settings": settings, "analysis": self.analysis.kind,
+               "bootstrap": self.options.bootstrap, "seed": self.options.seed}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+STUDY_KEYS = ("pairs", "analysis", "study")  # a YAML with any of these is a study, not a plain batch
+TOP_KEYS = ("defaults", "experiments", *STUDY_KEYS)
+
+
+def read_yaml(path: Path) -> dict:
+    """batch.read_yaml (strict, bounded, one-line errors), which must give a mapping."""
+    from patching.batch import read_yaml as read
+    doc = read(expand(path))
+    if not isinstance(doc, dict):
+        raise PatchingError(f"{path} must be a mapping with pairs, experiments, defaults, analysis, study.")
+    return doc
+
+
+def wanted(args) -> bool:
+    """Whether the patch command runs a study: --pairs, --shard or --bootstrap, or a YAML file with a
+    pairs, analysis or study key (any other YAML is a plain batch)."""
+    if getattr(args, "pairs", None) or getattr(args, "shard", None) or getattr(args, "bootstrap", None) is not None:
+        return True
+    if not getattr(args, "batch", None):
+        return False
+    try:
+        return any(k in read_yaml(Path(args.batch)) for k in STUDY_KEYS)
+    except PatchingError:
+        return False  # the batch reader reports the problem
+
+
+def read_study(path: Path | None, cli_settings: dict, pairs_file: Path | None = None,
+               bootstrap: int | None = None) -> Study:
+    """The study of a YAML file and/or a pairs file; CLI settings override the file's defaults."""
+    doc = read_yaml(path) if path else {}
+    where = str(path) if path else "--pairs"
+    unknown = [k for k in doc if k not in TOP_KEYS]
+    if unknown:
+        raise PatchingError(f"{where}: unknown top-level key {str(unknown[0])[:40]!r}; allowed keys are {', '.join(TOP_KEYS)}.")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise PatchingError(f"{where}: defaults must be a mapping of settings.")
+    analysis = Analysis.from_dict(doc.get("analysis"), f"{where} analysis")
+    # the command line wins over the file's analysis, which wins over its defaults
+    settings = Settings.from_dict({**defaults, **analysis.options, **cli_settings}, f"{where} defaults and analysis")
+    opts = dict(doc.get("study") or {}) if isinstance(doc.get("study") or {}, dict) else doc.get("study")
+    if bootstrap is not None and isinstance(opts, dict):
+        opts["bootstrap"] = bootstrap
+    options = _options(StudyOptions, opts, f"{where} study")
+    pairs: list[Pair] = []
+    items = doc.get("experiments") or []
+    if not isinstance(items, list):
+        raise PatchingError(f"{where}: experiments must be a list of pairs.")
+    pairs += [pair_from_row(item, f"experiment {i}") for i, item in enumerate(items, 1)]
+    generated = False
+    if doc.get("pairs") is not None:
+        pairs += _options(PairSpec, doc["pairs"], f"{where} pairs").generate()
+        generated = True
+    if pairs_file:
+        pairs += read_pairs_file(pairs_file)
+    if not pairs:
+        raise PatchingError(f"{where} has no pairs: add a pairs generator, experiments, or --pairs FILE.")
+    return Study(settings, analysis, options, pairs, generated)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'K/N' -> (K, N), 1 <= K <= N."""
+    if text is None:
+        return 1, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise PatchingError(f"--shard {str(text)[:20]!r} must be K/N with 1 <= K <= N, e.g. --shard 2/8.")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------- one pair
+
+
+def misfit(tok, pair: Pair, block_size: int) -> str | None:
+    """Why a pair cannot be patched (a skip reason), or None. The reason's first words are its kind."""
+    if pair.error:
+        return f"invalid row: {pair.error}"
+    a, b = tok.encode(pair.clean), tok.encode(pair.corrupt)
+    if not a or not b:
+        return "empty prompt"
+    if len(a) != len(b):
+        return f"token counts differ: clean {len(a)}, corrupt {len(b)}"
+    if len(a) > block_size:
+        return f"too long: {len(a)} tokens, the context holds {block_size}"
+    for role, word in (("target", pair.target), ("foil", pair.foil)):
+        try:
+            single_token(tok, word, role)
+        except PatchingError as exc:
+            return f"{role} not one token: {exc}"
+    return None
+
+
+def reason_kind(reason: str) -> str:
+    return reason.split(":")[0]
+
+
+@torch.no_grad()
+def patch_pair(model, tok, pair: Pair, settings: Settings, meta: dict) -> tuple[PatchResult, dict]:
+    """api.run's sweep of one pair (settings.site, .direction, .all_positions) with every metric of
+    engines.METRICS per cell: api.run returns one metric, a study's tidy table wants all, so the
+    log-sum-exp is always read. Recovery is api.run's: 0 = the patched run's own value, 1 = the other's."""
+    prep = prepare(tok, pair.clean, pair.corrupt, pair.target, pair.foil, model.config.block_size,
+                   model.config.vocab_size, settings.prepend_bos)
+    device = next(model.parameters()).device
+    site = settings.site
+    t0 = time.perf_counter()
+    ids = {k: torch.tensor([v], device=device) for k, v in (("clean", prep.clean_ids), ("corrupt", prep.corrupt_ids))}
+    rec = {k: engines.record(model, v, [site]) for k, v in ids.items()}
+    for k in rec:
+        finite(rec[k].last_logits, f"the {k} run's logits")
+    r = {k: engines.readout(rec[k].last_logits[0], prep.target_id, prep.foil_id, True).cpu() for k in rec}
+    if indistinct(r["clean"], r["corrupt"], rec["clean"].last_logits.dtype):
+        raise PatchingError(f"clean and corrupt give the same logit difference up to float rounding "
+                            f"({float(r['clean'][1] - r['clean'][0]):.6g}), so recovery is undefined: "
+                            f"the pair does not change the answer.")
+    t1 = time.perf_counter()
+    base, src = ("corrupt", "clean") if settings.direction == "denoise" else ("clean", "corrupt")
+    readouts = engines.sweep(model, ids[base], rec[base], rec[src][site][:, 0], site, prep.target_id, prep.foil_id,
+                             True, settings.all_positions, settings.engine, settings.max_rows)
+    t2 = time.perf_counter()
+    metrics = {m: engines.metric_values(m, readouts, r[src], r[base]).numpy().astype(np.float64) for m in METRICS}
+    finite(torch.from_numpy(metrics["logit-diff"]), "the patched runs' values")
+    value = lambda x: float(engines.metric_values(settings.metric, x, r[src], r[base]))  # noqa: E731
+    result = PatchResult(
+        prepared=prep, settings=settings, model=getattr(model, "name", settings.model),
+        n_layers=model.config.n_layer, matrix=metrics[settings.metric],
+        clean=summarize(rec["clean"].last_logits[0], tok, prep, settings.top_k, value(r["clean"])),
+        corrupt=summarize(rec["corrupt"].last_logits[0], tok, prep, settings.top_k, value(r["corrupt"])),
+        timing={"record_seconds": round(t1 - t0, 6), "sweep_seconds": round(t2 - t1, 6),
+                "patches": int(metrics["logit-diff"].size), "device": str(device)},
+        versions=meta["versions"])
+    return result, metrics
+
+
+def pair_files(result: PatchResult, figures: bool) -> dict:
+    """One pair's folder: what a single experiment writes (report.experiment_files)."""
+    return experiment_files(result, png=figures)
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def shard_pairs(study: Study, shard: tuple[int, int]) -> list[tuple[int, Pair]]:
+    """(1-based index, pair) of the K-th of N round-robin slices: indices K, K+N, K+2N, ..."""
+    k, n = shard
+    return [(i, p) for i, p in enumerate(study.pairs, 1) if (i - 1) % n == k - 1]
+
+
+def folder_names(study: Study) -> list[str]:
+    """Distinct folder names under pairs/: 0001-<name or clean prompt>."""
+    width = max(4, len(str(len(study.pairs))))
+    return [f"{i:0{width}d}-{p.name or slug(p.clean or 'invalid', 40)}" for i, p in enumerate(study.pairs, 1)]
+
+
+def describe(settings: Settings) -> dict:
+    """What the study's analysis is, for its summary and pages."""
+    return {"kind": "patch", "site": settings.site, "direction": settings.direction,
+            "all_positions": settings.all_positions, "axes": axes_of(settings.site, settings.all_positions)}
+
+
+def run_study(study: Study, out: Path, *, shard: tuple[int, int] = (1, 1), say: Callable[[str], None] = print,
+              overwrite: bool = False) -> dict:
+    """Run the shard's pairs with the model loaded once, then write the study's files (see finish).
+    `out` is claimed (checked, locked) before the model loads; the pairs' folders are staged and the
+    whole study moves into place at the end, so it is complete or absent; Ctrl-C keeps the finished
+    pairs in a study whose summary says 'complete': false. Returns the summary document."""
+    with claim(out, kind="study", overwrite=overwrite) as dest:
+        t_start = time.perf_counter()
+        model, tok = load(study.settings)
+        meta = {"kind": "study", "study": study.hash(), "shard": f"{shard[0]}/{shard[1]}",
+                "n_study_pairs": len(study.pairs), "settings": asdict(study.settings),
+                "analysis": describe(study.settings), "options": asdict(study.options),
+                "model": getattr(model, "name", study.settings.model), "versions": versions()}
+        load_seconds = time.perf_counter() - t_start
+        stage = dest.folder.parent / f".{dest.folder.name[:200]}.pairs-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        try:
+            _run_pairs(study, shard, model, tok, meta, stage, say)
+        finally:  # also on Ctrl-C: the finished pairs and a summary that says what is missing
+            meta["timing"] = {"load_seconds": round(load_seconds, 6),
+                              "pairs_seconds": round(time.perf_counter() - t_start - load_seconds, 6)}
+            summary, files = finish(meta, meta.pop("_rows", []), meta.pop("_tidy", []), say=say)
+            files["pairs"] = lambda p: os.replace(stage, p)  # moved in with the rest, all at once
+            try:
+                dest.write(files)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+    return summary
+
+
+def _run_pairs(study: Study, shard, model, tok, meta: dict, stage: Path, say):
+    """Each pair of the shard: skip with a reason, fail with its sentence, or sweep it and write its
+    folder under stage. The rows and the tidy list land in meta (_rows, _tidy) even on an interrupt."""
+    names = folder_names(study)
+    chosen = shard_pairs(study, shard)
+    rows = [{"index": i, "name": names[i - 1], "origin": p.origin, "clean": p.clean, "corrupt": p.corrupt,
+             "target": p.target, "foil": p.foil, "status": "pending"} for i, p in chosen]
+    tidy: list[dict] = []
+    meta["complete"] = False
+    threads = torch.get_num_threads()
+    if study.options.threads:  # small models on a busy CPU run faster single-threaded; shards add processes
+        torch.set_num_threads(study.options.threads)
+    try:
+        for n_done, ((i, pair), row) in enumerate(zip(chosen, rows), 1):
+            t0 = time.perf_counter()
+            reason = misfit(tok, pair, model.config.block_size)
+            if reason:
+                row.update(status="skipped", reason=reason)
+                continue
+            try:
+                result, metrics = patch_pair(model, tok, pair, study.settings, meta)
+                write_folder(stage / row["name"], pair_files(result, study.figures), kind="experiment")
+            except USER_ERRORS as exc:
+                row.update(status="failed", reason=str(exc))
+                say(f"[{n_done}/{len(rows)}] {row['name']}: failed: {exc}")
+                continue
+            tidy.append({"index": i, "name": row["name"], "tokens": result.prepared.tokens, "metrics": metrics})
+            row.update(status="ok", folder=f"pairs/{row['name']}", clean_value=result.clean.value,
+                       corrupt_value=result.corrupt.value, n_tokens=len(result.prepared.tokens),
+                       seconds=round(time.perf_counter() - t0, 6),
+                       sweep_seconds=result.timing["sweep_seconds"], record_seconds=result.timing["record_seconds"])
+        meta["complete"] = True
+    finally:
+        torch.set_num_threads(threads)
+        for row in rows:
+            if row["status"] == "pending":
+                row.update(status="interrupted", reason="not run: the study was interrupted")
+        meta["_rows"], meta["_tidy"] = rows, tidy  # for run_study's finally, whatever happened
+
+
+def counts(rows: list[dict]) -> dict:
+    c = {s: 0 for s in ("ok", "skipped", "failed", "interrupted")}
+    reasons: dict[str, int] = {}
+    for r in rows:
+        c[r["status"]] = c.get(r["status"], 0) + 1
+        if r["status"] in ("skipped", "failed"):  # skips by kind; failures each have their own sentence
+            k = f"skipped: {reason_kind(r['reason'])}" if r["status"] == "skipped" else "failed"
+            reasons[k] = reasons.get(k, 0) + 1
+    return {**c, "reasons": reasons}
+
+
+def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """The summary and the study-level files {name: text or bytes}: summary.json/.md, results.csv (tidy),
+    aggregate.json/.csv/.png (one figure per token count), index.html. Shared by run_study and merge."""
+    from patching import html
+    t0 = time.perf_counter()
+    rows = sorted(rows, key=lambda r: r["index"])
+    tidy = sorted(tidy, key=lambda r: r["index"])
+    opts, metric, a = meta["options"], meta["settings"]["metric"], meta["analysis"]
+    groups: dict[int, list[dict]] = {}
+    for r in tidy:  # pairs of one token count align cell by cell
+        groups.setdefault(len(r["tokens"]), []).append(r)
+    aggs = [stats.aggregate(np.stack([r["metrics"]["recovery"] for r in g]), np.stack([r["metrics"][metric] for r in g]),
+                            a["axes"], [r["tokens"] for r in g], opts["bootstrap"], opts["seed"])
+            for g in sorted(groups.values(), key=len, reverse=True)]
+    c = counts(rows)
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    secs = lambda k: float(np.mean([r[k] for r in ok_rows])) if ok_rows else None  # noqa: E731
+    timing = {**meta.get("timing", {}), "pair_seconds_mean": secs("seconds"), "sweep_seconds_mean": secs("sweep_seconds"),
+              "record_seconds_mean": secs("record_seconds")}
+    if ok_rows:  # what a pair costs beyond its own two recorded runs and its sweep: checks, metrics, files
+        timing["overhead_seconds_mean"] = timing["pair_seconds_mean"] - timing["sweep_seconds_mean"] - timing["record_seconds_mean"]
+    files: dict[str, str | bytes] = {"results.csv": stats.tidy_csv(tidy, list(METRICS), a["axes"])}
+    pngs = []
+    if aggs:
+        doc = {"study": meta["study"], "metric": metric, "analysis": a, "bootstrap": opts["bootstrap"],
+               "seed": opts["seed"], "level": stats.LEVEL, **aggs[0].to_json(),
+               "other_groups": [g.to_json() for g in aggs[1:]], "counts": c}
+        files["aggregate.json"] = json_text(doc)
+        files["aggregate.csv"] = stats.aggregate_csv(aggs)
+        for k, g in enumerate(aggs):
+            n_tokens = len(g.columns) if g.column_axis == "position" else len(tidy[0]["tokens"])
+            title = (f"mean recovery over {g.n_pairs} pairs, {meta['model']}, {a['site']} ({a['direction']})"
+                     f"\nhatched: the 95% bootstrap interval contains 0")
+            pngs.append(stats.heatmap_png(g, title, f"{g.row_axis} ({a['site']})"))
+            files["aggregate.png" if k == 0 else f"aggregate-{n_tokens}-tokens.png"] = pngs[-1]
+    timing["finish_seconds"] = round(time.perf_counter() - t0, 6)
+    summary = {**{k: v for k, v in meta.items() if not k.startswith("_")}, "counts": c, "timing": timing, "pairs": rows}
+    files["summary.json"] = json_text(summary)
+    files["summary.md"] = summary_md(summary)
+    files["index.html"] = html.study_page(summary, aggs, pngs, tidy)
+    say(f"{c['ok']} pairs ok, {c['skipped']} skipped, {c['failed']} failed"
+        + (f", {c['interrupted']} interrupted" if c["interrupted"] else "")
+        + "".join(f"; {k}: {v}" for k, v in c["reasons"].items()))
+    return summary, files
+
+
+def summary_md(summary: dict) -> str:
+    c = summary["counts"]
+    lines = [f"# Study {summary['study']} (shard {summary['shard']})", "",
+             f"{c['ok']} ok, {c['skipped']} skipped, {c['failed']} failed, {c['interrupted']} interrupted "
+             f"of {len(summary['pairs'])} pairs here ({summary['n_study_pairs']} in the study).", ""]
+    lines += [f"- {k}: {v}" for k, v in c["reasons"].items()]
+    lines += ["", "| pair | status | clean | corrupt | reason |", "|---|---|---|---|---|"]
+    for r in summary["pairs"]:
+        vals = (f"{r['clean_value']:.3f} | {r['corrupt_value']:.3f}" if r["status"] == "ok" else " | ")
+        lines.append(f"| {r['name']} | {r['status']} | {vals} | {r.get('reason', '').replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def command(args, given: dict, say: Callable[[str], None] = print) -> int:
+    """`patch-run --batch STUDY.yaml | --pairs FILE [--shard K/N] [--bootstrap N] [--out DIR]`."""
+    clash = [f"--{k}" for k in PAIR_KEYS if getattr(args, k, None) is not None]
+    if clash:
+        raise PatchingError(f"a study runs the pairs of its files: drop {', '.join(clash)}.")
+    shard = parse_shard(getattr(args, "shard", None))
+    path = expand(args.batch) if getattr(args, "batch", None) else None
+    pairs_file = expand(args.pairs) if getattr(args, "pairs", None) else None
+    bootstrap = getattr(args, "bootstrap", None)
+    study = read_study(path, given, pairs_file, None if bootstrap is None else _int(bootstrap, "--bootstrap", 1))
+    stem = slug((path or pairs_file).stem) + (f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else "")
+    out = expand(args.out) if args.out else free_name(expand("outputs") / stem)
+    n_here = len(shard_pairs(study, shard))
+    s = study.settings
+    say(f"study {study.hash()}: {len(study.pairs)} pairs, shard {shard[0]}/{shard[1]} runs {n_here}; "
+        f"{study.analysis.kind} {s.site} ({s.direction}), model {s.model}")
+    summary = run_study(study, out, shard=shard, say=say, overwrite=bool(getattr(args, "overwrite", False)))
+    t = summary["timing"]
+    if t.get("pair_seconds_mean") is not None:
+        say(f"model load {t['load_seconds']:.2f} s; per pair {t['pair_seconds_mean'] * 1e3:.1f} ms "
+            f"(sweep {t['sweep_seconds_mean'] * 1e3:.1f} ms, recorded runs {t['record_seconds_mean'] * 1e3:.1f} ms, "
+            f"overhead {t['overhead_seconds_mean'] * 1e3:.1f} ms); statistics and pages {t['finish_seconds']:.2f} s")
+    result = getattr(say, "result", print)
+    result(f"wrote {out}/index.html, aggregate.json, aggregate.csv, results.csv, summary.json")
+    c = summary["counts"]
+    return 1 if c["failed"] or not c["ok"] else 0

@@ -1,0 +1,344 @@
+"""Studies (patching.study, patching.stats, patching.merge), offline on the tiny random checkpoint.
+
+References: a plain-loop bootstrap over the same draws, the textbook SEM and the normal interval for
+the statistics; api.run (one metric per call) for every metric of a study's per-pair sweep; the
+unsharded run for shards + merge.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from patching import stats
+from patching.api import PatchingError, Settings, load, run
+from patching.cli import main
+from patching.engines import METRICS
+from patching.study import PairSpec, parse_shard, read_pairs_file, read_study
+
+torch.set_num_threads(1)
+
+MICHELLE = {"clean": "Michelle Jones was a top-notch student. Michelle",
+            "corrupt": "Michelle Smith was a top-notch student. Michelle", "target": "Jones", "foil": "Smith"}
+NAMES = ["Michelle", "Jessica", "John", "Mary", "Jones", "Smith", "Brown", "Wilson"]
+
+
+def cli(argv: list[str]) -> dict:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(argv)
+    return {"rc": rc, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+
+
+def study_yaml(path: Path, model: Path, **extra) -> Path:
+    doc = {"defaults": {"model": str(model), "device": "cpu", "top_k": 5}, **extra}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def generator(n=7, seed=3, **over) -> dict:
+    return {"clean": "{first} {last} was a top-notch student. {first}",
+            "corrupt": "{first} {other} was a top-notch student. {first}",
+            "target": "{last}", "foil": "{other}", "n": n, "seed": seed,
+            "slots": {"first": list(NAMES), "last": "first", "other": "first"}, **over}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def loop_bootstrap(x: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """The reference: draw the same resamples, average each in a Python loop, take percentiles."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    means = [float(np.mean([x[i] for i in idx[b]])) for b in range(n_boot)]
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def test_bootstrap_interval_matches_a_plain_loop():
+    x = np.random.default_rng(11).normal(0.3, 2.0, size=37)
+    grid = np.stack([x, 2 * x + 1, x ** 2], axis=1).reshape(37, 3, 1)  # cells share the resamples
+    low, high = stats.interval(grid, 1000, seed=5)
+    for c, col in enumerate((x, 2 * x + 1, x ** 2)):
+        ref = loop_bootstrap(col, 1000, 5)
+        scale = float(np.abs(col).max())
+        assert low[c, 0] == pytest.approx(ref[0], abs=1e-12 * scale)
+        assert high[c, 0] == pytest.approx(ref[1], abs=1e-12 * scale)
+    assert stats.interval(grid, 1000, seed=6)[0][0, 0] != low[0, 0]  # the seed is used
+
+
+def test_bootstrap_interval_is_close_to_the_normal_interval_for_a_large_sample():
+    x = np.random.default_rng(0).normal(1.0, 3.0, size=4000)[:, None]
+    low, high = stats.interval(x, 2000, seed=0)
+    se = x.std(ddof=1) / math.sqrt(len(x))
+    # the Monte Carlo error of a 2.5% percentile of 2000 resampled means is about 0.06 se
+    assert low[0] == pytest.approx(x.mean() - 1.96 * se, abs=0.25 * se)
+    assert high[0] == pytest.approx(x.mean() + 1.96 * se, abs=0.25 * se)
+
+
+def test_sem_by_hand():
+    x = np.array([1.0, 2.0, 3.0, 4.0])[:, None]
+    assert stats.sem(x)[0] == pytest.approx(math.sqrt(5 / 3) / 2, rel=1e-12)
+    assert math.isnan(stats.sem(x[:1])[0])  # one pair: no spread to estimate
+
+
+def test_aggregate_labels_and_share():
+    rec = np.array([[[0.2, 0.9]], [[0.4, 0.6]], [[0.6, 0.1]]])  # 3 pairs, 1 layer, 2 positions
+    g = stats.aggregate(rec, -rec, ["layer", "position"], [["A", " x"], ["B", " x"], ["C", " x"]], 200, 0)
+    assert g.columns == ["*", " x"] and g.rows == ["0"]
+    np.testing.assert_allclose(g.share_above_half, [[1 / 3, 2 / 3]])
+    np.testing.assert_allclose(g.mean, [[0.4, 1.6 / 3]])
+    np.testing.assert_allclose(g.raw_mean, -g.mean)
+    assert (g.ci_low <= g.mean).all() and (g.mean <= g.ci_high).all()
+
+
+# ----------------------------------------------------------------------------- reading studies
+
+
+def test_generator_is_seeded_distinct_and_fills_every_template(tiny_ckpt):
+    a, b = PairSpec(**generator()).generate(), PairSpec(**generator()).generate()
+    assert [p.clean for p in a] == [p.clean for p in b]
+    assert [p.clean for p in a] != [p.clean for p in PairSpec(**generator(seed=4)).generate()]
+    for p in a:
+        first, last = p.clean.split()[:2]
+        other = p.corrupt.split()[1]
+        assert len({first, last, other}) == 3 and p.target == last and p.foil == other
+        assert p.clean.endswith(first) and "{" not in p.clean + p.corrupt
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"colour": 1}, "unknown key 'colour'"),
+    ({"slots": {"first": NAMES, "last": list(NAMES)}}, "slot {other}"),
+    ({"slots": {"first": NAMES, "last": "first", "other": "first", "spare": "first"}}, "slot 'spare' is not used"),
+    ({"slots": {"first": NAMES, "last": "first", "other": "nobody"}}, "slot 'other' must be a non-empty list"),
+    ({"n": 0}, "pairs n must be an integer >= 1"),
+    ({"slots": {"first": ["A"], "last": "first", "other": "first"}}, "enough different values"),
+])
+def test_bad_generators_fail_in_one_sentence(tmp_path, tiny_ckpt, bad, words):
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(**bad))
+    with pytest.raises(PatchingError, match=words.replace("{", r"\{").replace("}", r"\}")):
+        read_study(path, {})
+
+
+def test_unknown_study_keys_fail(tmp_path, tiny_ckpt):
+    for extra, words in (({"study": {"bootstrapp": 5}}, "unknown key 'bootstrapp'"),
+                         ({"analysis": {"site": "zz"}}, "site 'zz' is not one of"),
+                         ({"analysis": {"direction": "up"}}, "direction 'up' is not one of"),
+                         ({"analysis": {"kind": "lens"}}, "kind 'lens' is not one of patch"),
+                         ({"analysis": {"model": "gpt2"}}, "unknown key 'model'; a patch analysis takes"),
+                         ({"pairs": generator(), "extra": 1}, "unknown top-level key 'extra'")):
+        with pytest.raises(PatchingError, match=words):
+            read_study(study_yaml(tmp_path / "s.yaml", tiny_ckpt, **extra), {})
+
+
+def test_pairs_files_jsonl_and_csv(tmp_path):
+    rows = [MICHELLE, {**MICHELLE, "name": "second"}, {"clean": "x"}, {**MICHELLE, "overrides": {}}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\nnot json\n")
+    pairs = read_pairs_file(tmp_path / "p.jsonl")
+    assert [p.error is None for p in pairs] == [True, True, False, False, False]
+    assert pairs[1].name == "second" and "lacks corrupt, target, foil" in pairs[2].error
+    assert "unknown key 'overrides'" in pairs[3].error and "line 6 is not JSON" in pairs[4].error
+    with open(tmp_path / "p.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["clean", "corrupt", "target", "foil", "name"])
+        w.writeheader()
+        w.writerow({**MICHELLE, "name": ""})
+    (p,) = read_pairs_file(tmp_path / "p.csv")
+    assert (p.clean, p.target, p.name, p.error) == (MICHELLE["clean"], "Jones", None, None)
+    (tmp_path / "bad.csv").write_text("clean,target\nx,y\n")
+    with pytest.raises(PatchingError, match="header must name clean, corrupt, target, foil"):
+        read_pairs_file(tmp_path / "bad.csv")
+
+
+def test_shard_syntax():
+    assert parse_shard("2/8") == (2, 8) and parse_shard(None) == (1, 1)
+    for bad in ("0/2", "3/2", "1-2", "a/b"):
+        with pytest.raises(PatchingError, match="must be K/N"):
+            parse_shard(bad)
+
+
+# ----------------------------------------------------------------------------- running studies
+
+
+def test_every_metric_of_a_study_pair_equals_api_run(tmp_path, tiny_ckpt):
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE], study={"figures": True})
+    assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
+    from patching.stats import read_tidy
+    metrics, (row,) = read_tidy((tmp_path / "out" / "results.csv").read_text(), ["layer", "position"])
+    assert metrics == list(METRICS)
+    settings = Settings(model=str(tiny_ckpt), device="cpu")
+    model, tok = load(settings)
+    for m in METRICS:
+        ref = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu", metric=m)).matrix
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(row["metrics"][m], ref, rtol=0, atol=1e-5 * scale, err_msg=m)
+    (pair,) = (tmp_path / "out" / "pairs").glob("0001-michelle-jones-*")
+    assert {p.name for p in pair.iterdir()} >= {"results.json", "results.csv", "heatmap.png", "report.html"}
+
+
+def test_identical_pairs_aggregate_to_the_single_run_with_zero_spread(tmp_path, tiny_ckpt):
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[dict(MICHELLE) for _ in range(5)], study={"bootstrap": 300})
+    assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
+    agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
+    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    rec = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu", metric="recovery")).matrix
+    raw = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu")).matrix
+    assert agg["n_pairs"] == 5 and agg["bootstrap"] == 300 and agg["other_groups"] == []
+    assert agg["axes"]["token"][1] == " Jones"
+    tol = 1e-5 * max(1.0, float(np.abs(rec).max()))
+    for key in ("mean", "ci_low", "ci_high"):
+        np.testing.assert_allclose(agg[key], rec, rtol=0, atol=tol, err_msg=key)
+    np.testing.assert_allclose(agg["raw_mean"], raw, rtol=0, atol=1e-5 * float(np.abs(raw).max()))
+    np.testing.assert_array_equal(agg["sem"], np.zeros_like(rec))
+    np.testing.assert_array_equal(agg["share_above_half"], (rec > 0.5).astype(float))
+    with open(tmp_path / "out" / "aggregate.csv") as f:
+        cells = list(csv.DictReader(f))
+    assert len(cells) == rec.size and float(cells[1]["mean"]) == pytest.approx(rec[0, 1], abs=tol)
+
+
+def test_a_failing_pair_is_reported_and_the_others_aggregate(tmp_path, tiny_ckpt):
+    pairs = [MICHELLE,
+             {**MICHELLE, "corrupt": "Michelle Smith was a top student. Michelle"},  # token counts differ
+             {**MICHELLE, "target": "Jonesification"},  # not one token
+             {**MICHELLE, "corrupt": MICHELLE["clean"]},  # the same tokens: nothing to patch -> failed
+             {**MICHELLE, "clean": "Jessica Smith was a top-notch student. Jessica",
+              "corrupt": "Jessica Jones was a top-notch student. Jessica", "target": "Smith", "foil": "Jones"}]
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=pairs, study={"bootstrap": 100})
+    got = cli(["--batch", str(path), "--out", str(tmp_path / "out")])
+    assert got["rc"] == 1, got  # a pair failed
+    assert "2 pairs ok, 2 skipped, 1 failed" in got["stdout"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["status"] for r in summary["pairs"]] == ["ok", "skipped", "skipped", "failed", "ok"]
+    assert summary["counts"]["reasons"] == {"skipped: token counts differ": 1, "skipped: target not one token": 1,
+                                            "failed": 1}
+    agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
+    assert agg["n_pairs"] == 2 and agg["counts"]["failed"] == 1
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "token counts differ" in page and "nothing to patch" in page
+    assert not (tmp_path / "out" / "pairs" / summary["pairs"][3]["name"]).exists()
+
+
+def test_shards_merge_to_exactly_the_unsharded_study(tmp_path, tiny_ckpt):
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(n=7), study={"bootstrap": 500, "seed": 2})
+    assert cli(["--batch", str(path), "--out", str(tmp_path / "all")])["rc"] == 0
+    for k in (1, 2):
+        got = cli(["--batch", str(path), "--shard", f"{k}/2", "--out", str(tmp_path / f"s{k}")])
+        assert got["rc"] == 0, got
+    s1 = json.loads((tmp_path / "s1" / "summary.json").read_text())
+    assert [r["index"] for r in s1["pairs"]] == [1, 3, 5, 7] and s1["shard"] == "1/2"
+    got = cli(["merge", str(tmp_path / "s2"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged")])
+    assert got["rc"] == 0, got
+    a = json.loads((tmp_path / "all" / "aggregate.json").read_text())
+    m = json.loads((tmp_path / "merged" / "aggregate.json").read_text())
+    assert a == m  # exactly: the same floats, the same resamples
+    for name in ("results.csv", "aggregate.csv"):
+        assert (tmp_path / "all" / name).read_text() == (tmp_path / "merged" / name).read_text()
+    assert sorted(p.name for p in (tmp_path / "all" / "pairs").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "merged" / "pairs").iterdir())
+
+    # refusals: a different study, a missing shard, a shard twice, an existing --out
+    other = study_yaml(tmp_path / "o.yaml", tiny_ckpt, pairs=generator(n=7, seed=9), study={"bootstrap": 500, "seed": 2})
+    assert cli(["--batch", str(other), "--shard", "2/2", "--out", str(tmp_path / "o2")])["rc"] == 0
+    for shards, words in (([tmp_path / "s1", tmp_path / "o2"], "cannot be merged"),
+                          ([tmp_path / "s1"], "shard 2/2 is missing"),
+                          ([tmp_path / "s1", tmp_path / "s1"], "shard 1/2 is given twice"),
+                          ([tmp_path / "nothing"], "not a study folder")):
+        got = cli(["merge", *map(str, shards), "--out", str(tmp_path / "m2")])
+        assert got["rc"] == 1 and words in got["stderr"] and "Traceback" not in got["stderr"], (words, got)
+        assert not (tmp_path / "m2").exists()
+    got = cli(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "merged")])
+    assert got["rc"] == 1 and "pass --overwrite" in got["stderr"]
+    got = cli(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "merged"), "--overwrite"])
+    assert got["rc"] == 0 and json.loads((tmp_path / "merged" / "aggregate.json").read_text()) == a
+
+
+def test_study_cli_errors_are_one_line(tmp_path, tiny_ckpt):
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(n=2))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "thesis.txt").write_text("mine")
+    for argv, words in ((["--shard", "3/2"], "must be K/N"), (["--out", str(tmp_path / "taken")], "did not write"),
+                        (["--clean", "x"], "drop --clean"), (["--bootstrap", "0"], "--bootstrap must be")):
+        got = cli(["--batch", str(path), *argv])
+        assert got["rc"] == 1 and words in got["stderr"] and got["stderr"].count("\n") == 1, (argv, got)
+
+
+def test_pairs_file_on_the_command_line(tmp_path, tiny_ckpt):
+    (tmp_path / "p.jsonl").write_text(json.dumps(MICHELLE) + "\n" + json.dumps({**MICHELLE, "foil": "Jones"}) + "\n")
+    got = cli(["--pairs", str(tmp_path / "p.jsonl"), "--model", str(tiny_ckpt), "--device", "cpu",
+               "--bootstrap", "50", "--out", str(tmp_path / "out")])
+    assert got["rc"] == 1 and "1 pairs ok, 0 skipped, 1 failed" in got["stdout"]  # target == foil fails
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["options"]["bootstrap"] == 50 and "same token" in summary["pairs"][1]["reason"]
+
+
+def test_a_study_at_another_site_and_direction_matches_one_forward_per_cell(tmp_path, tiny_ckpt):
+    """analysis: {site: attn_out, direction: noise}: the clean run with one attention output set to the
+    corrupt run's; the oracle is a plain forward with that one Patch, cell by cell."""
+    from mingpt.model import Patch
+    from patching.engines import readout, record
+    from patching.stats import read_tidy
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE],
+                      analysis={"kind": "patch", "site": "attn_out", "direction": "noise"}, study={"bootstrap": 10})
+    assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
+    _, (row,) = read_tidy((tmp_path / "out" / "results.csv").read_text(), ["layer", "position"])
+    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    clean, corrupt = (torch.tensor([tok.encode(MICHELLE[k])]) for k in ("clean", "corrupt"))
+    t, f = tok.encode(" Jones")[0], tok.encode(" Smith")[0]
+    src = record(model, corrupt, sites=("attn_out",))["attn_out"]
+    got = row["metrics"]["logit-diff"]
+    for l in range(got.shape[0]):
+        for p in range(got.shape[1]):
+            with torch.no_grad():
+                logits, _ = model(clean, patch=Patch(l, p, src[l, 0, p], site="attn_out"))
+            ref = readout(logits[0, -1], t, f, False)
+            want = float(ref[1] - ref[0])
+            assert got[l, p] == pytest.approx(want, abs=1e-5 * max(1.0, abs(want))), (l, p)
+    assert json.loads((tmp_path / "out" / "aggregate.json").read_text())["analysis"]["direction"] == "noise"
+
+
+def test_an_interrupted_study_keeps_its_finished_pairs_and_cannot_be_merged(tmp_path, tiny_ckpt, monkeypatch):
+    import patching.study
+    real, calls = patching.study.patch_pair, []
+
+    def second_is_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(patching.study, "patch_pair", second_is_ctrl_c)
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(n=4), study={"bootstrap": 10})
+    got = cli(["--batch", str(path), "--shard", "1/1", "--out", str(tmp_path / "out")])
+    assert got["rc"] == 130
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert [r["status"] for r in summary["pairs"]] == ["ok", "interrupted", "interrupted", "interrupted"]
+    assert (tmp_path / "out" / summary["pairs"][0]["folder"] / "results.json").is_file()
+    assert not list(tmp_path.glob(".out*"))  # no staging folder left behind
+    got = cli(["merge", str(tmp_path / "out"), "--out", str(tmp_path / "m")])
+    assert got["rc"] == 1 and "interrupted shard" in got["stderr"]
+
+
+@pytest.mark.parametrize("options, rows, columns", [({"site": "z"}, 8, 11), ({"site": "v", "all_positions": True}, 2, 4)])
+def test_head_site_studies_aggregate_the_grid_api_run_gives(tmp_path, tiny_ckpt, options, rows, columns):
+    """Head sites: rows are layer.head by position, or layers by head with all_positions (2 layers, 4 heads)."""
+    from patching.stats import read_tidy
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[dict(MICHELLE), dict(MICHELLE)],
+                      analysis={"kind": "patch", **options}, study={"bootstrap": 20})
+    assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
+    agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
+    assert np.array(agg["mean"]).shape == (rows, columns)
+    settings = Settings(model=str(tiny_ckpt), device="cpu", **options)
+    model, tok = load(settings)
+    ref = run(model, tok, **MICHELLE, settings=settings)
+    axes = agg["analysis"]["axes"]
+    assert axes == ref.axes
+    _, tidy = read_tidy((tmp_path / "out" / "results.csv").read_text(), axes)
+    scale = max(1.0, float(np.abs(ref.matrix).max()))
+    np.testing.assert_allclose(tidy[0]["metrics"]["logit-diff"], ref.matrix, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(agg["raw_mean"], ref.matrix.reshape(rows, columns), rtol=0, atol=1e-5 * scale)
