@@ -258,7 +258,7 @@ def matrix_figure(r: PathResult):
                 if L * H <= 200:
                     ax.text(h, l, "n/a", ha="center", va="center", fontsize=7, color="dimgrey")
             elif L * H <= 200:
-                ax.text(h, l, f"{m[l, h]:.3g}", ha="center", va="center", fontsize=7)
+                ax.text(h, l, f"{shifted[l, h]:+.2g}", ha="center", va="center", fontsize=7)  # what the colour shows
     ax.set_xticks(range(H))
     ax.set_yticks(range(L))
     ax.set_xlabel("sender head")
