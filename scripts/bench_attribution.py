@@ -5,7 +5,7 @@
 Model: the GPT-2-small-shaped checkpoint of scripts/bench.py (real weights if cached, else random of
 that shape). Prompts as in bench.py (the corrupt prompt differs at position 1). Per (site, length):
 the exact sweep (fast engine) and the attribution estimate (one forward + one backward), each the
-minimum of --repeats runs after the two recordings both need; the machine's load average is printed,
+minimum of --repeats runs after a warm-up run, not counting the two recordings both need; the machine's load average is printed,
 since shared machines slow everything down.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from patching import attribution, engines  # noqa: E402
 
 
 def best(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+    """Minimum wall time of `repeats` calls after one untimed warm-up call."""
+    times, out = [], fn()
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
@@ -40,7 +41,7 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[11, 35])
     ap.add_argument("--sites", nargs="+", default=["resid_post", "z"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (1: steadier on a shared machine)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import large_init
 from mingpt.model import GPT, GPTConfig
 from mingpt.sites import HEAD_SITES, SITES, Patch, Recording
 from patching import attribution, engines
@@ -32,14 +33,7 @@ def random_model(n_layer=2, n_head=2, n_embd=16, seed=0, linear=False) -> GPT:
     """A float64 GPT with O(1) activations; linear=True swaps LayerNorms and GELU for identities."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=41, block_size=32)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("weight") and p.dim() == 2:
-                p.normal_(0, 0.3)
-            elif "ln" in n and n.endswith("weight"):
-                p.normal_(1, 0.2)
-            else:
-                p.normal_(0, 0.2)
+    large_init(model)
     if linear:
         for block in model.transformer.h:
             block.ln_1, block.ln_2 = nn.Identity(), nn.Identity()
