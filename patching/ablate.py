@@ -123,14 +123,16 @@ def mean_source(model, tok, prompts: list[str], T: int) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def ablate(model, tok, options: AblateOptions) -> AblateResult:
+def ablate(model, tok, options: AblateOptions, means: dict | None = None) -> AblateResult:
+    """`means`: mean_source's result for these reference prompts and this length, if the caller has it
+    (a study ablates many prompts against one reference and computes it once per length)."""
     ids = toolkit.encode(tok, model, options.prompt)
     target, foil = toolkit.answer_ids(tok, options.target, options.foil)
     dev, T = toolkit.device_of(model), len(ids)
     idx = torch.tensor([ids], device=dev)
     base = engines.record(model, idx, sites=tuple(SITES.values()))
     if options.kind == "mean":
-        source = mean_source(model, tok, options.reference or [options.prompt], T)
+        source = means if means is not None else mean_source(model, tok, options.reference or [options.prompt], T)
     else:
         source = {site: torch.zeros_like(base[site][:, 0]) for site in SITES.values()}
     r0 = engines.readout(base.last_logits[0], target[1], foil[1], False).cpu()

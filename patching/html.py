@@ -30,6 +30,12 @@ HOW_TO_READ_AGGREGATE = (
     "Hatched cells have an interval that contains 0: over these pairs the cell has no effect we can tell from "
     "none. The table gives the standard error, the share of pairs whose recovery exceeds 0.5 and the mean of "
     "the run's own metric.")
+HOW_TO_READ_RAW = (
+    "This analysis reads each pair's clean prompt alone, so there is no recovery: each cell is the mean over "
+    "the pairs of the analysis's own value ({metric}: {definition}); red is positive (the foil gains over the "
+    "target), blue negative (the target gains), as in the analysis's own figures. Below the mean: its 95% bootstrap interval (pairs resampled with "
+    "replacement). Hatched cells have an interval that contains 0: over these pairs the cell has no effect we "
+    "can tell from none. The table gives the standard error and the interval of every cell.")
 
 
 @lru_cache(maxsize=1)
@@ -94,28 +100,41 @@ TIDY_PAGE_LIMIT = 20000  # rows of the tidy table on the page; beyond it the pag
 def study_page(summary: dict, aggs: list, pngs: list[bytes], tidy: list[dict]) -> str:
     """index.html of a study: counts and reasons, settings, aggregate figure(s) and cells (sortable),
     every pair with a link to its report.html, the tidy table (sortable), timing and versions."""
+    from patching.stats import tidy_head, tidy_keys
+    from patching.study import title
+    a = summary["analysis"]
+    metric, metrics, axes, labels = a["metric"], a.get("metrics", list(METRICS)), a["axes"], a.get("labels")
+    recovery = "recovery" in metrics
+    # the aggregate's table: recovery's statistics and the raw mean, or (no recovery) the raw value's
+    stat_keys = ("mean", "sem", "ci_low", "ci_high", "share_above_half", "raw_mean") if recovery else \
+        ("raw_mean", "raw_sem", "raw_ci_low", "raw_ci_high")
+    stat_heads = (["mean recovery", "sem", "ci_low", "ci_high", "share > 0.5", f"raw mean ({metric})"] if recovery
+                  else [f"mean {metric}", "sem", "ci_low", "ci_high"])
     groups = []
     for g, png in zip(aggs, pngs):
-        rows = [[label, j, g.columns[j], *(fmt(getattr(g, k)[i, j]) for k in
-                                           ("mean", "sem", "ci_low", "ci_high", "share_above_half", "raw_mean"))]
+        rows = [[label, j, g.columns[j], *(fmt(getattr(g, k)[i, j]) for k in stat_keys)]
                 for i, label in enumerate(g.rows) for j in range(len(g.columns))]
         groups.append(({"n_pairs": g.n_pairs, "n_columns": len(g.columns), "row_axis": g.row_axis,
                         "column_axis": g.column_axis, "rows": rows}, data_uri(png)))
-    axes = summary["analysis"]["axes"]
-    n_tidy = sum(np.asarray(t["metrics"]["recovery"]).size for t in tidy)
+    n_tidy = sum(np.asarray(t["metrics"][metric]).size for t in tidy)
     tidy_rows = None
     if n_tidy <= TIDY_PAGE_LIMIT:
         tidy_rows = []
         for t in tidy:
-            arrays = [np.asarray(t["metrics"][k]) for k in METRICS]
+            arrays = [np.asarray(t["metrics"][k]) for k in metrics]
             for cell in np.ndindex(arrays[0].shape):
-                at = dict(zip(axes, cell))
-                p = at.get("position")
-                tidy_rows.append([t["index"], t["name"], at["layer"], at.get("head", ""), "" if p is None else p,
-                                  "" if p is None else t["tokens"][p], *(fmt(a[cell]) for a in arrays)])
+                keys = tidy_keys(t, cell, axes, labels)
+                tidy_rows.append([*keys[:2], *keys[3:], *(fmt(x[cell]) for x in arrays)])  # n_tokens: in the CSV
     s = summary
-    settings = [*s["settings"].items(), ("analysis", ", ".join(f"{k}={v}" for k, v in s["analysis"].items())),
+    head = tidy_head(axes, labels)
+    from patching.study import PATCH_ONLY
+    shown = {k: v for k, v in s["settings"].items() if recovery or k not in PATCH_ONLY}  # what the analysis reads
+    about = {k: v for k, v in a.items() if k not in ("labels", "metrics", "scalars")}  # the grid's labels: the tables
+    settings = [*shown.items(), ("analysis", ", ".join(f"{k}={v}" for k, v in about.items())),
                 *((f"study {k}", v) for k, v in s["options"].items())]
+    how = HOW_TO_READ_AGGREGATE if recovery else HOW_TO_READ_RAW.format(metric=metric,
+                                                                         definition=a.get("metric_definition", ""))
     return _env().get_template("index.html").render(
-        s=s, c=s["counts"], settings=settings, groups=groups, how_to_read=HOW_TO_READ_AGGREGATE,
-        metrics=list(METRICS), tidy_rows=tidy_rows, tidy_count=n_tidy, fmt=fmt)
+        s=s, c=s["counts"], settings=settings, groups=groups, how_to_read=how, title=title(a),
+        stat_heads=stat_heads, tidy_head=[*head[:2], *head[3:]], metrics=metrics, tidy_rows=tidy_rows,
+        tidy_count=n_tidy, fmt=fmt)

@@ -30,7 +30,8 @@ def read_shard(folder: Path) -> tuple[dict, list[dict]]:
     """(summary, tidy rows) of one shard folder; PatchingError if it is not a complete study shard."""
     try:
         summary = json.loads((folder / "summary.json").read_text())
-        metrics, tidy = stats.read_tidy((folder / "results.csv").read_text(), summary["analysis"]["axes"])
+        a = summary["analysis"]
+        metrics, tidy = stats.read_tidy((folder / "results.csv").read_text(), a["axes"], a.get("labels"))
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise PatchingError(f"{folder} is not a study folder with summary.json and results.csv ({exc}).") from None
     if summary.get("kind") != "study":

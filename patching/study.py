@@ -14,7 +14,7 @@ A single pair is an anecdote; papers patch over a dataset of pairs built from te
       seed: 0
       distinct: true                       # the slots of one pair take different values
     experiments: [...]                     # optional: listed pairs, as in a batch (no overrides)
-    analysis: {kind: patch, site: resid_post}
+    analysis: {kind: patch, site: resid_post}   # or lens, dla, ablate with their options (patching.kinds)
     study: {bootstrap: 1000, seed: 0, figures: false}
 
 Pairs that do not fit (token counts differ, a target/foil that is not one token, ...) are skipped
@@ -42,14 +42,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from patching import engines, stats
+from patching import engines, kinds, stats
 from patching.api import (USER_ERRORS, PatchingError, PatchResult, Settings, axes_of, finite, indistinct, load,
                           prepare, single_token, summarize, versions)
 from patching.engines import METRICS
 from patching.files import claim, expand, free_name, write_folder
 from patching.report import experiment_files, json_text, slug
 
-ANALYSES = ("patch",)  # the patching sweep (api.run's); the toolkit's analyses (issue 14) join here
+ANALYSES = ("patch", *kinds.KINDS)  # the patching sweep (api.run's) and the toolkit's one-prompt analyses
+NOT_YET = ("attribution", "path")  # analyses of the toolkit that studies cannot run yet
+# Settings that only the patching sweep reads: a study of another kind refuses them.
+PATCH_ONLY = ("site", "direction", "all_positions", "metric", "prepend_bos")
 # What `analysis:` may set for a patch study: the Settings fields that choose the sweep.
 PATCH_OPTIONS = ("site", "direction", "all_positions", "prepend_bos", "metric", "engine", "max_rows")
 SLOT = re.compile(r"\{(\w+)\}")
@@ -76,7 +79,8 @@ def _int(value, name: str, low: int) -> int:
 
 @dataclass
 class Analysis:
-    """What runs on every pair: `kind`, and its options (for patch: Settings fields, PATCH_OPTIONS)."""
+    """What runs on every pair: `kind`, and its options (for patch: Settings fields, PATCH_OPTIONS;
+    for lens, dla, ablate: the analysis's options, patching.kinds)."""
 
     kind: str = "patch"
     options: dict = field(default_factory=dict)
@@ -87,8 +91,13 @@ class Analysis:
         if not isinstance(data, dict):
             raise PatchingError(f"{where} must be a mapping like {{kind: patch, site: resid_post}}.")
         kind = data.pop("kind", "patch")
+        if kind in NOT_YET:
+            raise PatchingError(f"{where}: kind {kind} cannot be a study's analysis yet; studies run "
+                                f"{', '.join(ANALYSES)}.")
         if kind not in ANALYSES:
             raise PatchingError(f"{where}: kind {str(kind)[:40]!r} is not one of {', '.join(ANALYSES)}.")
+        if kind != "patch":
+            return cls(kind, kinds.options(kind, data, where))
         unknown = [k for k in data if k not in PATCH_OPTIONS]
         if unknown:
             raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; a patch analysis takes kind, "
@@ -243,8 +252,9 @@ class Study:
         """What makes two shards parts of one study: its pairs, settings that change numbers, analysis,
         statistics. (device, max_rows and threads change speed only; figures only the files.)"""
         settings = {k: v for k, v in asdict(self.settings).items() if k not in ("device", "max_rows")}
+        a = self.analysis  # a patch sweep's options are settings; the others' are its own
         doc = {"pairs": [[p.clean, p.corrupt, p.target, p.foil, p.name, p.error] for p in self.pairs],
-               "settings": settings, "analysis": self.analysis.kind,
+               "settings": settings, "analysis": a.kind if a.kind == "patch" else {"kind": a.kind, **a.options},
                "bootstrap": self.options.bootstrap, "seed": self.options.seed}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -287,8 +297,17 @@ def read_study(path: Path | None, cli_settings: dict, pairs_file: Path | None = 
     if not isinstance(defaults, dict):
         raise PatchingError(f"{where}: defaults must be a mapping of settings.")
     analysis = Analysis.from_dict(doc.get("analysis"), f"{where} analysis")
-    # the command line wins over the file's analysis, which wins over its defaults
-    settings = Settings.from_dict({**defaults, **analysis.options, **cli_settings}, f"{where} defaults and analysis")
+    if analysis.kind == "patch":
+        # the command line wins over the file's analysis, which wins over its defaults
+        settings = Settings.from_dict({**defaults, **analysis.options, **cli_settings}, f"{where} defaults and analysis")
+    else:
+        settings = Settings.from_dict({**defaults, **cli_settings}, f"{where} defaults")
+        given = [k for k in PATCH_ONLY if k in defaults or k in cli_settings]
+        if given:
+            raise PatchingError(f"{where}: a {analysis.kind} study runs on each pair's clean prompt, so "
+                                f"{given[0]} does not apply: drop it.")
+        if analysis.kind == "ablate" and ("engine" in cli_settings or "engine" not in analysis.options):
+            analysis.options["engine"] = settings.engine  # --engine, then the analysis's, then defaults'
     opts = dict(doc.get("study") or {}) if isinstance(doc.get("study") or {}, dict) else doc.get("study")
     if bootstrap is not None and isinstance(opts, dict):
         opts["bootstrap"] = bootstrap
@@ -322,14 +341,15 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- one pair
 
 
-def misfit(tok, pair: Pair, block_size: int) -> str | None:
-    """Why a pair cannot be patched (a skip reason), or None. The reason's first words are its kind."""
+def misfit(tok, pair: Pair, block_size: int, clean_only: bool = False) -> str | None:
+    """Why a pair cannot be patched (a skip reason), or None. The reason's first words are its kind.
+    `clean_only`: the analysis reads the clean prompt alone, so the corrupt one is not checked."""
     if pair.error:
         return f"invalid row: {pair.error}"
-    a, b = tok.encode(pair.clean), tok.encode(pair.corrupt)
-    if not a or not b:
+    a, b = tok.encode(pair.clean), (None if clean_only else tok.encode(pair.corrupt))
+    if not a or b == []:
         return "empty prompt"
-    if len(a) != len(b):
+    if b is not None and len(a) != len(b):
         return f"token counts differ: clean {len(a)}, corrupt {len(b)}"
     if len(a) > block_size:
         return f"too long: {len(a)} tokens, the context holds {block_size}"
@@ -403,10 +423,23 @@ def folder_names(study: Study) -> list[str]:
     return [f"{i:0{width}d}-{p.name or slug(p.clean or 'invalid', 40)}" for i, p in enumerate(study.pairs, 1)]
 
 
-def describe(settings: Settings) -> dict:
-    """What the study's analysis is, for its summary and pages."""
-    return {"kind": "patch", "site": settings.site, "direction": settings.direction,
-            "all_positions": settings.all_positions, "axes": axes_of(settings.site, settings.all_positions)}
+def describe(study: Study, config) -> dict:
+    """What the study's analysis is, for its summary, aggregate.json and pages: its options, the axes
+    of its grid (and their labels, for the toolkit's analyses), its metrics and per-pair scalars."""
+    s, a = study.settings, study.analysis
+    if a.kind != "patch":
+        return kinds.describe(a.kind, a.options, config.n_layer, config.n_head)
+    return {"kind": "patch", "site": s.site, "direction": s.direction,
+            "all_positions": s.all_positions, "axes": axes_of(s.site, s.all_positions),
+            "metrics": list(METRICS), "metric": s.metric, "scalars": ["clean_value", "corrupt_value"]}
+
+
+def title(a: dict) -> str:
+    """'patch resid_post (denoise)', 'lens (ln recompute)', 'ablate (ablation mean)'."""
+    if a["kind"] == "patch":
+        return f"patch {a['site']} ({a['direction']})"
+    opts = [f"{k} {v}" for k, v in a.items() if k in ("ln", "ablation")]
+    return a["kind"] + (f" ({', '.join(opts)})" if opts else "")
 
 
 def run_study(study: Study, out: Path, *, shard: tuple[int, int] = (1, 1), say: Callable[[str], None] = print,
@@ -420,7 +453,7 @@ def run_study(study: Study, out: Path, *, shard: tuple[int, int] = (1, 1), say: 
         model, tok = load(study.settings)
         meta = {"kind": "study", "study": study.hash(), "shard": f"{shard[0]}/{shard[1]}",
                 "n_study_pairs": len(study.pairs), "settings": asdict(study.settings),
-                "analysis": describe(study.settings), "options": asdict(study.options),
+                "analysis": describe(study, model.config), "options": asdict(study.options),
                 "model": getattr(model, "name", study.settings.model), "versions": versions()}
         load_seconds = time.perf_counter() - t_start
         stage = dest.folder.parent / f".{dest.folder.name[:200]}.pairs-{os.getpid()}"
@@ -453,24 +486,32 @@ def _run_pairs(study: Study, shard, model, tok, meta: dict, stage: Path, say):
     if study.options.threads:  # small models on a busy CPU run faster single-threaded; shards add processes
         torch.set_num_threads(study.options.threads)
     try:
+        kind, cache = study.analysis.kind, {}
         for n_done, ((i, pair), row) in enumerate(zip(chosen, rows), 1):
             t0 = time.perf_counter()
-            reason = misfit(tok, pair, model.config.block_size)
+            reason = misfit(tok, pair, model.config.block_size, clean_only=kind != "patch")
             if reason:
                 row.update(status="skipped", reason=reason)
                 continue
             try:
-                result, metrics = patch_pair(model, tok, pair, study.settings, meta)
-                write_folder(stage / row["name"], pair_files(result, study.figures), kind="experiment")
+                if kind == "patch":
+                    result, metrics = patch_pair(model, tok, pair, study.settings, meta)
+                    files, tokens = pair_files(result, study.figures), result.prepared.tokens
+                    values = {"clean_value": result.clean.value, "corrupt_value": result.corrupt.value}
+                    timing = {k: result.timing[k] for k in ("sweep_seconds", "record_seconds")}
+                else:
+                    out, seconds = kinds.run_pair(kind, model, tok, pair, study.analysis.options, study.figures, cache)
+                    files, tokens, metrics, values = out.files, out.tokens, out.metrics, out.values
+                    timing = {"analysis_seconds": round(seconds, 6)}
+                write_folder(stage / row["name"], files, kind="experiment")
             except USER_ERRORS as exc:
                 row.update(status="failed", reason=str(exc))
                 say(f"[{n_done}/{len(rows)}] {row['name']}: failed: {exc}")
                 continue
-            tidy.append({"index": i, "name": row["name"], "tokens": result.prepared.tokens, "metrics": metrics})
-            row.update(status="ok", folder=f"pairs/{row['name']}", clean_value=result.clean.value,
-                       corrupt_value=result.corrupt.value, n_tokens=len(result.prepared.tokens),
-                       seconds=round(time.perf_counter() - t0, 6),
-                       sweep_seconds=result.timing["sweep_seconds"], record_seconds=result.timing["record_seconds"])
+            tidy.append({"index": i, "name": row["name"], "tokens": tokens, "metrics": metrics})
+            row.update(status="ok", folder=f"pairs/{row['name']}", **values, n_tokens=len(tokens),
+                       page="report.html" if "report.html" in files else "results.json",
+                       seconds=round(time.perf_counter() - t0, 6), **timing)
         meta["complete"] = True
     finally:
         torch.set_num_threads(threads)
@@ -498,21 +539,26 @@ def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], 
     t0 = time.perf_counter()
     rows = sorted(rows, key=lambda r: r["index"])
     tidy = sorted(tidy, key=lambda r: r["index"])
-    opts, metric, a = meta["options"], meta["settings"]["metric"], meta["analysis"]
+    opts, a = meta["options"], meta["analysis"]
+    metric, labels = a["metric"], a.get("labels")
+    recovery = "recovery" in a["metrics"]  # the patching sweep's; the toolkit's analyses aggregate the raw value
+    values = {r["index"]: r for r in rows}
     groups: dict[int, list[dict]] = {}
-    for r in tidy:  # pairs of one token count align cell by cell
-        groups.setdefault(len(r["tokens"]), []).append(r)
-    aggs = [stats.aggregate(np.stack([r["metrics"]["recovery"] for r in g]), np.stack([r["metrics"][metric] for r in g]),
-                            a["axes"], [r["tokens"] for r in g], opts["bootstrap"], opts["seed"])
+    for r in tidy:  # pairs of one token count align cell by cell (every pair, where positions are no axis)
+        groups.setdefault(len(r["tokens"]) if "position" in a["axes"] else 0, []).append(r)
+    aggs = [stats.aggregate(np.stack([r["metrics"]["recovery"] for r in g]) if recovery else None,
+                            np.stack([r["metrics"][metric] for r in g]), a["axes"], [r["tokens"] for r in g],
+                            opts["bootstrap"], opts["seed"], labels,
+                            {k: [values[r["index"]][k] for r in g] for k in a["scalars"]})
             for g in sorted(groups.values(), key=len, reverse=True)]
     c = counts(rows)
     ok_rows = [r for r in rows if r["status"] == "ok"]
-    secs = lambda k: float(np.mean([r[k] for r in ok_rows])) if ok_rows else None  # noqa: E731
-    timing = {**meta.get("timing", {}), "pair_seconds_mean": secs("seconds"), "sweep_seconds_mean": secs("sweep_seconds"),
-              "record_seconds_mean": secs("record_seconds")}
-    if ok_rows:  # what a pair costs beyond its own two recorded runs and its sweep: checks, metrics, files
-        timing["overhead_seconds_mean"] = timing["pair_seconds_mean"] - timing["sweep_seconds_mean"] - timing["record_seconds_mean"]
-    files: dict[str, str | bytes] = {"results.csv": stats.tidy_csv(tidy, list(METRICS), a["axes"])}
+    secs = lambda k: float(np.mean([r[k] for r in ok_rows])) if ok_rows and k in ok_rows[0] else None  # noqa: E731
+    own = ("sweep_seconds", "record_seconds") if a["kind"] == "patch" else ("analysis_seconds",)
+    timing = {**meta.get("timing", {}), "pair_seconds_mean": secs("seconds"), **{f"{k}_mean": secs(k) for k in own}}
+    if ok_rows:  # what a pair costs beyond its own runs (recorded runs and sweep, or the analysis): checks, metrics, files
+        timing["overhead_seconds_mean"] = timing["pair_seconds_mean"] - sum(timing[f"{k}_mean"] for k in own)
+    files: dict[str, str | bytes] = {"results.csv": stats.tidy_csv(tidy, a["metrics"], a["axes"], labels)}
     pngs = []
     if aggs:
         doc = {"study": meta["study"], "metric": metric, "analysis": a, "bootstrap": opts["bootstrap"],
@@ -520,11 +566,14 @@ def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], 
                "other_groups": [g.to_json() for g in aggs[1:]], "counts": c}
         files["aggregate.json"] = json_text(doc)
         files["aggregate.csv"] = stats.aggregate_csv(aggs)
+        what = "mean recovery" if recovery else f"mean {metric}"
         for k, g in enumerate(aggs):
             n_tokens = len(g.columns) if g.column_axis == "position" else len(tidy[0]["tokens"])
-            title = (f"mean recovery over {g.n_pairs} pairs, {meta['model']}, {a['site']} ({a['direction']})"
-                     f"\nhatched: the 95% bootstrap interval contains 0")
-            pngs.append(stats.heatmap_png(g, title, f"{g.row_axis} ({a['site']})"))
+            head = (f"{what} over {g.n_pairs} pairs, {meta['model']}, {title(a)}"
+                    f"\nhatched: the 95% bootstrap interval contains 0")
+            ylabel = f"{g.row_axis} ({a['site']})" if a["kind"] == "patch" else (
+                "residual stream after block" if a["kind"] == "lens" else g.row_axis)
+            pngs.append(stats.heatmap_png(g, head, ylabel, what))
             files["aggregate.png" if k == 0 else f"aggregate-{n_tokens}-tokens.png"] = pngs[-1]
     timing["finish_seconds"] = round(time.perf_counter() - t0, 6)
     summary = {**{k: v for k, v in meta.items() if not k.startswith("_")}, "counts": c, "timing": timing, "pairs": rows}
@@ -545,7 +594,8 @@ def summary_md(summary: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in c["reasons"].items()]
     lines += ["", "| pair | status | clean | corrupt | reason |", "|---|---|---|---|---|"]
     for r in summary["pairs"]:
-        vals = (f"{r['clean_value']:.3f} | {r['corrupt_value']:.3f}" if r["status"] == "ok" else " | ")
+        num = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731  (one-prompt analyses have no corrupt value)
+        vals = f"{num(r.get('clean_value'))} | {num(r.get('corrupt_value'))}"
         lines.append(f"| {r['name']} | {r['status']} | {vals} | {r.get('reason', '').replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
@@ -566,15 +616,18 @@ def command(args, given: dict, say: Callable[[str], None] = print) -> int:
     stem = slug((path or pairs_file).stem) + (f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else "")
     out = expand(args.out) if args.out else free_name(expand("outputs") / stem)
     n_here = len(shard_pairs(study, shard))
-    s = study.settings
+    s, a = study.settings, study.analysis
+    what = f"patch {s.site} ({s.direction})" if a.kind == "patch" else f"{a.kind} of each clean prompt"
     say(f"study {study.hash()}: {len(study.pairs)} pairs, shard {shard[0]}/{shard[1]} runs {n_here}; "
-        f"{study.analysis.kind} {s.site} ({s.direction}), model {s.model}")
+        f"{what}, model {s.model}")
     summary = run_study(study, out, shard=shard, say=say, overwrite=bool(getattr(args, "overwrite", False)))
     t = summary["timing"]
     if t.get("pair_seconds_mean") is not None:
-        say(f"model load {t['load_seconds']:.2f} s; per pair {t['pair_seconds_mean'] * 1e3:.1f} ms "
-            f"(sweep {t['sweep_seconds_mean'] * 1e3:.1f} ms, recorded runs {t['record_seconds_mean'] * 1e3:.1f} ms, "
-            f"overhead {t['overhead_seconds_mean'] * 1e3:.1f} ms); statistics and pages {t['finish_seconds']:.2f} s")
+        ms = lambda k: f"{t[k] * 1e3:.1f} ms"  # noqa: E731
+        own = (f"sweep {ms('sweep_seconds_mean')}, recorded runs {ms('record_seconds_mean')}" if a.kind == "patch"
+               else f"{a.kind} {ms('analysis_seconds_mean')}")
+        say(f"model load {t['load_seconds']:.2f} s; per pair {ms('pair_seconds_mean')} "
+            f"({own}, overhead {ms('overhead_seconds_mean')}); statistics and pages {t['finish_seconds']:.2f} s")
     result = getattr(say, "result", print)
     result(f"wrote {out}/index.html, aggregate.json, aggregate.csv, results.csv, summary.json")
     c = summary["counts"]

@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -345,14 +346,18 @@ def child_env(src: Path, threads: int) -> dict:
     return env
 
 
-def wall(cmd: list[str], env: dict) -> tuple[float, str]:
-    """Seconds from spawning `cmd` to its exit, and its stdout; a failure stops the benchmark."""
+def wall(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """Seconds from spawning `cmd` to its exit, its CPU seconds (user + system, all threads; less
+    sensitive to other load than wall time) and its stdout; a failure stops the benchmark."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=env["PYTHONPATH"])  # -m: cwd first
     s = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
-    return s, proc.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return s, cpu, proc.stdout
 
 
 def startup_bench(args):
@@ -366,23 +371,26 @@ def startup_bench(args):
         kind = save_checkpoint(small)
         models = {"demo-names": "demo-names", "gpt2-small-shaped": str(small)}
         load_before = os.getloadavg()
-        bare, whole, stages = [], {m: [] for m in models}, {m: [] for m in models}
+        bare, bare_frozen, whole, stages = [], [], {m: [] for m in models}, {m: [] for m in models}
         for i in range(args.runs + 1):  # round 0 warms the caches (bytecode, fonts, files) and is not kept
             keep = i > 0
-            s, _ = wall([py, "-c", "import torch"], env)
-            bare += [s] * keep
+            s, cpu, _ = wall([py, "-c", "import torch"], env)
+            bare += [(s, cpu)] * keep
+            s, _, _ = wall([py, "-c", "import gc, torch; gc.freeze()"], env)  # the same quick exit as patch-run's
+            bare_frozen += [s] * keep
             for name, model in models.items():
-                out = tmp / f"out-{name}"
-                s, _ = wall([py, "-m", "patching.cli", "--model", model, "--quiet", "--clean", clean, "--corrupt", corrupt,
+                out = tmp / f"out-{name}-{i}"  # a new folder: patch-run does not overwrite without --overwrite
+                s, cpu, _ = wall([py, "-m", "patching.cli", "--model", model, "--quiet", "--clean", clean, "--corrupt", corrupt,
                              "--target", target, "--foil", foil, "--out", str(out)], env)
                 sweep = json.loads((out / "results.json").read_text())["timing"]["sweep_seconds"]
-                whole[name] += [(s, sweep)] * keep
-                s, stdout = wall([py, str(SCRIPTS / "startup_stages.py"), model, str(tmp / f"stages-{name}"),
+                whole[name] += [(s, sweep, cpu)] * keep
+                s, _, stdout = wall([py, str(SCRIPTS / "startup_stages.py"), model, str(tmp / f"stages-{name}"),
                                   clean, corrupt, target, foil], env)
-                stages[name] += [dict(json.loads(stdout.strip().splitlines()[-1]), whole_process=s)] * keep
+                got = json.loads(stdout.strip().splitlines()[-1])
+                stages[name] += [(dict(got["wall"], whole_process=s), got["cpu"])] * keep
         load_after = os.getloadavg()
 
-    base = min(bare)
+    base, base_cpu = min(s for s, _ in bare), min(c for _, c in bare)
     targets = {"demo-names": 0.5, "gpt2-small-shaped": 0.6}
     report = {"source": str(src), "checkpoint": kind, "runs": args.runs, "threads": args.threads,
               "load_before": load_before, "load_after": load_after, "bare_import_torch": base, "models": {}}
@@ -390,10 +398,14 @@ def startup_bench(args):
     print(f"# patch-run start-up, {args.runs} runs each (fresh processes, minimum), {args.threads} threads, "
           f"source {src}\nmachine: {machine()}; load average before {' '.join(f'{x:.2f}' for x in load_before)}, "
           f"after {' '.join(f'{x:.2f}' for x in load_after)}\ngpt2-small-shaped: {kind}\n")
-    print(f"| stage (scripts/startup_stages.py) | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
-    keys = list(stages[names[0]][0])
+    print(f"| stage (scripts/startup_stages.py): wall (CPU, all threads) | {' | '.join(names)} |\n"
+          f"|---|{'---|' * len(names)}")
+    keys = list(stages[names[0]][0][0])
     for key in keys:
-        cells = [f"{min(r[key] for r in stages[n]):.3f} s" for n in names]
+        cells = []
+        for n in names:
+            cpu = [c[key] for _, c in stages[n] if key in c]
+            cells.append(f"{min(w[key] for w, _ in stages[n]):.3f} s" + (f" ({min(cpu):.3f})" if cpu else ""))
         print(f"| {key} | {' | '.join(cells)} |")
     print(f"\n| whole process | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
     print(f"| bare `python -c \"import torch\"` | {' | '.join(f'{base:.3f} s' for _ in names)} |")
@@ -405,8 +417,18 @@ def startup_bench(args):
         over = rows[n][0] - rows[n][1] - base
         cells.append(f"**{over:.3f} s** (target <= {targets[n]} s: {'met' if over <= targets[n] else 'NOT met'})")
         report["models"][n] = {"whole_process": rows[n][0], "sweep_seconds": rows[n][1], "overhead": over,
-                               "target": targets[n], "stages": {k: min(r[k] for r in stages[n]) for k in keys}}
+                               "target": targets[n], "stages": {k: min(w[k] for w, _ in stages[n]) for k in keys},
+                               "cpu_whole_process": min(c for _, _, c in whole[n])}
     print(f"| overhead = whole - bare torch - sweep | {' | '.join(cells)} |")
+    frozen = min(bare_frozen)
+    print(f"| bare `import gc, torch; gc.freeze()` (patch-run's quick exit, ~{base - frozen:.2f} s less teardown) "
+          f"| {' | '.join(f'{frozen:.3f} s' for _ in names)} |")
+    print(f"| overhead against that baseline | "
+          f"{' | '.join(f'{rows[n][0] - rows[n][1] - frozen:.3f} s' for n in names)} |")
+    report["bare_import_torch_frozen"] = frozen
+    cpu = [report["models"][n]["cpu_whole_process"] for n in names]
+    print(f"| CPU seconds, all threads (bare torch: {base_cpu:.3f} s) | {' | '.join(f'{c:.3f} s' for c in cpu)} |")
+    report["bare_import_torch_cpu"] = base_cpu
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

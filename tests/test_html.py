@@ -46,6 +46,18 @@ def study(tmp_path_factory, tiny_ckpt) -> Path:
     return root / "out"
 
 
+@pytest.fixture(scope="module")
+def dla_study(tmp_path_factory, tiny_ckpt) -> Path:
+    """The same pairs as `study`, with direct logit attribution as the study's analysis."""
+    root = tmp_path_factory.mktemp("html-dla")
+    doc = {"defaults": {"model": str(tiny_ckpt), "device": "cpu"}, "analysis": {"kind": "dla"},
+           "experiments": [MICHELLE, JESSICA, {**MICHELLE, "target": "Jonesification"}],
+           "study": {"bootstrap": 100, "figures": True}}
+    (root / "s.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["--batch", str(root / "s.yaml"), "--out", str(root / "out")]) == 0
+    return root / "out"
+
+
 def test_experiment_page_is_self_contained_and_escaped(tiny_ckpt):
     settings = Settings(model=str(tiny_ckpt), device="cpu", top_k=5)
     model, tok = load(settings)
@@ -70,9 +82,9 @@ def test_study_pages_link_every_pair_and_fetch_nothing(study):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
-def test_pages_render_in_chromium(study, tmp_path):
+def test_pages_render_in_chromium(study, dla_study, tmp_path):
     from playwright.sync_api import sync_playwright
-    pages = [study / "index.html", *sorted(study.glob("pairs/*/report.html"))]
+    pages = [study / "index.html", *sorted(study.glob("pairs/*/report.html")), dla_study / "index.html"]
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM)
         try:

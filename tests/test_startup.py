@@ -6,6 +6,7 @@ which building modules on the meta device imports). The faster construction must
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -77,3 +78,18 @@ def test_random_init_still_works_after_a_load(tiny_ckpt):
     assert torch.equal(w, again.transformer.h[0].mlp.c_fc.weight)  # seeded init, not uninitialised memory
     assert abs(w.std().item() - 0.02) < 0.004 and model.transformer.h[0].mlp.c_fc.bias.abs().max() == 0
     assert torch.equal(model.transformer.ln_f.weight, torch.ones(32))
+
+
+def test_the_executable_freezes_the_gc_before_exit_and_main_does_not():
+    """program() (the patch-run executable) returns main()'s status after gc.freeze(), which spares the
+    interpreter's final collection; main() called from Python leaves the caller's GC alone."""
+    from patching.cli import main
+    frozen = gc.get_freeze_count()
+    assert main(["--model", "no-such-model-here", "--clean", "a", "--corrupt", "b", "--target", "c", "--foil", "d"]) == 1
+    assert gc.get_freeze_count() == frozen
+    probe = ("import gc, sys\nfrom patching.cli import program\nsys.argv = ['patch-run', '--model', 'no-such-model-here',"
+             " '--clean', 'a', '--corrupt', 'b', '--target', 'c', '--foil', 'd']\n"
+             "code = program()\nprint(code, gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1"))
+    assert out.stdout.split() == ["1", "True"] and "unknown model" in out.stderr

@@ -131,7 +131,7 @@ def test_unknown_study_keys_fail(tmp_path, tiny_ckpt):
     for extra, words in (({"study": {"bootstrapp": 5}}, "unknown key 'bootstrapp'"),
                          ({"analysis": {"site": "zz"}}, "site 'zz' is not one of"),
                          ({"analysis": {"direction": "up"}}, "direction 'up' is not one of"),
-                         ({"analysis": {"kind": "lens"}}, "kind 'lens' is not one of patch"),
+                         ({"analysis": {"kind": "heatmap"}}, "kind 'heatmap' is not one of patch, lens, dla, ablate"),
                          ({"analysis": {"model": "gpt2"}}, "unknown key 'model'; a patch analysis takes"),
                          ({"pairs": generator(), "extra": 1}, "unknown top-level key 'extra'")):
         with pytest.raises(PatchingError, match=words):
@@ -224,8 +224,11 @@ def test_a_failing_pair_is_reported_and_the_others_aggregate(tmp_path, tiny_ckpt
     assert not (tmp_path / "out" / "pairs" / summary["pairs"][3]["name"]).exists()
 
 
-def test_shards_merge_to_exactly_the_unsharded_study(tmp_path, tiny_ckpt):
-    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(n=7), study={"bootstrap": 500, "seed": 2})
+@pytest.mark.parametrize("analysis", [None, {"kind": "lens"}, {"kind": "dla"},
+                                      {"kind": "ablate", "ablation": "mean", "reference": ["Mary had a lamb."]}])
+def test_shards_merge_to_exactly_the_unsharded_study(tmp_path, tiny_ckpt, analysis):
+    extra = {"analysis": analysis} if analysis else {}
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(n=7), study={"bootstrap": 500, "seed": 2}, **extra)
     assert cli(["--batch", str(path), "--out", str(tmp_path / "all")])["rc"] == 0
     for k in (1, 2):
         got = cli(["--batch", str(path), "--shard", f"{k}/2", "--out", str(tmp_path / f"s{k}")])
@@ -241,6 +244,9 @@ def test_shards_merge_to_exactly_the_unsharded_study(tmp_path, tiny_ckpt):
         assert (tmp_path / "all" / name).read_text() == (tmp_path / "merged" / name).read_text()
     assert sorted(p.name for p in (tmp_path / "all" / "pairs").iterdir()) == \
         sorted(p.name for p in (tmp_path / "merged" / "pairs").iterdir())
+    if analysis:  # the toolkit's analyses: the raw statistics and scalars are what must agree
+        assert a["mean"] is None and a["raw_ci_low"] is not None and a["scalars"]["clean_value"]["sem"] > 0
+        return
 
     # refusals: a different study, a missing shard, a shard twice, an existing --out
     other = study_yaml(tmp_path / "o.yaml", tiny_ckpt, pairs=generator(n=7, seed=9), study={"bootstrap": 500, "seed": 2})
@@ -342,3 +348,163 @@ def test_head_site_studies_aggregate_the_grid_api_run_gives(tmp_path, tiny_ckpt,
     scale = max(1.0, float(np.abs(ref.matrix).max()))
     np.testing.assert_allclose(tidy[0]["metrics"]["logit-diff"], ref.matrix, rtol=0, atol=1e-5 * scale)
     np.testing.assert_allclose(agg["raw_mean"], ref.matrix.reshape(rows, columns), rtol=0, atol=1e-5 * scale)
+
+
+# ----------------------------------------------------------------------------- the toolkit's analyses as a study
+
+
+JESSICA = {"clean": "Jessica Brown was a top-notch student. Jessica",
+           "corrupt": "Jessica Wilson was a top-notch student. Jessica", "target": "Brown", "foil": "Wilson"}
+
+
+def single(tiny_ckpt, which: str, pair: dict, **options):
+    """The analysis's own single-prompt result on the pair's clean prompt: (grid as the study lays it
+    out, per-pair numbers). The study machinery is not involved."""
+    from patching import ablate, dla, lens
+    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    words = (pair["clean"], pair["target"], pair["foil"])
+    if which == "lens":
+        r = lens.lens(model, tok, lens.LensOptions(*words, **options))
+        return {"logit-diff": r.matrix, "top1-prob": r.top_probs}, {"clean_value": r.matrix[-1, -1]}
+    if which == "dla":
+        r = dla.dla(model, tok, dla.DLAOptions(*words))
+        grid = np.column_stack([r.heads, r.attn_bias, r.mlp])
+        return {"contribution": grid}, {"clean_value": r.metric, "embed": r.embed, "final_ln_bias": r.final_ln_bias}
+    r = ablate.ablate(model, tok, ablate.AblateOptions(*words, **options))
+    return {"ablated-minus-base": np.column_stack([r.heads, r.attn, r.mlp])}, {"clean_value": r.base_value}
+
+
+def model_logit_diff(tiny_ckpt, pair: dict) -> float:
+    """The model's own logit(foil) - logit(target) after the clean prompt: one plain forward."""
+    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([tok.encode(pair["clean"])]))
+    t, f = tok.encode(" " + pair["target"])[0], tok.encode(" " + pair["foil"])[0]
+    return float(logits[0, -1, f] - logits[0, -1, t])
+
+
+KIND_CASES = [("lens", {}, {}), ("lens", {"ln": "frozen"}, {"ln": "frozen"}), ("dla", {}, {}),
+              ("ablate", {}, {}), ("ablate", {"ablation": "mean", "reference": ["Mary had a little lamb.", "John ran."]},
+                                  {"kind": "mean", "reference": ["Mary had a little lamb.", "John ran."]}),
+              ("ablate", {"engine": "loop"}, {"engine": "loop"})]
+
+
+@pytest.mark.parametrize("kind, options, own", KIND_CASES)
+def test_a_toolkit_analysis_study_holds_the_analysis_of_each_clean_prompt(tmp_path, tiny_ckpt, kind, options, own):
+    """Every cell of results.csv is the analysis's own value on the pair's clean prompt (with its target
+    and foil); the aggregate's raw statistics are the mean and textbook SEM of those; recovery is null."""
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE, JESSICA],
+                      analysis={"kind": kind, **options}, study={"bootstrap": 200, "figures": True})
+    got = cli(["--batch", str(path), "--out", str(tmp_path / "out")])
+    assert got["rc"] == 0, got
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    a = summary["analysis"]
+    metrics, tidy = stats.read_tidy((out / "results.csv").read_text(), a["axes"], a["labels"])
+    refs = [single(tiny_ckpt, kind, pair, **own) for pair in (MICHELLE, JESSICA)]
+    assert metrics == list(refs[0][0])
+    for row, (grid, values), pair, srow in zip(tidy, refs, (MICHELLE, JESSICA), summary["pairs"]):
+        for m, ref in grid.items():
+            np.testing.assert_array_equal(row["metrics"][m], ref, err_msg=m)  # the same computation, exactly
+        for k, v in values.items():
+            assert srow[k] == pytest.approx(v, abs=1e-12 * max(1.0, abs(v))), k
+        want = model_logit_diff(tiny_ckpt, pair)  # independent of the analysis: the model's own output
+        assert srow["clean_value"] == pytest.approx(want, abs=1e-5 * max(1.0, abs(want)))
+        if kind == "dla":  # every term kept: the cells and the two scalars add up to the model's value
+            total = row["metrics"]["contribution"].sum() + srow["embed"] + srow["final_ln_bias"]
+            assert total == pytest.approx(want, abs=1e-5 * max(1.0, abs(want)))
+        assert "corrupt_value" not in srow  # one prompt: no corrupt run
+        assert (out / srow["folder"] / "results.json").is_file()
+        assert json.loads((out / srow["folder"] / "results.json").read_text())["analysis"] == kind
+    agg = json.loads((out / "aggregate.json").read_text())
+    raw = np.stack([g[a["metric"]] for g, _ in refs])  # (2, rows, columns)
+    assert agg["n_pairs"] == 2 and agg["metric"] == a["metric"] and agg["other_groups"] == []
+    for key in ("mean", "sem", "ci_low", "ci_high", "share_above_half"):
+        assert agg[key] is None, key
+    tol = 1e-9 * max(1.0, float(np.abs(raw).max()))
+    np.testing.assert_allclose(agg["raw_mean"], (raw[0] + raw[1]) / 2, rtol=0, atol=tol)
+    np.testing.assert_allclose(agg["raw_sem"], np.abs(raw[0] - raw[1]) / 2, rtol=0, atol=tol)  # n=2: |a-b|/2
+    low, high = np.array(agg["raw_ci_low"]), np.array(agg["raw_ci_high"])
+    assert (low >= raw.min(0) - tol).all() and (high <= raw.max(0) + tol).all() and (low <= high).all()
+    cv = [v["clean_value"] for _, v in refs]
+    assert agg["scalars"]["clean_value"]["mean"] == pytest.approx(np.mean(cv), abs=1e-9 * max(map(abs, cv)))
+    rows, cols = agg["axes"]["rows"], agg["axes"]["columns"]
+    assert np.array(agg["raw_mean"]).shape == (len(agg["axes"][rows]), len(agg["axes"]["token" if cols == "position" else cols]))
+    with open(out / "aggregate.csv") as f:
+        cells = list(csv.DictReader(f))
+    assert len(cells) == raw[0].size and cells[0]["mean"] == "" and float(cells[0]["raw_mean"]) == agg["raw_mean"][0][0]
+    page = (out / "index.html").read_text()
+    assert f"{kind}" in page and 'href="pairs/' in page and "/results.json" in page and "no recovery" in page
+    pngs = {"lens": {"lens.png"}, "dla": {"heads.png", "layers.png"}, "ablate": {"heads.png", "layers.png"}}[kind]
+    assert pngs <= {p.name for p in (out / summary["pairs"][0]["folder"]).iterdir()}
+
+
+def test_toolkit_analysis_grids_and_labels(tmp_path, tiny_ckpt):
+    """The layout of each grid on the 2-layer, 4-head model: lens (L+1) x T, dla and ablate L x (H+2)."""
+    for kind, rows, columns in (("lens", ["embed", "0", "1"], None),
+                                ("dla", ["0", "1"], ["head 0", "head 1", "head 2", "head 3", "attn bias", "mlp"]),
+                                ("ablate", ["0", "1"], ["head 0", "head 1", "head 2", "head 3", "attn", "mlp"])):
+        path = study_yaml(tmp_path / f"{kind}.yaml", tiny_ckpt, experiments=[dict(MICHELLE), dict(MICHELLE)],
+                          analysis={"kind": kind}, study={"bootstrap": 20})
+        assert cli(["--batch", str(path), "--out", str(tmp_path / kind)])["rc"] == 0
+        agg = json.loads((tmp_path / kind / "aggregate.json").read_text())
+        assert agg["axes"]["layer"] == rows
+        if columns:
+            assert agg["axes"]["columns"] == "component" and agg["axes"]["component"] == columns
+        else:
+            assert agg["axes"]["columns"] == "position" and agg["axes"]["token"][1] == " Jones"
+        np.testing.assert_array_equal(agg["raw_sem"], np.zeros_like(agg["raw_mean"]))  # identical pairs
+        np.testing.assert_array_equal(agg["raw_ci_low"], agg["raw_mean"])
+        header = (tmp_path / kind / "results.csv").read_text().splitlines()[0]
+        assert header.startswith("pair,name,n_tokens,layer," + ("position,token" if kind == "lens" else "component"))
+
+
+def test_a_one_prompt_study_reads_only_the_clean_prompt(tmp_path, tiny_ckpt):
+    """A corrupt prompt of another length does not matter to lens; a target that is not one token does."""
+    pairs = [MICHELLE, {**MICHELLE, "corrupt": "Michelle Smith was a top student. Michelle"},
+             {**MICHELLE, "target": "Jonesification"}, {**MICHELLE, "foil": "Jones"}]
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=pairs, analysis={"kind": "lens"}, study={"bootstrap": 20})
+    got = cli(["--batch", str(path), "--out", str(tmp_path / "out")])
+    assert got["rc"] == 1 and "2 pairs ok, 1 skipped, 1 failed" in got["stdout"], got
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["status"] for r in summary["pairs"]] == ["ok", "ok", "skipped", "failed"]
+    assert "same token" in summary["pairs"][3]["reason"]
+    assert json.loads((tmp_path / "out" / "aggregate.json").read_text())["n_pairs"] == 2
+
+
+@pytest.mark.parametrize("analysis, defaults, words", [
+    ({"kind": "lens", "site": "z"}, {}, "unknown key 'site'; a lens analysis takes kind, ln"),
+    ({"kind": "lens", "ln": "sideways"}, {}, "ln 'sideways' is not one of recompute, frozen"),
+    ({"kind": "dla", "prompt": "x"}, {}, "unknown key 'prompt'; a dla analysis takes kind."),
+    ({"kind": "ablate", "kind_": 1}, {}, "an ablate analysis takes kind, ablation, reference, engine."),
+    ({"kind": "ablate", "ablation": "half"}, {}, "ablation 'half' is not one of zero, mean"),
+    ({"kind": "ablate", "reference": ["x"]}, {}, "reference gives the prompts of mean ablation"),
+    ({"kind": "ablate", "ablation": "mean", "reference": [1]}, {}, "reference must be a list of prompts"),
+    ({"kind": "ablate", "engine": "warp"}, {}, "engine 'warp' is not one of"),
+    ({"kind": "lens"}, {"site": "z"}, "a lens study runs on each pair's clean prompt, so site does not apply"),
+    ({"kind": "dla"}, {"prepend_bos": True}, "so prepend_bos does not apply"),
+    ({"kind": "attribution"}, {}, "kind attribution cannot be a study's analysis yet"),
+    ({"kind": "path"}, {}, "kind path cannot be a study's analysis yet"),
+])
+def test_toolkit_analysis_options_are_checked(tmp_path, tiny_ckpt, analysis, defaults, words):
+    doc = {"defaults": {"model": str(tiny_ckpt), "device": "cpu", **defaults}, "experiments": [MICHELLE],
+           "analysis": analysis}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    got = cli(["--batch", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out")])
+    assert got["rc"] == 1 and words in got["stderr"] and got["stderr"].count("\n") == 1, got
+    assert not (tmp_path / "out").exists()
+
+
+def test_ablate_reference_file_and_engine_precedence(tmp_path, tiny_ckpt):
+    """reference: a file is read into the study (its hash covers the prompts); --engine beats the file."""
+    (tmp_path / "ref.txt").write_text("Mary had a little lamb.\n\nJohn ran.\n")
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE],
+                      analysis={"kind": "ablate", "ablation": "mean", "reference": str(tmp_path / "ref.txt"),
+                                "engine": "loop"})
+    study = read_study(path, {})
+    assert study.analysis.options == {"ablation": "mean", "reference": ["Mary had a little lamb.", "John ran."],
+                                      "engine": "loop"}
+    assert read_study(path, {"engine": "fast"}).analysis.options["engine"] == "fast"
+    first = study.hash()
+    (tmp_path / "ref.txt").write_text("Mary had a little lamb.\n")
+    assert read_study(path, {}).hash() != first
