@@ -424,7 +424,7 @@ def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, fo
     elif settings.check:
         live = ~engines.noop_cells(base, source, site, settings.all_positions).numpy().reshape(matrix.shape)
         check = attribution.compare(exact, matrix, value(r_base), live, axes_of(site, settings.all_positions),
-                                    prep.tokens)
+                                    prep.tokens, source_value=value(r_src))
         timing["exact_sweep_seconds"] = round(t3 - t2, 6)
     return PatchResult(
         prepared=prep, settings=settings, model=getattr(model, "name", settings.model),

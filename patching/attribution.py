@@ -145,18 +145,19 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def compare(exact: np.ndarray, estimated: np.ndarray, base_value: float, live: np.ndarray, axes: list[str],
-            tokens: list[str], k: int = 10) -> dict:
+            tokens: list[str], k: int = 10, source_value: float = 0.0) -> dict:
     """How wrong the estimate was, over the live cells (those that patch a different value).
 
     exact, estimated: metric values per cell; live: bool, same shape. Effects are value - base_value.
-    Effects within the noise floor (1e-5 of the values' scale: float32 rounding of the exact sweep,
+    Effects within the noise floor (1e-5 of the values' scale, which includes the source run's
+    value: float32 rounding of the exact sweep,
     ~1e-7 relative, is far below it) count as 0 for the ranks, and the top k are taken among the
     cells whose exact effect is above it: ranking rounding noise would say nothing."""
     e, a = (exact - base_value)[live], (estimated - base_value)[live]
     cells = np.argwhere(live)
     err = np.abs(a - e)
     n = len(e)
-    noise = 1e-5 * max(abs(base_value), float(np.abs(exact).max(initial=0.0)))
+    noise = 1e-5 * max(abs(base_value), abs(source_value), float(np.abs(exact).max(initial=0.0)))
     e0, a0 = np.where(np.abs(e) > noise, e, 0.0), np.where(np.abs(a) > noise, a, 0.0)
     above = np.flatnonzero(e0)
     kk = min(k, len(above))

@@ -65,7 +65,8 @@ def main():
             base = float(r_x[1] - r_x[0])
             live = ~engines.noop_cells(rx, src, site, False).numpy().reshape(exact.shape)
             c = attribution.compare(exact, base + est.numpy(), base, live, ["layer", "position"] if site != "z"
-                                    else ["layer", "head", "position"], [str(i) for i in range(T)])
+                                    else ["layer", "head", "position"], [str(i) for i in range(T)],
+                                    source_value=float(r_c[1] - r_c[0]))
             row = {"tokens": T, "site": site, "cells": int(exact.size), "exact_s": round(t_exact, 4),
                    "attribution_s": round(t_attr, 4), "speedup": round(t_exact / t_attr, 1),
                    "pearson": c["pearson"], "spearman": c["spearman"], "top10_recall": c["top_k_recall"],
