@@ -28,7 +28,8 @@ from mingpt.bpe import BPETokenizer
 from mingpt.errors import MinGPTError, quote
 from mingpt.model import GPT
 from mingpt.sites import HEAD_SITES, SITES
-from patching import engines
+from patching import attribution, engines
+from patching.attribution import METHODS
 from patching.engines import ENGINES, METRICS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,6 +63,9 @@ class Settings:
     direction: str = "denoise"  # denoise: clean values into the corrupt run; noise: corrupt into clean
     all_positions: bool = False  # head sites: patch a head at every position at once
     prepend_bos: bool = False  # put <|endoftext|> before both prompts (position 0), as TransformerLens does
+    method: str = "exact"  # exact: the sweep; attribution: one backward's estimate (patching.attribution)
+    qk_fix: bool = True  # attribution at q/k: the pattern exactly, linear from there (AtP*)
+    check: bool = False  # attribution: also run the exact sweep and report the estimate's errors
 
     def __post_init__(self):
         self.validate()
@@ -69,7 +73,7 @@ class Settings:
     def validate(self):
         """Raise PatchingError (one line) unless every field has a usable type and value."""
         choices = {"metric": METRICS, "engine": ENGINES, "device": DEVICES, "dtype": DTYPES, "site": SITES,
-                   "direction": DIRECTIONS}
+                   "direction": DIRECTIONS, "method": METHODS}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:
@@ -80,12 +84,15 @@ class Settings:
                 raise PatchingError(f"{name} must be a positive integer, got {quote(value)}.")
         if not isinstance(self.model, str) or not self.model.strip():
             raise PatchingError(f"model must be a name or folder, got {quote(self.model)}.")
-        for name in ("all_positions", "prepend_bos"):
+        for name in ("all_positions", "prepend_bos", "qk_fix", "check"):
             if not isinstance(getattr(self, name), bool):
                 raise PatchingError(f"{name} must be true or false, got {quote(getattr(self, name))}.")
         if self.all_positions and self.site not in HEAD_SITES:
             raise PatchingError(f"all_positions patches a head at every position: it needs a head site "
                                 f"({', '.join(HEAD_SITES)}), not {self.site}.")
+        if self.check and self.method != "attribution":
+            raise PatchingError("check compares attribution patching with the exact sweep: add --method attribution "
+                                "(the exact method needs no check).")
 
     @classmethod
     def from_dict(cls, data: dict, where: str) -> "Settings":
@@ -159,6 +166,8 @@ class PatchResult:
     corrupt: RunSummary
     timing: dict
     versions: dict = field(default_factory=dict)
+    exact_matrix: np.ndarray | None = None  # --check: the exact sweep beside the attribution estimate
+    check: dict | None = None  # --check: patching.attribution.compare's report
 
     @property
     def axes(self) -> list[str]:
@@ -182,7 +191,9 @@ class PatchResult:
             "runs": {name: {k: _finite(v) for k, v in asdict(run).items() if k != "topk"}
                      for name, run in (("clean", self.clean), ("corrupt", self.corrupt))},
             "topk": {"clean": [asdict(e) for e in self.clean.topk], "corrupt": [asdict(e) for e in self.corrupt.topk]},
-            "timing": self.timing, "versions": self.versions,
+            "timing": self.timing, "versions": self.versions, "method": self.settings.method,
+            **({"qk_fix": self.settings.qk_fix} if self.settings.method == "attribution" else {}),
+            **({"check": self.check, "exact_matrix": _nested(self.exact_matrix.tolist())} if self.check else {}),
         }
 
 
@@ -374,7 +385,8 @@ def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, fo
     t0 = time.perf_counter()
     check_memory(engines.plan(model.config, len(prep.clean_ids), site, settings.all_positions,
                               settings.max_rows, lse, None), device)
-    rec_clean, rec_corrupt = engines.record(model, clean_ids, [site]), engines.record(model, corrupt_ids, [site])
+    sites = [site] + (attribution.needed_sites(site, settings.qk_fix) if settings.method == "attribution" else [])
+    rec_clean, rec_corrupt = engines.record(model, clean_ids, sites), engines.record(model, corrupt_ids, sites)
     for name, rec in (("clean", rec_clean), ("corrupt", rec_corrupt)):
         finite(rec.last_logits, f"the {name} run's logits", model)
     r_clean = engines.readout(rec_clean.last_logits[0], prep.target_id, prep.foil_id, True).cpu()
@@ -391,23 +403,38 @@ def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, fo
                             engines.noop_cells(base, source, site, settings.all_positions))
     if plan:
         plan(the_plan)
-    t1 = time.perf_counter()
-    readouts = engines.sweep(model, base_ids, base, source, site, prep.target_id, prep.foil_id, lse,
-                             settings.all_positions, settings.engine, settings.max_rows, progress)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-
     # recovery: 0 = the patched run's own value, 1 = the other run's, in either direction
     value = lambda r: float(engines.metric_values(settings.metric, r, r_src, r_base))  # noqa: E731
-    matrix = engines.metric_values(settings.metric, readouts, r_src, r_base).numpy().astype(np.float64)
-    finite(torch.from_numpy(matrix), "the patched runs' values")
+    t1 = time.perf_counter()
+    if settings.method == "attribution":  # one backward's estimate, as metric values
+        matrix = value(r_base) + attribution.estimate(model, base_ids, base, source, site, settings.metric,
+                                                      prep.target_id, prep.foil_id, r_src, r_base,
+                                                      settings.all_positions, settings.qk_fix).numpy()
+        finite(torch.from_numpy(matrix), "the attribution estimates")
+    t2 = time.perf_counter()
+    if settings.method == "exact" or settings.check:
+        readouts = engines.sweep(model, base_ids, base, source, site, prep.target_id, prep.foil_id, lse,
+                                 settings.all_positions, settings.engine, settings.max_rows, progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        exact = engines.metric_values(settings.metric, readouts, r_src, r_base).numpy().astype(np.float64)
+        finite(torch.from_numpy(exact), "the patched runs' values")
+    t3 = time.perf_counter()
+    timing = {"sweep_seconds": round(t2 - t1 if settings.method == "attribution" else t3 - t2, 6)}
+    check = None
+    if settings.method == "exact":
+        matrix = exact
+    elif settings.check:
+        live = ~engines.noop_cells(base, source, site, settings.all_positions).numpy().reshape(matrix.shape)
+        check = attribution.compare(exact, matrix, value(r_base), live, axes_of(site, settings.all_positions),
+                                    prep.tokens, source_value=value(r_src))
+        timing["exact_sweep_seconds"] = round(t3 - t2, 6)
     return PatchResult(
         prepared=prep, settings=settings, model=getattr(model, "name", settings.model),
         n_layers=model.config.n_layer, matrix=matrix,
         clean=summarize(rec_clean.last_logits[0], tok, prep, settings.top_k, value(r_clean)),
         corrupt=summarize(rec_corrupt.last_logits[0], tok, prep, settings.top_k, value(r_corrupt)),
-        timing={"record_seconds": round(t1 - t0, 6), "sweep_seconds": round(t2 - t1, 6),
+        timing={"record_seconds": round(t1 - t0, 6), **timing,
                 "patches": int(np.prod(matrix.shape)), "device": str(device)},
-        versions=versions(),
+        versions=versions(), exact_matrix=exact if check else None, check=check,
     )

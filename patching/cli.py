@@ -24,6 +24,7 @@ import time
 from dataclasses import fields
 
 from mingpt.sites import SITES
+from patching.attribution import METHODS, check_lines
 from patching.api import DIRECTIONS, USER_ERRORS, PatchingError, Settings, load, prepare, run
 from patching.engines import ENGINES, METRICS
 from patching.files import claim, expand, free_name
@@ -33,6 +34,7 @@ from patching.report import (default_folder, describe_cell, experiment_files, sl
 # name -> module path; a module plugs in with HELP, add_arguments(ap) and command(args, say) -> int.
 COMMANDS: dict[str, str] = {"patch": __name__}  # this module ("__main__" under python -m)
 COMMANDS.update({name: f"patching.{name}" for name in ("lens", "dla", "attention", "heads", "ablate")})  # issue 14
+COMMANDS["path"] = "patching.path"  # issue 15
 COMMANDS["merge"] = "patching.merge"  # issue 16: combine the shards of a study
 DEFAULT = "patch"
 
@@ -81,6 +83,12 @@ def add_arguments(ap: argparse.ArgumentParser):
                      help="head sites: patch each head at every position at once (axes layer, head)")
     how.add_argument("--prepend-bos", dest="prepend_bos", action="store_const", const=True,
                      help="put <|endoftext|> before both prompts as position 0 (TransformerLens's default) [off]")
+    how.add_argument("--method", choices=list(METHODS), help="exact: patch every cell; attribution: estimate every "
+                     "cell from one backward pass, (source - base) . gradient [exact]")
+    how.add_argument("--no-qk-fix", dest="qk_fix", action="store_const", const=False,
+                     help="attribution at q/k: linearise through the softmax too (AtP*'s fix is on by default)")
+    how.add_argument("--check", action="store_const", const=True, help="attribution: also run the exact sweep and "
+                     "report correlation, largest error and top-10 recall, with a scatter plot")
     ap.add_argument("--dry-run", action="store_true", help="print the sweep's plan (patches, chunks, memory) and stop")
     study = ap.add_argument_group("studies (patching/study.py): many pairs, statistics, shards")
     study.add_argument("--pairs", metavar="FILE.jsonl|.csv", help="run a study of these pairs (clean, corrupt, target, "
@@ -210,10 +218,14 @@ def single(args, say) -> int:
     say(f"{settings.metric} = {METRICS[settings.metric]}: clean {result.clean.value:.4f}, "
         f"corrupt {result.corrupt.value:.4f}; sweep of {result.timing['patches']} patches at {settings.site} "
         f"({settings.direction}: {DIRECTIONS[settings.direction]}) took {result.timing['sweep_seconds']:.3f} s "
-        f"({settings.engine} engine, {result.timing['device']})")
+        f"({'attribution estimate' if settings.method == 'attribution' else f'{settings.engine} engine'}, "
+        f"{result.timing['device']})")
     for entry in strongest(result):
         say(f"  strongest: {describe_cell(result, entry)}: {entry[-1]:.4f}")
-    say.result(f"wrote {folder}/results.json, results.csv, heatmap.png, report.html")
+    for line in check_lines(result):
+        say(line)
+    say.result(f"wrote {folder}/results.json, results.csv, heatmap.png, "
+               f"{'exact.csv, exact-heatmap.png, scatter.png, ' if result.check else ''}report.html")
     return 0
 
 

@@ -144,7 +144,8 @@ def heatmap(result: PatchResult, path: Path):
             "target-logit": f"logit({p.target.strip()})",
             "recovery": f"recovery of logit({p.foil.strip()}) − logit({p.target.strip()})"}[result.settings.metric]
     src, dst = ("clean", "corrupt") if result.settings.direction == "denoise" else ("corrupt", "clean")
-    ax.set_title(f"{what} after patching {result.settings.site} {src} into {dst} ({result.settings.direction})\n"
+    est = "attribution estimate of " if result.settings.method == "attribution" else ""
+    ax.set_title(f"{est}{what} after patching {result.settings.site} {src} into {dst} ({result.settings.direction})\n"
                  f"{result.model}: clean {result.clean.value:.3g}, corrupt {result.corrupt.value:.3g}", fontsize=10)
     fig.colorbar(im, ax=ax, label=result.settings.metric)
     fig.tight_layout()
@@ -166,7 +167,8 @@ def default_folder(prep: Prepared, settings: Settings) -> str:
     changed = " ".join(prep.corrupt_tokens[i] for i in prep.differing) or "same"
     model = Path(settings.model.rstrip("/")).name or settings.model
     tags = [t for t, on in ((settings.site, settings.site != "resid_post"), ("noise", settings.direction == "noise"),
-                            ("all-positions", settings.all_positions), ("bos", settings.prepend_bos)) if on]
+                            ("all-positions", settings.all_positions), ("bos", settings.prepend_bos),
+                            ("attribution", settings.method == "attribution")) if on]
     return f"{slug(''.join(prep.tokens), 40)}-vs-{slug(changed, 20)}-{slug(model, 24)}-{settings.metric}" + \
         "".join(f"-{slug(t)}" for t in tags)
 
@@ -215,6 +217,9 @@ def experiment_files(result: PatchResult, png: bool = True) -> dict:
     files = {"results.json": json_text(doc), "results.csv": results_csv(result)}
     if png:
         files["heatmap.png"] = lambda path: quiet_heatmap(result, path)
+    if result.check is not None:  # --check: the exact sweep and the scatter beside the estimate
+        from patching.attribution import check_files
+        files.update(check_files(result) if png else {"exact.csv": check_files(result)["exact.csv"]})
     files["report.html"] = lambda path: path.write_text(html.experiment_page(
         result, (path.parent / "heatmap.png").read_bytes() if png else None, doc))
     return files

@@ -10,7 +10,7 @@ import torch
 from mingpt.model import GPT, GPTConfig
 from mingpt.sites import HEAD_SITES, SITES, Patch, Recording
 from patching import engines
-from conftest import assert_close, hf_model
+from conftest import assert_close, hf_model, large_init
 
 CONFIGS = {  # name: (GPTConfig kwargs, seed)
     "1L1H8": (dict(n_layer=1, n_head=1, n_embd=8, vocab_size=37, block_size=64), 0),
@@ -26,14 +26,7 @@ def model_of(name: str) -> GPT:
         kwargs, seed = CONFIGS[name]
         torch.manual_seed(seed)
         model = GPT(GPTConfig(**kwargs)).eval()
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("weight") and p.dim() == 2:
-                    p.normal_(0, 0.3)
-                elif "ln" in n and n.endswith("weight"):
-                    p.normal_(1, 0.2)
-                else:
-                    p.normal_(0, 0.2)
+        large_init(model)
         _MODELS[name] = model
     return _MODELS[name]
 
