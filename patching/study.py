@@ -308,6 +308,9 @@ def read_study(path: Path | None, cli_settings: dict, pairs_file: Path | None = 
                                 f"{given[0]} does not apply: drop it.")
         if analysis.kind == "ablate" and ("engine" in cli_settings or "engine" not in analysis.options):
             analysis.options["engine"] = settings.engine  # --engine, then the analysis's, then defaults'
+    if settings.method != "exact" or settings.check:  # a study's pairs run the exact sweep (patch_pair)
+        raise PatchingError(f"{where}: studies run the exact sweep; method attribution (and check) apply to "
+                            f"single experiments and batches: drop them.")
     opts = dict(doc.get("study") or {}) if isinstance(doc.get("study") or {}, dict) else doc.get("study")
     if bootstrap is not None and isinstance(opts, dict):
         opts["bootstrap"] = bootstrap

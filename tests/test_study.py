@@ -508,3 +508,14 @@ def test_ablate_reference_file_and_engine_precedence(tmp_path, tiny_ckpt):
     first = study.hash()
     (tmp_path / "ref.txt").write_text("Mary had a little lamb.\n")
     assert read_study(path, {}).hash() != first
+
+
+def test_study_refuses_attribution(tmp_path):
+    """A study's pairs run the exact sweep: asking for attribution is refused, not silently ignored."""
+    from patching.cli import main
+    spec = tmp_path / "s.yaml"
+    spec.write_text("defaults: {model: demo-names}\nanalysis: {kind: patch}\nexperiments:\n"
+                    "  - {clean: Michelle Jones was a top-notch student. Michelle, corrupt: Michelle Smith was a "
+                    "top-notch student. Michelle, target: Jones, foil: Smith}\n")
+    rc = main(["--batch", str(spec), "--method", "attribution", "--out", str(tmp_path / "o")])
+    assert rc == 1 and not (tmp_path / "o").exists()
