@@ -337,6 +337,40 @@ def sweep_bench(args):
                                                "rows": clean_rows, "long": long}, indent=1))
 
 
+def head_bench(args):
+    """--heads: the Michelle-shaped pair at every head site, 1,584 patches at 11 tokens for `z`; z against
+    TransformerLens's get_act_patch_attn_head_out_by_pos on the same weights."""
+    tmp = tempfile.TemporaryDirectory()
+    folder = Path(tmp.name)
+    kind = save_checkpoint(folder)
+    model = GPT.from_pretrained(str(folder))
+    print(f"# patch-run head sweeps\nmodel: {kind}\nmachine: {machine()}; torch {torch.__version__}; "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    for T in args.sizes:
+        clean, corrupt = prompts(T)
+        sites = ("z", "q", "k", "v", "pattern")
+        rc, rk = engines.record(model, clean, sites), engines.record(model, corrupt, sites)
+        ours = {}
+        for site in sites:
+            best = float("inf")
+            for _ in range(args.repeats):
+                out, s = timed(lambda: engines.sweep(model, corrupt, rk, rc[site][:, 0], site, TARGET, FOIL, False),
+                               torch.device("cpu"))
+                best = min(best, s)
+            ours[site] = (out[..., 1] - out[..., 0]).double(), best
+            print(f"n={T} {site}: {out.shape[0] * out.shape[1] * out.shape[2]} patches, {best:.3f} s", flush=True)
+        for python in args.tl_python:
+            res = run_tl(python, folder, [{"sweep": "z", "clean": clean[0].tolist(), "corrupt": corrupt[0].tolist()}])
+            if "error" in res:
+                print(f"TransformerLens with {python}: failed ({res['error']})")
+                continue
+            job = res["jobs"][0]
+            diff = (torch.tensor(job["matrix"], dtype=torch.float64) - ours["z"][0]).abs().max().item()
+            print(f"n={T} z: TL {res['transformer_lens']} {job['seconds']:.2f} s = {job['seconds'] / ours['z'][1]:.1f}x "
+                  f"patch-run's {ours['z'][1]:.3f} s; max diff {diff:.1e}", flush=True)
+    tmp.cleanup()
+
+
 # ----------------------------------------------------------------------------- start-up
 
 
@@ -436,6 +470,7 @@ def startup_bench(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--startup", action="store_true", help="benchmark a whole run's start-up instead of the sweep")
+    ap.add_argument("--heads", action="store_true", help="benchmark the head sites (z against TransformerLens)")
     ap.add_argument("--runs", type=int, default=5, help="--startup: fresh processes per figure (the minimum is kept)")
     ap.add_argument("--threads", type=int, default=2, help="--startup: OMP_NUM_THREADS of every process")
     ap.add_argument("--src", help="--startup: the source tree to run (default: this one), e.g. an older checkout")
@@ -452,7 +487,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    startup_bench(args) if args.startup else sweep_bench(args)
+    startup_bench(args) if args.startup else head_bench(args) if args.heads else sweep_bench(args)
 
 
 if __name__ == "__main__":

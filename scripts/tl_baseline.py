@@ -20,6 +20,8 @@ Sweeps (metric logit(foil) - logit(target) at the last position; a new one is on
 - "resid_pre": `transformer_lens.patching.get_act_patch_resid_pre`, one patched forward per
   (layer, position). Row l patches the input of block l, i.e. the output of block l-1: TL's rows
   1..L-1 are patch-run's rows 0..L-2 (its row 0, the embeddings, has no patch-run counterpart).
+- "z": `get_act_patch_attn_head_out_by_pos`, one patched forward per (layer, head, position),
+  returned in patch-run's axis order (layer, head, position) to compare with `--site z`.
 """
 from __future__ import annotations
 
@@ -77,7 +79,17 @@ def resid_pre(model, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> tupl
     return out, time.perf_counter() - t0
 
 
-SWEEPS = {"resid_pre": resid_pre}
+def z(model, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> tuple[torch.Tensor, float]:
+    """TL's head sweep: `get_act_patch_attn_head_out_by_pos` patches each head's z at each position.
+    TL returns (layer, position, head); transposed here to patch-run's (layer, head, position)."""
+    from transformer_lens.patching import get_act_patch_attn_head_out_by_pos
+    _, cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("hook_z"))
+    t0 = time.perf_counter()
+    out = get_act_patch_attn_head_out_by_pos(model, corrupt, cache, metric)
+    return out.transpose(1, 2), time.perf_counter() - t0
+
+
+SWEEPS = {"resid_pre": resid_pre, "z": z}
 
 
 def main(request_path: str, result_path: str):
