@@ -128,7 +128,7 @@ def study_page(summary: dict, aggs: list, pngs: list[bytes], tidy: list[dict]) -
     s = summary
     head = tidy_head(axes, labels)
     from patching.study import PATCH_ONLY
-    shown = {k: v for k, v in s["settings"].items() if recovery or k not in PATCH_ONLY}  # what the analysis reads
+    shown = {k: v for k, v in s["settings"].items() if a["kind"] == "patch" or k not in PATCH_ONLY}  # what the analysis reads
     about = {k: v for k, v in a.items() if k not in ("labels", "metrics", "scalars")}  # the grid's labels: the tables
     settings = [*shown.items(), ("analysis", ", ".join(f"{k}={v}" for k, v in about.items())),
                 *((f"study {k}", v) for k, v in s["options"].items())]

@@ -1,4 +1,4 @@
-"""The toolkit's one-prompt analyses (lens, dla, ablate) as the analysis of a study.
+"""The toolkit's analyses (lens, dla, ablate on one prompt; path on both) as the analysis of a study.
 
 A study's `analysis: {kind: lens | dla | ablate, ...}` runs that analysis on each pair's CLEAN prompt
 with the pair's target and foil (the corrupt prompt is read but not used: these analyses explain one
@@ -14,9 +14,15 @@ statistics (patching.stats), tidy table, heatmap and pages treat them like a pat
 - ablate: L x (H+2), columns head 0..H-1, attn (the whole attention output), mlp; the cell is the
   ablated run's logit(foil) - logit(target) minus the unablated one (`ablated-minus-base`).
 
-None of them has a recovery (there is no second run to normalise by), so a study aggregates the raw
-value. Options are the analysis's own (LensOptions, DLAOptions, AblateOptions without prompt, target
-and foil); ablate's `kind` (zero|mean) is called `ablation` here, since `kind` names the analysis.
+- path: L x H, rows the sender's layer, columns its head (with `sender: all`; one sender: a 1 x 1
+  grid); the cell is path patching's metric (patching.path) on the pair's clean and corrupt prompts.
+  Cells no path reaches (the sender in a receiver's layer or later) are NaN in every pair: the study
+  keeps them as null statistics (patching.stats). With metric logit-diff the tidy table also has
+  `recovery` = (cell - base run) / (source run - base run), aggregated like a patch study's.
+
+lens, dla and ablate have no recovery (there is no second run to normalise by), so a study
+aggregates the raw value. Options are the analysis's own (LensOptions, DLAOptions, AblateOptions, PathOptions without the
+prompts, target and foil); ablate's `kind` (zero|mean) is called `ablation` here, since `kind` names the analysis.
 """
 from __future__ import annotations
 
@@ -27,9 +33,11 @@ from typing import Callable
 import numpy as np
 
 from patching import ablate, dla, lens
+from patching import path as path_patching
 from patching.api import PatchingError
+from patching.engines import METRICS
 
-PAIR_FIELDS = ("prompt", "target", "foil")  # what each pair supplies; the rest are the analysis's options
+PAIR_FIELDS = ("prompt", "clean", "corrupt", "target", "foil")  # what each pair supplies; the rest are options
 RENAMED = {"ablate": {"ablation": "kind"}}  # study key -> the Options field it sets
 
 
@@ -49,10 +57,10 @@ class Kind:
     options_class: type
     run: Callable  # (model, tok, Options, figures, cache) -> Outcome
     axes: tuple[str, str]
-    metrics: tuple[str, ...]
-    definition: str  # of metrics[0]
+    metrics: Callable  # options -> the tidy metrics; the first is the one aggregated
+    definition: Callable  # options -> the definition of metrics[0]
     scalars: tuple[str, ...]
-    labels: Callable  # (n_layer, n_head) -> {axis: labels} of the non-position axes
+    labels: Callable  # (n_layer, n_head, options) -> {axis: labels} of the non-position axes
     figures: tuple[str, ...]  # the pair folder's png files, written only with `figures`
 
     def option_names(self) -> list[str]:
@@ -66,6 +74,22 @@ def _files(files: dict, figures: bool, names: tuple[str, ...]) -> dict:
 
 def _components(L: int, H: int, extra: tuple[str, str]) -> dict:
     return {"layer": [str(l) for l in range(L)], "component": [f"head {h}" for h in range(H)] + list(extra)}
+
+
+def _path_metrics(data: dict) -> tuple[str, ...]:
+    """The path run's metric, and recovery beside logit-diff (normalised as a patch study's)."""
+    m = data.get("metric", "logit-diff")
+    return (m, "recovery") if m == "logit-diff" else (m,)
+
+
+def _path_labels(L: int, H: int, data: dict) -> dict:
+    """All senders: every layer and head (cells no path reaches are NaN); one sender: its single cell.
+    Checks the sender and receivers against the model's shape (before any pair runs)."""
+    o = build("path", data, "a", "a", " a", " b")
+    senders, _ = o.parsed(L, H)
+    if senders is None:
+        return {"layer": [str(l) for l in range(L)], "head": [str(h) for h in range(H)]}
+    return {"layer": [str(senders[0][0])], "head": [str(senders[0][1])]}
 
 
 def _lens(model, tok, o: lens.LensOptions, figures: bool, cache: dict) -> Outcome:
@@ -95,19 +119,37 @@ def _ablate(model, tok, o: ablate.AblateOptions, figures: bool, cache: dict) -> 
                    {"clean_value": r.base_value})
 
 
+def _path(model, tok, o: path_patching.PathOptions, figures: bool, cache: dict) -> Outcome:
+    r = path_patching.path(model, tok, o)
+    grid = r.matrix if r.single is None else r.matrix[r.single][None, None]  # (L, H) or (1, 1)
+    metrics = {o.metric: grid}
+    if o.metric == "logit-diff":  # recovery of the path-patched value: 0 = the base run, 1 = the source run
+        if r.source_value == r.base_value:
+            raise PatchingError("clean and corrupt give the same logit difference, so recovery is undefined: "
+                                "the pair does not change the answer.")
+        metrics["recovery"] = (grid - r.base_value) / (r.source_value - r.base_value)
+    files = path_patching.files(r)
+    return Outcome(metrics, r.prepared.tokens, _files(files, figures, KINDS["path"].figures),
+                   {"clean_value": r.clean_value, "corrupt_value": r.corrupt_value})
+
+
 LD = "logit(foil) - logit(target)"
 KINDS = {
-    "lens": Kind("lens", lens.LensOptions, _lens, ("layer", "position"), ("logit-diff", "top1-prob"),
-                 f"{LD} of the residual stream after the row's block (embed: before block 0) at the column's "
+    "lens": Kind("lens", lens.LensOptions, _lens, ("layer", "position"), lambda d: ("logit-diff", "top1-prob"),
+                 lambda d: f"{LD} of the residual stream after the row's block (embed: before block 0) at the column's "
                  f"position, through the final LayerNorm and unembedding",
-                 ("clean_value",), lambda L, H: {"layer": ["embed", *map(str, range(L))]}, ("lens.png",)),
-    "dla": Kind("dla", dla.DLAOptions, _dla, ("layer", "component"), ("contribution",),
-                f"direct contribution of the component to {LD} at the last position",
-                ("clean_value", "embed", "final_ln_bias"), lambda L, H: _components(L, H, ("attn bias", "mlp")),
+                 ("clean_value",), lambda L, H, d: {"layer": ["embed", *map(str, range(L))]}, ("lens.png",)),
+    "dla": Kind("dla", dla.DLAOptions, _dla, ("layer", "component"), lambda d: ("contribution",),
+                lambda d: f"direct contribution of the component to {LD} at the last position",
+                ("clean_value", "embed", "final_ln_bias"), lambda L, H, d: _components(L, H, ("attn bias", "mlp")),
                 ("heads.png", "layers.png")),
-    "ablate": Kind("ablate", ablate.AblateOptions, _ablate, ("layer", "component"), ("ablated-minus-base",),
-                   f"change of {LD} at the last position when the component is ablated",
-                   ("clean_value",), lambda L, H: _components(L, H, ("attn", "mlp")), ("heads.png", "layers.png")),
+    "ablate": Kind("ablate", ablate.AblateOptions, _ablate, ("layer", "component"),
+                   lambda d: ("ablated-minus-base",), lambda d: f"change of {LD} at the last position when the component is ablated",
+                   ("clean_value",), lambda L, H, d: _components(L, H, ("attn", "mlp")), ("heads.png", "layers.png")),
+    "path": Kind("path", path_patching.PathOptions, _path, ("layer", "head"), _path_metrics,
+                 lambda d: f"{METRICS[d.get('metric', 'logit-diff')]} after path patching from the sender head "
+                           f"(row layer, column head) into the receivers; NaN/null where no path exists",
+                 ("clean_value", "corrupt_value"), _path_labels, ("heatmap.png", "bars.png")),
 }
 
 
@@ -124,8 +166,10 @@ def options(kind: str, data: dict, where: str) -> dict:
     data = dict(data)
     if kind == "ablate":
         data = _ablate_options(data, where)
+    if kind == "path":
+        data = _path_options(data, where)
     try:
-        build(kind, data, "a", " a", " b")
+        build(kind, data, "a", "a", " a", " b")
     except PatchingError as exc:
         raise PatchingError(f"{where}: {exc}") from None
     return data
@@ -150,18 +194,33 @@ def _ablate_options(data: dict, where: str) -> dict:
     return data
 
 
-def build(kind: str, data: dict, prompt: str, target: str, foil: str):
-    """The analysis's Options for one prompt: study keys renamed to the dataclass's fields."""
+def _path_options(data: dict, where: str) -> dict:
+    """`sender` is required and must be text (YAML reads 1.10 as the number 1.1); one receiver may be
+    given as text rather than a list."""
+    sender = data.get("sender")
+    if not isinstance(sender, str):
+        raise PatchingError(f"{where}: a path analysis needs sender: 'LAYER.HEAD' in quotes (e.g. '0.1') or all.")
+    if isinstance(data.get("receivers"), str):
+        data["receivers"] = [data["receivers"]]
+    if "receivers" in data and not (isinstance(data["receivers"], list) and all(isinstance(r, str) for r in data["receivers"])):
+        raise PatchingError(f"{where}: receivers must be a list like [logits] or ['1.0:k', '1.2:q'].")
+    return data
+
+
+def build(kind: str, data: dict, clean: str, corrupt: str, target: str, foil: str):
+    """The analysis's Options for one pair: its prompt (clean; path takes both), study keys renamed to
+    the dataclass's fields."""
     rename = RENAMED.get(kind, {})
-    return KINDS[kind].options_class(prompt=prompt, target=target, foil=foil,
-                                     **{rename.get(k, k): v for k, v in data.items()})
+    cls = KINDS[kind].options_class
+    prompts = {"clean": clean, "corrupt": corrupt} if "clean" in {f.name for f in fields(cls)} else {"prompt": clean}
+    return cls(**prompts, target=target, foil=foil, **{rename.get(k, k): v for k, v in data.items()})
 
 
 def run_pair(kind: str, model, tok, pair, data: dict, figures: bool, cache: dict) -> tuple[Outcome, float]:
     """(the analysis of the pair's clean prompt, its seconds); `cache`: one dict for the whole study,
     where an analysis keeps what every pair shares (mean ablation's reference means)."""
     t0 = time.perf_counter()
-    out = KINDS[kind].run(model, tok, build(kind, data, pair.clean, pair.target, pair.foil), figures, cache)
+    out = KINDS[kind].run(model, tok, build(kind, data, pair.clean, pair.corrupt, pair.target, pair.foil), figures, cache)
     out.metrics = {m: np.asarray(v, dtype=np.float64) for m, v in out.metrics.items()}
     return out, time.perf_counter() - t0
 
@@ -169,6 +228,7 @@ def run_pair(kind: str, model, tok, pair, data: dict, figures: bool, cache: dict
 def describe(kind: str, data: dict, n_layer: int, n_head: int) -> dict:
     """What the study's analysis is, for its summary, aggregate.json and pages."""
     k = KINDS[kind]
-    return {"kind": kind, **data, "axes": list(k.axes), "labels": k.labels(n_layer, n_head),
-            "metrics": list(k.metrics), "metric": k.metrics[0], "metric_definition": k.definition,
+    metrics = list(k.metrics(data))
+    return {"kind": kind, **data, "axes": list(k.axes), "labels": k.labels(n_layer, n_head, data),
+            "metrics": metrics, "metric": metrics[0], "metric_definition": k.definition(data),
             "scalars": list(k.scalars)}

@@ -17,6 +17,8 @@ leave the recovery statistics null and aggregate the raw value alone: raw_mean, 
 bootstrap interval raw_ci_low/raw_ci_high (the same resamples). Per-pair numbers that are not cells
 (the clean run's value, dla's embedding term, ...) are aggregated the same way under `scalars`.
 
+A cell that is not finite in some pair (path patching's not-applicable senders) has null statistics.
+
 Files: aggregate.json / aggregate.csv (schema in README), the aggregate heatmap (mean recovery, cells
 whose interval contains 0 hatched), and the study's tidy results.csv: one row per (pair, cell).
 """
@@ -122,8 +124,12 @@ def grid_axes(axes: list[str], shape: tuple, labels: dict | None = None) -> tupl
     return "layer", axes[-1], [str(l) for l in range(shape[0])]
 
 
-def _stats(x: np.ndarray, n_boot: int, seed: int) -> tuple:
-    """(mean, sem, ci_low, ci_high) over the first axis; every call draws the same resamples."""
+def _stats(x: np.ndarray, n_boot: int, seed: int, void: np.ndarray | None = None) -> tuple:
+    """(mean, sem, ci_low, ci_high) over the first axis; every call draws the same resamples.
+    void: cells (grid-shaped) whose statistics are NaN (null in JSON, empty in CSV)."""
+    if void is not None and void.any():  # computed on zeros there (no NaN warnings), then voided
+        out = _stats(np.where(void, 0.0, x), n_boot, seed)
+        return tuple(np.where(void, math.nan, s) for s in out)
     low, high = interval(x, n_boot, seed)
     return x.mean(axis=0), sem(x), low, high
 
@@ -131,10 +137,14 @@ def _stats(x: np.ndarray, n_boot: int, seed: int) -> tuple:
 def aggregate(recovery: np.ndarray | None, raw: np.ndarray, axes: list[str], tokens: list[list[str]], n_boot: int,
               seed: int, labels: dict | None = None, scalars: dict | None = None) -> Aggregate:
     """Aggregate aligned pairs: recovery (None where the analysis has none) and raw are (n, *grid) with
-    these axes; tokens: each pair's clean tokens; scalars: name -> (n,) per-pair numbers."""
+    these axes; tokens: each pair's clean tokens; scalars: name -> (n,) per-pair numbers.
+    A cell that is not finite in some pair (path patching's senders that reach no receiver: NaN in
+    every pair) gets null statistics: it is not applicable, and a mean over fewer pairs would not
+    be comparable with its neighbours'."""
     n = raw.shape[0]
     row_axis, column_axis, rows = grid_axes(axes, raw.shape[1:], labels)
     raw = raw.reshape(n, len(rows), -1)
+    void = ~np.isfinite(raw).all(axis=0)
     if column_axis == "position":
         columns = [col[0] if len(set(col)) == 1 else "*" for col in zip(*tokens)]
     else:
@@ -142,10 +152,11 @@ def aggregate(recovery: np.ndarray | None, raw: np.ndarray, axes: list[str], tok
     rec_stats = [None] * 5
     if recovery is not None:
         rec = recovery.reshape(n, len(rows), -1)
-        rec_stats = [*_stats(rec, n_boot, seed), (rec > 0.5).mean(axis=0)]
+        void |= ~np.isfinite(rec).all(axis=0)
+        rec_stats = [*_stats(rec, n_boot, seed, void), np.where(void, math.nan, (rec > 0.5).mean(axis=0))]
     per_pair = {k: dict(zip(("mean", "sem", "ci_low", "ci_high"), map(float, _stats(np.asarray(v, float), n_boot, seed))))
                 for k, v in (scalars or {}).items()}
-    return Aggregate(n, row_axis, column_axis, rows, columns, *rec_stats, *_stats(raw, n_boot, seed), per_pair)
+    return Aggregate(n, row_axis, column_axis, rows, columns, *rec_stats, *_stats(raw, n_boot, seed, void), per_pair)
 
 
 def _finite(v: float):
@@ -259,7 +270,8 @@ def heatmap_png(g: Aggregate, title: str, ylabel: str, label: str = "mean recove
             for p in range(T):
                 ink = "white" if abs(mean[l, p]) > 0.6 * lim else "black"
                 two = lambda v: f"{round(float(v), 2) + 0.0:.2f}"  # noqa: E731  (no "-0.00")
-                ax.text(p, l, f"{two(mean[l, p])}\n[{two(low[l, p])}, {two(high[l, p])}]",
+                text = f"{two(mean[l, p])}\n[{two(low[l, p])}, {two(high[l, p])}]" if np.isfinite(mean[l, p]) else "n/a"
+                ax.text(p, l, text,
                         ha="center", va="center", fontsize=6.5, color=ink)
     step = max(1, T // 60)
     ticks = list(range(0, T, step))

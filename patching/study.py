@@ -14,7 +14,8 @@ A single pair is an anecdote; papers patch over a dataset of pairs built from te
       seed: 0
       distinct: true                       # the slots of one pair take different values
     experiments: [...]                     # optional: listed pairs, as in a batch (no overrides)
-    analysis: {kind: patch, site: resid_post}   # or lens, dla, ablate with their options (patching.kinds)
+    analysis: {kind: patch, site: resid_post}   # method: attribution estimates the sweep (AtP, qk_fix);
+                                           # or lens, dla, ablate, path with their options (patching.kinds)
     study: {bootstrap: 1000, seed: 0, figures: false}
 
 Pairs that do not fit (token counts differ, a target/foil that is not one token, ...) are skipped
@@ -22,7 +23,8 @@ and counted by reason; a pair that fails while running is recorded with its reas
 aggregated (patching.stats). `--shard K/N` runs pairs K, K+N, K+2N, ... (1-based) of the study into
 the same layout; `patch-run merge` (patching.merge) combines shards whose study hash agrees.
 
-The model loads once; per pair the work is the two recorded runs, the sweep and the pair's files
+The model loads once; per pair the work is the two recorded runs, the sweep (or, with method
+attribution, one forward and backward per metric: api.run's estimate) and the pair's files
 (results.json, results.csv, report.html, and heatmap.png when `figures` is on).
 """
 from __future__ import annotations
@@ -42,19 +44,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from patching import engines, kinds, stats
+from patching import attribution, engines, kinds, stats
 from patching.api import (USER_ERRORS, PatchingError, PatchResult, Settings, axes_of, finite, indistinct, load,
                           prepare, single_token, summarize, versions)
 from patching.engines import METRICS
 from patching.files import claim, expand, free_name, write_folder
 from patching.report import experiment_files, json_text, slug
 
-ANALYSES = ("patch", *kinds.KINDS)  # the patching sweep (api.run's) and the toolkit's one-prompt analyses
-NOT_YET = ("attribution", "path")  # analyses of the toolkit that studies cannot run yet
+ANALYSES = ("patch", *kinds.KINDS)  # the patching sweep (api.run's, exact or attribution) and the toolkit's analyses
 # Settings that only the patching sweep reads: a study of another kind refuses them.
 PATCH_ONLY = ("site", "direction", "all_positions", "metric", "prepend_bos")
 # What `analysis:` may set for a patch study: the Settings fields that choose the sweep.
-PATCH_OPTIONS = ("site", "direction", "all_positions", "prepend_bos", "metric", "engine", "max_rows")
+PATCH_OPTIONS = ("site", "direction", "all_positions", "prepend_bos", "metric", "engine", "max_rows", "method", "qk_fix")
 SLOT = re.compile(r"\{(\w+)\}")
 
 
@@ -91,9 +92,9 @@ class Analysis:
         if not isinstance(data, dict):
             raise PatchingError(f"{where} must be a mapping like {{kind: patch, site: resid_post}}.")
         kind = data.pop("kind", "patch")
-        if kind in NOT_YET:
-            raise PatchingError(f"{where}: kind {kind} cannot be a study's analysis yet; studies run "
-                                f"{', '.join(ANALYSES)}.")
+        if kind == "attribution":  # a method of the patch sweep, as in single experiments
+            raise PatchingError(f"{where}: attribution patching is a method of the patch analysis: write "
+                                f"{{kind: patch, method: attribution}}.")
         if kind not in ANALYSES:
             raise PatchingError(f"{where}: kind {str(kind)[:40]!r} is not one of {', '.join(ANALYSES)}.")
         if kind != "patch":
@@ -308,9 +309,12 @@ def read_study(path: Path | None, cli_settings: dict, pairs_file: Path | None = 
                                 f"{given[0]} does not apply: drop it.")
         if analysis.kind == "ablate" and ("engine" in cli_settings or "engine" not in analysis.options):
             analysis.options["engine"] = settings.engine  # --engine, then the analysis's, then defaults'
-    if settings.method != "exact" or settings.check:  # a study's pairs run the exact sweep (patch_pair)
-        raise PatchingError(f"{where}: studies run the exact sweep; method attribution (and check) apply to "
-                            f"single experiments and batches: drop them.")
+    if settings.check:  # check compares one pair's estimate with its sweep; a study aggregates one of them
+        raise PatchingError(f"{where}: check applies to single experiments and batches; a study runs either "
+                            f"method (exact or attribution) on every pair: drop check.")
+    if settings.method != "exact" and analysis.kind != "patch":
+        raise PatchingError(f"{where}: method {settings.method} is a patch analysis's option; a "
+                            f"{analysis.kind} study does not take it: drop it.")
     opts = dict(doc.get("study") or {}) if isinstance(doc.get("study") or {}, dict) else doc.get("study")
     if bootstrap is not None and isinstance(opts, dict):
         opts["bootstrap"] = bootstrap
@@ -368,18 +372,22 @@ def reason_kind(reason: str) -> str:
     return reason.split(":")[0]
 
 
-@torch.no_grad()
+@torch.no_grad()  # attribution.estimate turns gradients on for its own backward
 def patch_pair(model, tok, pair: Pair, settings: Settings, meta: dict) -> tuple[PatchResult, dict]:
     """api.run's sweep of one pair (settings.site, .direction, .all_positions) with every metric of
     engines.METRICS per cell: api.run returns one metric, a study's tidy table wants all, so the
-    log-sum-exp is always read. Recovery is api.run's: 0 = the patched run's own value, 1 = the other's."""
+    log-sum-exp is always read. Recovery is api.run's: 0 = the patched run's own value, 1 = the other's.
+    With method attribution each metric's cells are api.run's attribution estimate of that metric
+    (one backward per metric), so recovery is defined the same way from the estimated values."""
     prep = prepare(tok, pair.clean, pair.corrupt, pair.target, pair.foil, model.config.block_size,
                    model.config.vocab_size, settings.prepend_bos)
     device = next(model.parameters()).device
     site = settings.site
     t0 = time.perf_counter()
     ids = {k: torch.tensor([v], device=device) for k, v in (("clean", prep.clean_ids), ("corrupt", prep.corrupt_ids))}
-    rec = {k: engines.record(model, v, [site]) for k, v in ids.items()}
+    attrib = settings.method == "attribution"
+    sites = [site] + (attribution.needed_sites(site, settings.qk_fix) if attrib else [])
+    rec = {k: engines.record(model, v, sites) for k, v in ids.items()}
     for k in rec:
         finite(rec[k].last_logits, f"the {k} run's logits")
     r = {k: engines.readout(rec[k].last_logits[0], prep.target_id, prep.foil_id, True).cpu() for k in rec}
@@ -389,11 +397,16 @@ def patch_pair(model, tok, pair: Pair, settings: Settings, meta: dict) -> tuple[
                             f"the pair does not change the answer.")
     t1 = time.perf_counter()
     base, src = ("corrupt", "clean") if settings.direction == "denoise" else ("clean", "corrupt")
-    readouts = engines.sweep(model, ids[base], rec[base], rec[src][site][:, 0], site, prep.target_id, prep.foil_id,
-                             True, settings.all_positions, settings.engine, settings.max_rows)
+    if attrib:  # api.run's estimate, once per metric (each linearises its own metric): base value + estimate
+        metrics = {m: float(engines.metric_values(m, r[base], r[src], r[base])) + attribution.estimate(
+            model, ids[base], rec[base], rec[src][site][:, 0], site, m, prep.target_id, prep.foil_id, r[src], r[base],
+            settings.all_positions, settings.qk_fix).numpy() for m in METRICS}
+    else:
+        readouts = engines.sweep(model, ids[base], rec[base], rec[src][site][:, 0], site, prep.target_id,
+                                 prep.foil_id, True, settings.all_positions, settings.engine, settings.max_rows)
+        metrics = {m: engines.metric_values(m, readouts, r[src], r[base]).numpy().astype(np.float64) for m in METRICS}
     t2 = time.perf_counter()
-    metrics = {m: engines.metric_values(m, readouts, r[src], r[base]).numpy().astype(np.float64) for m in METRICS}
-    finite(torch.from_numpy(metrics["logit-diff"]), "the patched runs' values")
+    finite(torch.from_numpy(metrics["logit-diff"]), "the attribution estimates" if attrib else "the patched runs' values")
     value = lambda x: float(engines.metric_values(settings.metric, x, r[src], r[base]))  # noqa: E731
     result = PatchResult(
         prepared=prep, settings=settings, model=getattr(model, "name", settings.model),
@@ -433,14 +446,15 @@ def describe(study: Study, config) -> dict:
     if a.kind != "patch":
         return kinds.describe(a.kind, a.options, config.n_layer, config.n_head)
     return {"kind": "patch", "site": s.site, "direction": s.direction,
-            "all_positions": s.all_positions, "axes": axes_of(s.site, s.all_positions),
+            "all_positions": s.all_positions, "method": s.method,
+            **({"qk_fix": s.qk_fix} if s.method == "attribution" else {}), "axes": axes_of(s.site, s.all_positions),
             "metrics": list(METRICS), "metric": s.metric, "scalars": ["clean_value", "corrupt_value"]}
 
 
 def title(a: dict) -> str:
     """'patch resid_post (denoise)', 'lens (ln recompute)', 'ablate (ablation mean)'."""
     if a["kind"] == "patch":
-        return f"patch {a['site']} ({a['direction']})"
+        return f"patch {a['site']} ({a['direction']}{', attribution' if a.get('method') == 'attribution' else ''})"
     opts = [f"{k} {v}" for k, v in a.items() if k in ("ln", "ablation")]
     return a["kind"] + (f" ({', '.join(opts)})" if opts else "")
 
@@ -492,7 +506,7 @@ def _run_pairs(study: Study, shard, model, tok, meta: dict, stage: Path, say):
         kind, cache = study.analysis.kind, {}
         for n_done, ((i, pair), row) in enumerate(zip(chosen, rows), 1):
             t0 = time.perf_counter()
-            reason = misfit(tok, pair, model.config.block_size, clean_only=kind != "patch")
+            reason = misfit(tok, pair, model.config.block_size, clean_only=kind not in ("patch", "path"))
             if reason:
                 row.update(status="skipped", reason=reason)
                 continue
@@ -620,7 +634,7 @@ def command(args, given: dict, say: Callable[[str], None] = print) -> int:
     out = expand(args.out) if args.out else free_name(expand("outputs") / stem)
     n_here = len(shard_pairs(study, shard))
     s, a = study.settings, study.analysis
-    what = f"patch {s.site} ({s.direction})" if a.kind == "patch" else f"{a.kind} of each clean prompt"
+    what = f"patch {s.site} ({s.direction}, {s.method})" if a.kind == "patch" else f"{a.kind} of each clean prompt"
     say(f"study {study.hash()}: {len(study.pairs)} pairs, shard {shard[0]}/{shard[1]} runs {n_here}; "
         f"{what}, model {s.model}")
     summary = run_study(study, out, shard=shard, say=say, overwrite=bool(getattr(args, "overwrite", False)))

@@ -225,7 +225,9 @@ def test_a_failing_pair_is_reported_and_the_others_aggregate(tmp_path, tiny_ckpt
 
 
 @pytest.mark.parametrize("analysis", [None, {"kind": "lens"}, {"kind": "dla"},
-                                      {"kind": "ablate", "ablation": "mean", "reference": ["Mary had a lamb."]}])
+                                      {"kind": "ablate", "ablation": "mean", "reference": ["Mary had a lamb."]},
+                                      {"kind": "path", "sender": "all", "receivers": ["1.2:v"]},
+                                      {"kind": "patch", "method": "attribution", "site": "k"}])
 def test_shards_merge_to_exactly_the_unsharded_study(tmp_path, tiny_ckpt, analysis):
     extra = {"analysis": analysis} if analysis else {}
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(n=7), study={"bootstrap": 500, "seed": 2}, **extra)
@@ -244,6 +246,12 @@ def test_shards_merge_to_exactly_the_unsharded_study(tmp_path, tiny_ckpt, analys
         assert (tmp_path / "all" / name).read_text() == (tmp_path / "merged" / name).read_text()
     assert sorted(p.name for p in (tmp_path / "all" / "pairs").iterdir()) == \
         sorted(p.name for p in (tmp_path / "merged" / "pairs").iterdir())
+    if analysis and analysis["kind"] == "path":  # layer 1's senders reach no receiver in layer 1: null
+        assert all(v is not None for v in a["mean"][0]) and all(v is None for v in a["mean"][1] + a["raw_sem"][1])
+        return
+    if analysis and analysis["kind"] == "patch":
+        assert a["analysis"]["method"] == "attribution" and a["mean"] is not None
+        return
     if analysis:  # the toolkit's analyses: the raw statistics and scalars are what must agree
         assert a["mean"] is None and a["raw_ci_low"] is not None and a["scalars"]["clean_value"]["sem"] > 0
         return
@@ -483,8 +491,16 @@ def test_a_one_prompt_study_reads_only_the_clean_prompt(tmp_path, tiny_ckpt):
     ({"kind": "ablate", "engine": "warp"}, {}, "engine 'warp' is not one of"),
     ({"kind": "lens"}, {"site": "z"}, "a lens study runs on each pair's clean prompt, so site does not apply"),
     ({"kind": "dla"}, {"prepend_bos": True}, "so prepend_bos does not apply"),
-    ({"kind": "attribution"}, {}, "kind attribution cannot be a study's analysis yet"),
-    ({"kind": "path"}, {}, "kind path cannot be a study's analysis yet"),
+    ({"kind": "attribution"}, {}, "write {kind: patch, method: attribution}"),
+    ({"kind": "path"}, {}, "a path analysis needs sender: 'LAYER.HEAD' in quotes"),
+    ({"kind": "path", "sender": 1.1}, {}, "a path analysis needs sender"),
+    ({"kind": "path", "sender": "0.1", "receivers": ["1.0:x"]}, {}, "does not name the input it reads"),
+    ({"kind": "path", "sender": "1.1", "receivers": ["1.0:q"]}, {}, "a head reaches only later layers"),
+    ({"kind": "path", "sender": "0.9"}, {}, "sender 0.9 does not exist"),
+    ({"kind": "path", "sender": "all", "ln": "frozen"}, {}, "unknown key 'ln'; a path analysis takes kind, sender"),
+    ({"kind": "lens", "method": "attribution"}, {}, "unknown key 'method'"),
+    ({"kind": "lens"}, {"method": "attribution"}, "a lens study does not take it"),
+    ({"kind": "patch", "method": "attribution", "check": True}, {}, "unknown key 'check'"),
 ])
 def test_toolkit_analysis_options_are_checked(tmp_path, tiny_ckpt, analysis, defaults, words):
     doc = {"defaults": {"model": str(tiny_ckpt), "device": "cpu", **defaults}, "experiments": [MICHELLE],
@@ -510,12 +526,91 @@ def test_ablate_reference_file_and_engine_precedence(tmp_path, tiny_ckpt):
     assert read_study(path, {}).hash() != first
 
 
-def test_study_refuses_attribution(tmp_path):
-    """A study's pairs run the exact sweep: asking for attribution is refused, not silently ignored."""
+def test_study_refuses_check(tmp_path):
+    """check compares one pair's estimate with its sweep: a study refuses it rather than ignore it."""
     from patching.cli import main
     spec = tmp_path / "s.yaml"
     spec.write_text("defaults: {model: demo-names}\nanalysis: {kind: patch}\nexperiments:\n"
                     "  - {clean: Michelle Jones was a top-notch student. Michelle, corrupt: Michelle Smith was a "
                     "top-notch student. Michelle, target: Jones, foil: Smith}\n")
-    rc = main(["--batch", str(spec), "--method", "attribution", "--out", str(tmp_path / "o")])
+    rc = main(["--batch", str(spec), "--method", "attribution", "--check", "--out", str(tmp_path / "o")])
     assert rc == 1 and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- attribution and path patching
+
+
+@pytest.mark.parametrize("options", [{"site": "resid_pre"}, {"site": "q", "qk_fix": True},
+                                     {"site": "k", "qk_fix": False, "direction": "noise", "all_positions": True}])
+def test_an_attribution_study_holds_api_runs_estimate_for_every_metric(tmp_path, tiny_ckpt, options):
+    """Each pair's cells, for every metric, are api.run's attribution estimate of that metric (one run per
+    metric, no study machinery); the aggregate's recovery is the mean of those estimates; they are not
+    the exact sweep (the method really changed)."""
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE, JESSICA],
+                      analysis={"kind": "patch", "method": "attribution", **options}, study={"bootstrap": 50})
+    got = cli(["--batch", str(path), "--out", str(tmp_path / "out")])
+    assert got["rc"] == 0 and "attribution" in got["stdout"], got
+    agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
+    assert agg["analysis"]["method"] == "attribution" and agg["analysis"]["qk_fix"] == options.get("qk_fix", True)
+    _, tidy = stats.read_tidy((tmp_path / "out" / "results.csv").read_text(), agg["analysis"]["axes"])
+    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    for row, pair in zip(tidy, (MICHELLE, JESSICA)):
+        for m in METRICS:
+            ref = run(model, tok, **pair, settings=Settings(model=str(tiny_ckpt), device="cpu", method="attribution",
+                                                            metric=m, **options)).matrix
+            scale = max(1.0, float(np.abs(ref).max()))
+            np.testing.assert_allclose(row["metrics"][m], ref, rtol=0, atol=1e-5 * scale, err_msg=m)
+        exact = run(model, tok, **pair, settings=Settings(model=str(tiny_ckpt), device="cpu", **options)).matrix
+        assert np.abs(row["metrics"]["logit-diff"] - exact).max() > 1e-3 * max(1.0, float(np.abs(exact).max()))
+    rec = np.stack([r["metrics"]["recovery"] for r in tidy]).reshape(2, *np.array(agg["mean"]).shape)
+    np.testing.assert_allclose(agg["mean"], rec.mean(0), rtol=0, atol=1e-9 * max(1.0, float(np.abs(rec).max())))
+
+
+@pytest.mark.parametrize("options", [{"sender": "all", "receivers": ["1.0:k", "1.3:q"]},
+                                     {"sender": "0.2", "receivers": "logits", "freeze_mlps": True},
+                                     {"sender": "all", "direction": "noise"}])
+def test_a_path_study_holds_path_patchings_own_result_for_each_pair(tmp_path, tiny_ckpt, options):
+    """Each pair's cells are patching.path's own result on the pair's prompts (NaN where no path exists,
+    the same cells in every pair), recovery is path patching's own recovery metric, and not-applicable
+    cells have null statistics while the others are the mean over the pairs."""
+    from patching import path as path_patching
+    path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE, JESSICA],
+                      analysis={"kind": "path", **options}, study={"bootstrap": 50, "figures": True})
+    got = cli(["--batch", str(path), "--out", str(tmp_path / "out")])
+    assert got["rc"] == 0, got
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    a = summary["analysis"]
+    assert a["metrics"] == ["logit-diff", "recovery"] and a["axes"] == ["layer", "head"]
+    _, tidy = stats.read_tidy((out / "results.csv").read_text(), a["axes"], a["labels"])
+    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    own = {**options, "receivers": [options["receivers"]] if isinstance(options.get("receivers"), str)
+           else options.get("receivers", ["logits"])}
+    raws = []
+    for row, pair, srow in zip(tidy, (MICHELLE, JESSICA), summary["pairs"]):
+        r = path_patching.path(model, tok, path_patching.PathOptions(**pair, **own))
+        grid = r.matrix if r.single is None else r.matrix[r.single].reshape(1, 1)
+        np.testing.assert_array_equal(row["metrics"]["logit-diff"], grid)  # NaN where it is NaN, the rest exactly
+        rec = path_patching.path(model, tok, path_patching.PathOptions(**pair, **own, metric="recovery")).matrix
+        rec = rec if r.single is None else rec[r.single].reshape(1, 1)
+        np.testing.assert_allclose(row["metrics"]["recovery"], rec, rtol=0, atol=1e-5 * max(1.0, np.nanmax(np.abs(rec))))
+        for role in ("clean", "corrupt"):  # the model's own output on each prompt
+            want = model_logit_diff(tiny_ckpt, {**pair, "clean": pair[role]})
+            assert srow[f"{role}_value"] == pytest.approx(want, abs=1e-5 * max(1.0, abs(want)))
+        raws.append(grid)
+    agg = json.loads((out / "aggregate.json").read_text())
+    raw = np.stack(raws)
+    finite = np.isfinite(raw).all(0)
+    assert finite.any() and (finite == np.isfinite(raw).any(0)).all()  # n/a cells are n/a in every pair
+    if r.single is None and own["receivers"] != ["logits"]:  # layer 1's senders reach no receiver in layer 1
+        assert not finite[1].any() and finite[0].all()
+    else:  # every sender reaches the logits
+        assert finite.all()
+    mean = np.array(agg["raw_mean"], dtype=float)  # null -> nan
+    np.testing.assert_allclose(mean[finite], raw.mean(0)[finite], rtol=0, atol=1e-9 * max(1.0, np.nanmax(np.abs(raw))))
+    for key in ("mean", "sem", "ci_low", "ci_high", "share_above_half", "raw_sem", "raw_ci_low"):
+        cells = np.array(agg[key], dtype=object)
+        assert all(v is None for v in cells[~finite]) and all(v is not None for v in cells[finite]), key
+    assert {"heatmap.png" if r.single is None else "bars.png", "results.json"} <= {
+        p.name for p in (out / summary["pairs"][0]["folder"]).iterdir()}
+    assert "path" in (out / "index.html").read_text()
