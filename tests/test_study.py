@@ -18,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import assert_close
+
 from patching import stats
 from patching.api import PatchingError, Settings, load, run
 from patching.cli import main
@@ -166,6 +168,16 @@ def test_shard_syntax():
 # ----------------------------------------------------------------------------- running studies
 
 
+def metric_scale(res, metric: str) -> float:
+    """The tolerance rule's scale (conftest.tol) for a metric computed from these runs' logits: the
+    logits' magnitude, over |clean - corrupt| of the logit difference for recovery (a ratio)."""
+    logits = max(abs(v) for r in (res.clean, res.corrupt) for v in (r.target_logit, r.foil_logit))
+    if metric == "recovery":
+        gap = (res.clean.foil_logit - res.clean.target_logit) - (res.corrupt.foil_logit - res.corrupt.target_logit)
+        return logits / abs(gap)
+    return logits
+
+
 def test_every_metric_of_a_study_pair_equals_api_run(tmp_path, tiny_ckpt):
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE], study={"figures": True})
     assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
@@ -174,10 +186,10 @@ def test_every_metric_of_a_study_pair_equals_api_run(tmp_path, tiny_ckpt):
     assert metrics == list(METRICS)
     settings = Settings(model=str(tiny_ckpt), device="cpu")
     model, tok = load(settings)
+    base = run(model, tok, **MICHELLE, settings=settings)
     for m in METRICS:
         ref = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu", metric=m)).matrix
-        scale = max(1.0, float(np.abs(ref).max()))
-        np.testing.assert_allclose(row["metrics"][m], ref, rtol=0, atol=1e-5 * scale, err_msg=m)
+        assert_close(row["metrics"][m], ref, scale=metric_scale(base, m), what=m)
     (pair,) = (tmp_path / "out" / "pairs").glob("0001-michelle-jones-*")
     assert {p.name for p in pair.iterdir()} >= {"results.json", "results.csv", "heatmap.png", "report.html"}
 
@@ -191,15 +203,15 @@ def test_identical_pairs_aggregate_to_the_single_run_with_zero_spread(tmp_path, 
     raw = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu")).matrix
     assert agg["n_pairs"] == 5 and agg["bootstrap"] == 300 and agg["other_groups"] == []
     assert agg["axes"]["token"][1] == " Jones"
-    tol = 1e-5 * max(1.0, float(np.abs(rec).max()))
+    base = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu"))
     for key in ("mean", "ci_low", "ci_high"):
-        np.testing.assert_allclose(agg[key], rec, rtol=0, atol=tol, err_msg=key)
-    np.testing.assert_allclose(agg["raw_mean"], raw, rtol=0, atol=1e-5 * float(np.abs(raw).max()))
+        assert_close(agg[key], rec, scale=metric_scale(base, "recovery"), what=key)
+    assert_close(agg["raw_mean"], raw, scale=metric_scale(base, "logit-diff"), what="raw_mean")
     np.testing.assert_array_equal(agg["sem"], np.zeros_like(rec))
     np.testing.assert_array_equal(agg["share_above_half"], (rec > 0.5).astype(float))
     with open(tmp_path / "out" / "aggregate.csv") as f:
         cells = list(csv.DictReader(f))
-    assert len(cells) == rec.size and float(cells[1]["mean"]) == pytest.approx(rec[0, 1], abs=tol)
+    assert len(cells) == rec.size and float(cells[1]["mean"]) == float(agg["mean"][0][1])  # the same float, written twice
 
 
 def test_a_failing_pair_is_reported_and_the_others_aggregate(tmp_path, tiny_ckpt):
