@@ -383,6 +383,8 @@ def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, fo
     site = settings.site
 
     t0 = time.perf_counter()
+    # memory first, before the recordings (a pattern recording alone can be the largest thing), with
+    # every cell counted; the plan shown is made again below, when the no-op cells are known
     check_memory(engines.plan(model.config, len(prep.clean_ids), site, settings.all_positions,
                               settings.max_rows, lse, None), device)
     sites = [site] + (attribution.needed_sites(site, settings.qk_fix) if settings.method == "attribution" else [])
