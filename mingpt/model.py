@@ -372,9 +372,11 @@ class GPT(nn.Module):
             if got[k].shape != ours[k].shape:
                 raise WeightsError(f"tensor {k} has shape {_to_hf_shape(k, got[k].shape)} in the checkpoint but "
                                    f"config.json needs {_to_hf_shape(k, ours[k].shape)}.")
-        with torch.no_grad():
-            for k in expected:
-                ours[k].copy_(got[k])
+        # copies (and the first reads of a memory-mapped file) release the GIL: run them on torch's threads,
+        # largest first
+        from concurrent.futures import ThreadPoolExecutor
+        with torch.no_grad(), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            list(pool.map(lambda k: ours[k].copy_(got[k]), sorted(expected, key=lambda k: -got[k].numel())))
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Our weights under Hugging Face names and layouts (what save_pretrained writes)."""
