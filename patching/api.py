@@ -19,7 +19,6 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +43,14 @@ class PatchingError(Exception):
 
 
 USER_ERRORS = (PatchingError, MinGPTError)  # what the CLI turns into one line
+
+
+def reject_unknown(data: dict, allowed, where: str, takes: str | None = None):
+    """Unknown keys fail (YAML, JSONL, option mappings): name the first, then what is allowed."""
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise PatchingError(f"{where}: unknown key {quote(unknown[0], 40)}; "
+                            f"{takes or 'allowed keys are ' + ', '.join(allowed)}.")
 
 
 @dataclass(frozen=True)
@@ -99,10 +106,7 @@ class Settings:
         """Build from a YAML mapping, failing loudly on keys we do not know."""
         if not isinstance(data, dict):
             raise PatchingError(f"{where} must be a mapping of settings, got {quote(data)}.")
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise PatchingError(f"{where}: unknown key {quote(unknown[0])}; allowed keys are {', '.join(known)}.")
+        reject_unknown(data, [f.name for f in fields(cls)], where)
         try:
             return cls(**data)
         except PatchingError as exc:

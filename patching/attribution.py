@@ -24,7 +24,6 @@ import math
 import numpy as np
 import torch
 
-from mingpt.sites import SITES, Patch
 from patching import engines
 
 METHODS = ("exact", "attribution")

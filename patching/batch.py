@@ -26,7 +26,7 @@ from typing import Callable
 import yaml
 
 from mingpt.errors import quote
-from patching.api import USER_ERRORS, PatchingError, Settings, load, run
+from patching.api import USER_ERRORS, PatchingError, Settings, load, reject_unknown, run
 from patching.files import Claim, claim, expand
 from patching.report import cell_fields, experiment_files, json_text, slug, strongest
 
@@ -47,10 +47,7 @@ class Experiment:
     def from_dict(cls, data, where: str) -> "Experiment":
         if not isinstance(data, dict):
             raise PatchingError(f"{where} must be a mapping with clean, corrupt, target and foil, got {type(data).__name__}.")
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise PatchingError(f"{where}: unknown key {quote(unknown[0])}; allowed keys are {', '.join(known)}.")
+        reject_unknown(data, [f.name for f in fields(cls)], where)
         missing = [k for k in ("clean", "corrupt", "target", "foil") if k not in data]
         if missing:
             raise PatchingError(f"{where} lacks {', '.join(missing)}: every experiment needs clean, corrupt, target and foil.")

@@ -34,7 +34,7 @@ import numpy as np
 
 from patching import ablate, dla, lens
 from patching import path as path_patching
-from patching.api import PatchingError
+from patching.api import PatchingError, reject_unknown
 from patching.engines import METRICS
 
 PAIR_FIELDS = ("prompt", "clean", "corrupt", "target", "foil")  # what each pair supplies; the rest are options
@@ -158,11 +158,8 @@ def options(kind: str, data: dict, where: str) -> dict:
     fields); unknown keys fail. Returns plain values (for the study hash and summary)."""
     k = KINDS[kind]
     allowed = k.option_names()
-    unknown = [key for key in data if key not in allowed]
-    if unknown:
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; {article} {kind} analysis takes kind"
-                            + "".join(f", {a}" for a in allowed) + ".")
+    article = "an" if kind[0] in "aeiou" else "a"
+    reject_unknown(data, allowed, where, f"{article} {kind} analysis takes kind" + "".join(f", {a}" for a in allowed))
     data = dict(data)
     if kind == "ablate":
         data = _ablate_options(data, where)

@@ -46,7 +46,7 @@ import torch
 
 from patching import attribution, engines, kinds, stats
 from patching.api import (USER_ERRORS, PatchingError, PatchResult, Settings, axes_of, finite, indistinct, load,
-                          prepare, single_token, summarize, versions)
+                          prepare, reject_unknown, single_token, summarize, versions)
 from patching.engines import METRICS
 from patching.files import claim, expand, free_name, write_folder
 from patching.report import experiment_files, json_text, slug
@@ -65,10 +65,7 @@ def _options(cls, data, where: str):
         data = {}
     if not isinstance(data, dict):
         raise PatchingError(f"{where} must be a mapping, got {type(data).__name__}.")
-    known = [f.name for f in fields(cls)]
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; allowed keys are {', '.join(known)}.")
+    reject_unknown(data, [f.name for f in fields(cls)], where)
     return cls(**data)
 
 
@@ -99,10 +96,7 @@ class Analysis:
             raise PatchingError(f"{where}: kind {str(kind)[:40]!r} is not one of {', '.join(ANALYSES)}.")
         if kind != "patch":
             return cls(kind, kinds.options(kind, data, where))
-        unknown = [k for k in data if k not in PATCH_OPTIONS]
-        if unknown:
-            raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; a patch analysis takes kind, "
-                                f"{', '.join(PATCH_OPTIONS)}.")
+        reject_unknown(data, PATCH_OPTIONS, where, f"a patch analysis takes kind, {', '.join(PATCH_OPTIONS)}")
         return cls(kind, data)
 
 
@@ -193,10 +187,8 @@ def pair_from_row(data, where: str) -> Pair:
     try:
         if not isinstance(data, dict):
             raise PatchingError(f"{where} must be a mapping with clean, corrupt, target and foil.")
-        unknown = [k for k in data if k not in (*PAIR_KEYS, "name")]
-        if unknown:
-            raise PatchingError(f"{where}: unknown key {str(unknown[0])[:40]!r}; a study pair has clean, corrupt, "
-                                f"target, foil and an optional name (overrides are for plain batches).")
+        reject_unknown(data, (*PAIR_KEYS, "name"), where, "a study pair has clean, corrupt, target, foil and an "
+                       "optional name (overrides are for plain batches)")
         missing = [k for k in PAIR_KEYS if not isinstance(data.get(k), str) or not data[k]]
         if missing:
             raise PatchingError(f"{where} lacks {', '.join(missing)} (each must be text).")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from patching.files import Claim, claim, expand, free_name
-from patching.api import PatchingError, Settings, load, single_token
+from patching.api import PatchingError, Settings, load, reject_unknown, single_token
 from patching.report import show, slug
 
 
@@ -30,10 +30,7 @@ class Options:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "options"):
-        known = [f.name for f in fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise PatchingError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(known)}.")
+        reject_unknown(data, [f.name for f in fields(cls)], where)
         return cls(**data)
 
 
