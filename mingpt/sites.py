@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from mingpt.errors import InputError, quote
+
 SITES = {
     "resid_pre": "btc", "q": "bhtd", "k": "bhtd", "v": "bhtd", "pattern": "bhts", "z": "bhtd",
     "attn_out": "btc", "resid_mid": "btc", "mlp_out": "btc", "resid_post": "btc",
@@ -31,7 +33,7 @@ HEAD_SITES = tuple(s for s, layout in SITES.items() if layout.startswith("bh"))
 
 def check_site(site: str):
     if site not in SITES:
-        raise ValueError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
+        raise InputError(f"unknown site {quote(site, 40)}: use one of {', '.join(SITES)}.")
 
 
 # ----------------------------------------------------------------------------- recording
@@ -106,9 +108,11 @@ class Patch:
     def __post_init__(self):
         check_site(self.site)
         if self.head is not None and self.site not in HEAD_SITES:
-            raise ValueError(f"head= is for head sites ({', '.join(HEAD_SITES)}), not {self.site!r}")
+            raise InputError(f"head= is for head sites ({', '.join(HEAD_SITES)}), not {self.site}.")
 
-    def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        """x with this patch applied if it belongs to `layer` (offset/length: see Edits; a plain
+        forward visits every site whole)."""
         if isinstance(self.layer, torch.Tensor):  # one patch per batch row
             rows = (self.layer == layer).nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -155,8 +159,8 @@ class Edits:
 
 
 class At:
-    """`at(site, x)` for one block of one forward call: record, then patch (the recording keeps
-    what flowed in; a patched value is what flows on, and later sites record it)."""
+    """`at(site, x)` for one block of one forward call: patch, then record (the recording keeps the
+    value that flows on, patched or not)."""
 
     def __init__(self, layer: int, record: Recording | None, edits: Sequence):
         self.layer, self.record = layer, record
@@ -166,7 +170,7 @@ class At:
 
     def __call__(self, site: str, x: torch.Tensor, offset: int = 0, length: int | None = None) -> torch.Tensor:
         for e in self.edits.get(site, ()):
-            x = e.apply(x, self.layer, offset, length) if isinstance(e, Edits) else e.apply(x, self.layer)
+            x = e.apply(x, self.layer, offset, length)
         if self.record is not None:
             self.record.keep(site, self.layer, x)
         return x

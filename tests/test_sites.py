@@ -323,3 +323,13 @@ def test_forward_cells_all_heads_at_once(site):
         for j, p in enumerate(positions):
             want, _ = model(corrupt, patch=Patch(l, p, values[l, j], site=site))
             close(got[l, j], want[0, -1])
+
+
+def test_patch_and_recording_refuse_bad_sites_with_one_sentence():
+    from mingpt.errors import InputError
+    with pytest.raises(InputError, match="unknown site 'nope': use one of resid_pre"):
+        Patch(0, 0, torch.zeros(3), site="nope")
+    with pytest.raises(InputError, match="head= is for head sites"):
+        Patch(0, 0, torch.zeros(3), site="attn_out", head=1)
+    with pytest.raises(InputError, match="unknown site"):
+        Recording(sites=("resid_post", "mlp_in"))
