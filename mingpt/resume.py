@@ -54,9 +54,12 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
         if new:  # these slabs start here, from the base run's input of block k
             rows = _block_input(base, k)[0, suffix]  # (R, C)
             slab = rows.expand(len(new), -1, -1).clone()  # (n_new, R, C)
-            edits = _edits(edit_site, k, new, joined, slabs, groups, every, values, dev)
+            # edits address the new slabs where the edited tensor holds them: after the earlier slabs,
+            # except for the input itself and at the last block, where the new slabs run on their own
+            in_place = edit_site == "resid_pre" or k == L - 1
+            edits = _edits(edit_site, k, new, 0 if in_place else joined, slabs, groups, every, values, dev)
             if edit_site == "resid_pre":  # the input itself is what is patched
-                slab, edits = _apply_rows(slab, edits, joined), None
+                slab, edits = edits.apply(slab, k), None
             if k == L:  # patched after the last block: only the last rows reach the logits
                 slab = slab[:, last]  # (n_new, G, C)
             x = slab if x is None else torch.cat([x, slab])  # (n, R, C), or (n, G, C) after the last block
@@ -74,8 +77,7 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
         n_in = len(new) if edits is not None else 0
         head = _last_rows(block, x[:x.shape[0] - n_in], groups, prefix, last)  # (n - n_in, G, C)
         if n_in:
-            at_in = At(k, None, [_shift(edits, x.shape[0] - n_in)])
-            tail = block(x[x.shape[0] - n_in:], at_in, mix)[:, last]  # (n_in, G, C)
+            tail = block(x[x.shape[0] - n_in:], At(k, None, [edits]), mix)[:, last]  # (n_in, G, C)
             head = torch.cat([head, tail])
         x = head
     h = model.transformer.ln_f(x)  # (n, G, C)
@@ -88,7 +90,6 @@ def _block_input(base, k: int) -> torch.Tensor:
     """The base run's input of block k (k = n_layer: of the final norm), (B, T, C)."""
     if k == 0 or "resid_post" not in base:
         return base["resid_pre", k]
-    assert k >= 1, "patching inside block 0 needs a recording with resid_pre"
     return base["resid_post", k - 1]
 
 
@@ -114,15 +115,6 @@ def _edits(site, k, new, offset, slabs, groups, every, values, dev) -> Edits:
             heads = torch.tensor([slabs[i][1] for i in new])[:, None].expand(n, X)
     flat = lambda t: t.reshape(-1).to(dev)  # noqa: E731
     return Edits(site, k, flat(batch), flat(rows), vals, None if heads is None else flat(heads))
-
-
-def _apply_rows(slab: torch.Tensor, edits: Edits, offset: int) -> torch.Tensor:
-    """Apply resid_pre edits to a slab block numbered from 0 (edits count slabs from `offset`)."""
-    return slab.index_put((edits.batch - offset, edits.rows), edits.value.to(slab.dtype))
-
-
-def _shift(edits: Edits, by: int) -> Edits:
-    return Edits(edits.site, edits.layer, edits.batch - by, edits.rows, edits.value, edits.head)
 
 
 def _group_kv(prefix, k, v, p: int, start: int, S: int):
