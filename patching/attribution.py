@@ -52,8 +52,8 @@ class _Tap:
         self.layer, self.site, self.pos = layer, site, None
         self.zero = torch.zeros_like(like).requires_grad_()
 
-    def apply(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        return x + self.zero.to(x.dtype) if layer == self.layer else x
+    def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        return x + self.zero.to(x.dtype) if layer == self.layer else x  # (a plain forward: every site whole)
 
 
 def gradients(model, base_ids: torch.Tensor, base, site: str, metric: str, target_id: int, foil_id: int,
