@@ -25,7 +25,7 @@ import torch
 
 from mingpt.model import Recording
 from patching import engines, toolkit
-from patching.api import PatchingError
+from patching.api import PatchingError, json_floats
 from patching.engines import ENGINES
 
 HELP = "zero or mean ablation of every head, attention output and MLP, one at a time"
@@ -87,8 +87,8 @@ class AblateResult:
                 "target": {"text": self.target[0], "id": self.target[1]},
                 "foil": {"text": self.foil[0], "id": self.foil[1]},
                 "metric_definition": "logit(foil) - logit(target) at the last position",
-                "n_reference_prompts": self.n_reference, "base_value": toolkit.finite(self.base_value),
-                "heads": toolkit.finite(self.heads), "attn": toolkit.finite(self.attn), "mlp": toolkit.finite(self.mlp)}
+                "n_reference_prompts": self.n_reference, "base_value": json_floats(self.base_value),
+                "heads": json_floats(self.heads), "attn": json_floats(self.attn), "mlp": json_floats(self.mlp)}
 
 
 def read_reference(path: str | Path) -> list[str]:

@@ -190,23 +190,26 @@ class PatchResult:
             "corrupt_ids": p.corrupt_ids, "differing_positions": p.differing,
             "target": {"text": p.target, "id": p.target_id}, "foil": {"text": p.foil, "id": p.foil_id},
             "n_layers": self.n_layers, "n_tokens": len(p.tokens),
-            "matrix": _nested(self.matrix.tolist()),
-            "clean_value": _finite(self.clean.value), "corrupt_value": _finite(self.corrupt.value),
-            "runs": {name: {k: _finite(v) for k, v in asdict(run).items() if k != "topk"}
+            "matrix": json_floats(self.matrix),
+            "clean_value": json_floats(self.clean.value), "corrupt_value": json_floats(self.corrupt.value),
+            "runs": {name: {k: json_floats(v) for k, v in asdict(run).items() if k != "topk"}
                      for name, run in (("clean", self.clean), ("corrupt", self.corrupt))},
             "topk": {"clean": [asdict(e) for e in self.clean.topk], "corrupt": [asdict(e) for e in self.corrupt.topk]},
             "timing": self.timing, "versions": self.versions, "method": self.settings.method,
             **({"qk_fix": self.settings.qk_fix} if self.settings.method == "attribution" else {}),
-            **({"check": self.check, "exact_matrix": _nested(self.exact_matrix.tolist())} if self.check else {}),
+            **({"check": self.check, "exact_matrix": json_floats(self.exact_matrix)} if self.check else {}),
         }
 
 
-def _finite(v: float):
-    return v if math.isfinite(v) else None  # JSON has no NaN
-
-
-def _nested(m):
-    return [_nested(v) for v in m] if isinstance(m, list) else _finite(m)
+def json_floats(x):
+    """x (a float, nested lists or tuples, or a numpy array) with non-finite floats as None: JSON has no NaN."""
+    if isinstance(x, np.ndarray):
+        x = x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [json_floats(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
 
 
 def axes_of(site: str, all_positions: bool) -> list[str]:

@@ -22,6 +22,7 @@ import torch
 
 from mingpt.model import Recording
 from patching import toolkit
+from patching.api import json_floats
 
 HELP = "direct logit attribution: each head's, MLP's and embedding's share of logit(foil) - logit(target)"
 
@@ -70,10 +71,10 @@ class DLAResult:
                 "target": {"text": self.target[0], "id": self.target[1]},
                 "foil": {"text": self.foil[0], "id": self.foil[1]},
                 "metric_definition": "logit(foil) - logit(target) at the last position",
-                "heads": toolkit.finite(self.heads), "attn_bias": toolkit.finite(self.attn_bias),
-                "mlp": toolkit.finite(self.mlp), "embed": toolkit.finite(self.embed),
-                "final_ln_bias": toolkit.finite(self.final_ln_bias), "total": toolkit.finite(self.total),
-                "metric": toolkit.finite(self.metric), "final_ln_scale": toolkit.finite(self.scale)}
+                "heads": json_floats(self.heads), "attn_bias": json_floats(self.attn_bias),
+                "mlp": json_floats(self.mlp), "embed": json_floats(self.embed),
+                "final_ln_bias": json_floats(self.final_ln_bias), "total": json_floats(self.total),
+                "metric": json_floats(self.metric), "final_ln_scale": json_floats(self.scale)}
 
 
 @torch.no_grad()

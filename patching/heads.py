@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from mingpt.model import Recording
 from patching import toolkit
-from patching.api import PatchingError
+from patching.api import PatchingError, json_floats
 
 HELP = "head scores (previous-token, duplicate, induction, first-token) and loss on repeated random tokens"
 SCORES = ("previous_token", "duplicate_token", "induction", "first_token")
@@ -87,11 +87,11 @@ class HeadsResult:
         o = self.options
         return {"analysis": "heads", "model": self.model, "seed": o.seed, "seq_len": o.seq_len, "n_seqs": o.n_seqs,
                 "prepend_bos": o.prepend_bos, "id_range": [o.id_low, o.id_high],
-                "scores": {k: toolkit.finite(v) for k, v in self.scores.items()},
+                "scores": {k: json_floats(v) for k, v in self.scores.items()},
                 "top_heads": self.top_heads(),
-                "loss_per_position": toolkit.finite(self.loss_per_position),
-                "loss_first_copy": toolkit.finite(self.loss_first_copy),
-                "loss_second_copy": toolkit.finite(self.loss_second_copy)}
+                "loss_per_position": json_floats(self.loss_per_position),
+                "loss_first_copy": json_floats(self.loss_first_copy),
+                "loss_second_copy": json_floats(self.loss_second_copy)}
 
 
 def repeated_tokens(options: HeadsOptions) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 
 from mingpt.model import Recording
 from patching import toolkit
+from patching.api import json_floats
 from patching.report import show
 
 MODES = ("recompute", "frozen")
@@ -64,8 +65,8 @@ class LensResult:
                  "foil": {"text": self.foil[0], "id": self.foil[1]}} if self.target else {"target": None, "foil": None}
         return {"analysis": "lens", "model": self.model, "ln": self.ln, "tokens": self.tokens, "ids": self.ids,
                 **words, "value": self.value, "rows": row_labels(self.matrix.shape[0] - 1),
-                "matrix": toolkit.finite(self.matrix), "top_tokens": self.top_tokens,
-                "top_ids": self.top_ids.tolist(), "top_probs": toolkit.finite(self.top_probs)}
+                "matrix": json_floats(self.matrix), "top_tokens": self.top_tokens,
+                "top_ids": self.top_ids.tolist(), "top_probs": json_floats(self.top_probs)}
 
 
 def row_labels(n_layer: int) -> list[str]:

@@ -30,7 +30,7 @@ import torch
 
 from mingpt.sites import Patch, Recording
 from patching import engines, toolkit
-from patching.api import DIRECTIONS, PatchingError, prepare
+from patching.api import DIRECTIONS, PatchingError, json_floats, prepare
 from patching.engines import METRICS
 
 HELP = "exact path patching: a head's effect through one path only (into later heads' q/k/v, or the logits)"
@@ -191,7 +191,7 @@ class PathResult:
             doc["value"] = self.value
         else:
             doc["axes"] = ["layer", "head"]
-            doc["matrix"] = toolkit.finite(self.matrix)
+            doc["matrix"] = json_floats(self.matrix)
             doc["not_applicable"] = "null: the sender is in the receiver's layer or later, so no path exists"
         return doc
 

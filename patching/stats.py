@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from patching.api import json_floats
+
 LEVEL = 0.95  # the interval's coverage
 
 
@@ -91,12 +93,12 @@ class Aggregate:
     scalars: dict  # name -> {mean, sem, ci_low, ci_high} of a per-pair number
 
     def to_json(self) -> dict:
-        grid = lambda a: None if a is None else [[_finite(v) for v in row] for row in a.tolist()]  # noqa: E731
+        grid = lambda a: None if a is None else json_floats(a)  # noqa: E731
         return {"n_pairs": self.n_pairs, "n_tokens": len(self.columns) if self.column_axis == "position" else None,
                 "axes": {"rows": self.row_axis, "columns": self.column_axis, self.row_axis: self.rows,
                          "token" if self.column_axis == "position" else self.column_axis: self.columns},
                 **{k: grid(getattr(self, k)) for k in (*RECOVERY_STATS, *RAW_STATS)},
-                "scalars": {k: {s: _finite(v) for s, v in d.items()} for k, d in self.scalars.items()}}
+                "scalars": {k: {s: json_floats(v) for s, v in d.items()} for k, d in self.scalars.items()}}
 
     @property
     def has_recovery(self) -> bool:
@@ -157,10 +159,6 @@ def aggregate(recovery: np.ndarray | None, raw: np.ndarray, axes: list[str], tok
     per_pair = {k: dict(zip(("mean", "sem", "ci_low", "ci_high"), map(float, _stats(np.asarray(v, float), n_boot, seed))))
                 for k, v in (scalars or {}).items()}
     return Aggregate(n, row_axis, column_axis, rows, columns, *rec_stats, *_stats(raw, n_boot, seed, void), per_pair)
-
-
-def _finite(v: float):
-    return v if math.isfinite(v) else None  # JSON has no NaN
 
 
 # ----------------------------------------------------------------------------- files

@@ -12,7 +12,6 @@ import argparse
 import csv
 import io
 import json
-import math
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -174,17 +173,6 @@ def csv_text(header: Sequence, rows: Sequence[Sequence]) -> str:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
-
-
-def finite(x):
-    """Nested lists of floats with non-finite values as None (JSON has no NaN)."""
-    if isinstance(x, np.ndarray):
-        x = x.tolist()
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    return x
 
 
 def add_prompt_arguments(ap: argparse.ArgumentParser, prompt_help: str, pair_required: bool):
