@@ -52,6 +52,37 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "relu": F.relu,
 }
+FUSED = {"gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none"),
+         "relu": ("relu", "")}  # the same activations as oneDNN post-ops: (attr, algorithm)
+
+
+def _onednn() -> Callable | None:
+    try:  # oneDNN's matmul with fused bias and activation (x86 builds of torch; inductor's CPU linear)
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_LINEAR_POINTWISE = _onednn()
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+    """act(x @ weight.T + bias), act one of ACTIVATIONS or None. Without gradients, in float32 on the
+    CPU, oneDNN computes it in one pass (~10-20% faster than BLAS then a separate activation pass);
+    otherwise F.linear. The two differ only in float32 rounding."""
+    if (_LINEAR_POINTWISE is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled):
+        attr, algorithm = FUSED[act] if act else ("none", "")
+        return _LINEAR_POINTWISE(x, weight, bias, attr, [], algorithm)
+    y = F.linear(x, weight, bias)
+    return ACTIVATIONS[act](y) if act else y
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) computed by `dense`, optionally with an activation."""
+
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        return dense(x, self.weight, self.bias, act)
 
 
 @dataclass
@@ -165,8 +196,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd = config.n_head, config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
 
@@ -202,16 +233,33 @@ class CausalSelfAttention(nn.Module):
         return w @ v  # (B, nh, Tq, hs)
 
 
+MLP_ROWS = 1024  # rows per slice of a long inference batch: its hidden activation then stays in cache
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
-        self.act = ACTIVATIONS[config.activation]
+        self.c_fc = Linear(config.n_embd, config.n_inner)
+        self.c_proj = Linear(config.n_inner, config.n_embd)
+        self.act, self.activation = ACTIVATIONS[config.activation], config.activation
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.drop(self.c_proj(self.act(self.c_fc(x))))
+        rows = x.flatten(0, -2)  # (N, C)
+        if torch.is_grad_enabled() or rows.shape[0] <= MLP_ROWS:
+            return self.drop(self.c_proj(self.hidden(x)))
+        # many rows (mingpt.resume's batches): a slice at a time, so that the 4x wider hidden activation
+        # is still in cache when c_proj reads it
+        out = rows.new_empty(rows.shape[0], self.c_proj.out_features)  # (N, C)
+        for a in range(0, rows.shape[0], MLP_ROWS):
+            out[a:a + MLP_ROWS] = self.c_proj(self.hidden(rows[a:a + MLP_ROWS]))
+        return self.drop(out.view(x.shape[:-1] + (-1,)))  # (..., C)
+
+    def hidden(self, x):
+        """act(c_fc(x)), the activation fused into the matmul unless self.act was replaced."""
+        if self.act is ACTIVATIONS[self.activation]:
+            return self.c_fc(x, self.activation)
+        return self.act(self.c_fc(x))
 
 
 class Block(nn.Module):
