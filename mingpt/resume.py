@@ -8,18 +8,29 @@ groups of every patched position are stacked into one (n_slabs, R, C) tensor, R 
 lengths, and go through each block as one batch; each slab's patch is applied at its own block
 through the same `at(site, x)` calls the plain forward makes (mingpt.sites.Edits).
 
-Two exact savings: a `resid_post` patch of block l is a patch of block l+1's input (block l is
-skipped), and at the last block only each group's last row is needed for the logits, so the other
-rows contribute their keys and values only. Only the wanted columns of the unembedding are formed.
+Three exact savings: a `resid_post` patch of block l is a patch of block l+1's input (block l is
+skipped); in the block where an input patch joins, rows after the patched one still hold the base
+run's input, so their q, k and v are the base run's (when the recording has q); and at the last block
+only each group's last row is needed for the logits, so the other rows give their keys and values
+only. Only the wanted columns of the unembedding are formed.
+
+Attention runs per *bucket* of consecutive groups (at most BUCKET_ROWS rows, or one group): its
+queries see the base keys before their group's position and their own group's keys, by a mask.
+Short groups share one call; long groups stay alone, where a shared call would mostly compute
+masked-out scores.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-import torch.nn.functional as F
+import math
 
-from mingpt.sites import HEAD_SITES, At, Edits
+import torch
+
+from mingpt.model import dense
+from mingpt.sites import HEAD_SITES, NO_SITES, At, Edits
+
+BUCKET_ROWS = 64  # rows of short groups that share one attention call
 
 
 @torch.no_grad()
@@ -47,10 +58,12 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
     groups = [(p, starts[j], sizes[j]) for j, p in enumerate(positions)]
     suffix = torch.cat([torch.arange(p, T) for p in positions]).to(dev)  # (R,) position of each row
     last = torch.tensor(starts[1:], device=dev) - 1  # each group's last row: position T-1
+    firsts = torch.tensor(starts[:-1], device=dev)  # each group's first row: the patched position
+    layout = _Layout(groups, last, dev)  # attention buckets and their masks, the same in every block
     x, joined = None, 0
     for k in range(first[order[0]], L + 1):
         new = [i for i in order if first[i] == k]
-        edits = None
+        edits, fresh = None, 0
         if new:  # these slabs start here, from the base run's input of block k
             rows = _block_input(base, k)[0, suffix]  # (R, C)
             slab = rows.expand(len(new), -1, -1).clone()  # (n_new, R, C)
@@ -60,6 +73,8 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
             edits = _edits(edit_site, k, new, 0 if in_place else joined, slabs, groups, every, values, dev)
             if edit_site == "resid_pre":  # the input itself is what is patched
                 slab, edits = edits.apply(slab, k), None
+                # only each group's first row differs from the base run's input: the rest keep its q, k, v
+                fresh = len(new) if not every and k < L and "q" in base else 0
             if k == L:  # patched after the last block: only the last rows reach the logits
                 slab = slab[:, last]  # (n_new, G, C)
             x = slab if x is None else torch.cat([x, slab])  # (n, R, C), or (n, G, C) after the last block
@@ -69,13 +84,14 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
         block = model.transformer.h[k]
         prefix = (base["k", k][0], base["v", k][0])  # (nh, T, hs) each: keys/values of the base run
         at = At(k, None, [edits] if edits is not None else ())
-        mix = _Groups(block.attn, groups, prefix)
+        mix = _Groups(block.attn, layout, prefix)
+        known = _Known(base, k, suffix, firsts, fresh) if fresh else None
         if k < L - 1:
-            x = block(x, at, mix)  # (n, R, C)
+            x = block(x, at, mix) if known is None else _block(block, x, known, mix)  # (n, R, C)
             continue
         # last block: slabs patched inside it run in full; the rest only for each group's last row
         n_in = len(new) if edits is not None else 0
-        head = _last_rows(block, x[:x.shape[0] - n_in], groups, prefix, last)  # (n - n_in, G, C)
+        head = _last_rows(block, x[:x.shape[0] - n_in], layout, prefix, last, known)  # (n - n_in, G, C)
         if n_in:
             tail = block(x[x.shape[0] - n_in:], At(k, None, [edits]), mix)[:, last]  # (n_in, G, C)
             head = torch.cat([head, tail])
@@ -117,48 +133,124 @@ def _edits(site, k, new, offset, slabs, groups, every, values, dev) -> Edits:
     return Edits(site, k, flat(batch), flat(rows), vals, None if heads is None else flat(heads))
 
 
-def _group_kv(prefix, k, v, p: int, start: int, S: int):
-    """Keys and values seen by group (p, start, S): the base run's before p, the group's own after."""
-    n = k.shape[0]
-    return [torch.cat([base[None, :, :p].expand(n, -1, -1, -1), own[:, :, start:start + S]], dim=2)
-            for base, own in zip(prefix, (k, v))]  # (n, nh, T, hs) each
+class _Known:
+    """The base run's q, k, v of block k for the last `fresh` slabs of a batch: those slabs differ from
+    the base run's input only at rows `firsts`, so every other row's q, k, v are the base run's."""
+
+    def __init__(self, base, k: int, suffix: torch.Tensor, firsts: torch.Tensor, fresh: int):
+        # (1, nh, T, hs) each -> (R, 3C): the rows of the flat groups, q | k | v as c_attn lays them out
+        self.qkv = torch.cat([base[s, k][0].transpose(0, 1).flatten(-2) for s in "qkv"], dim=-1)[suffix]
+        self.firsts, self.fresh = firsts, fresh
+
+    def linear(self, block, x: torch.Tensor, cols: slice) -> torch.Tensor:
+        """block.attn.c_attn(block.ln_1(x))[..., cols] for x (n, R, C), computed only where it is not known."""
+        w, b = block.attn.c_attn.weight[cols], block.attn.c_attn.bias[cols]
+        old = x.shape[0] - self.fresh
+        new = self.qkv[:, cols].expand(self.fresh, -1, -1).clone()  # (fresh, R, width)
+        new[:, self.firsts] = dense(block.ln_1(x[old:, self.firsts]), w, b)  # the patched rows
+        # slabs that joined earlier: every row is their own
+        return torch.cat([dense(block.ln_1(x[:old]), w, b), new]) if old else new  # (n, R, width)
+
+
+def _finish(block, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The rest of a block after attention: x (n, R, C) and z (n, nh, R, hs) -> the block output."""
+    h = x + block.attn.c_proj(z.transpose(1, 2).flatten(-2))  # (n, R, C)
+    return h + block.mlp(block.ln_2(h))
+
+
+def _block(block, x: torch.Tensor, known: _Known, mix) -> torch.Tensor:
+    """block(x) where some q, k, v are known (no site of this block is edited: the patch was its input)."""
+    q, k, v = block.attn.heads(known.linear(block, x, slice(None)))  # (n, nh, R, hs) each
+    return _finish(block, x, mix(q, k, v, NO_SITES))
+
+
+class _Layout:
+    """How the flat row groups share attention calls: buckets of consecutive groups of at most
+    BUCKET_ROWS rows in all (a longer group alone), as (P, start, S, members): P the largest position
+    among them, rows start..start+S-1; with each bucket's masks for all its rows and for its groups'
+    last rows (mask_rows, mask_last)."""
+
+    def __init__(self, groups, last: torch.Tensor, device):
+        self.groups, cur, members = groups, [], []
+        for j, (_, _, S) in enumerate(groups):
+            if cur and sum(groups[i][2] for i in cur) + S > BUCKET_ROWS:
+                members.append(cur)
+                cur = []
+            cur.append(j)
+        members += [cur] if cur else []
+        self.buckets = [(max(groups[i][0] for i in m), groups[m[0]][1], sum(groups[i][2] for i in m), m) for m in members]
+        additive = lambda m: torch.zeros(m.shape).masked_fill_(~m, float("-inf")).to(device)  # noqa: E731
+        self.mask_rows = [additive(self.mask(b, None)) for b in self.buckets]
+        self.mask_last = [additive(self.mask(b, last.cpu())) for b in self.buckets]
+
+    def mask(self, bucket, last) -> torch.Tensor:
+        """(queries, P + S) True where a query may look: base keys before its group's position, and its
+        own group's rows up to its own. Queries: the bucket's rows, or (last given) its groups' last rows."""
+        P, start, S, members = bucket
+        row = torch.arange(start, start + S)  # flat row of each own key
+        group = torch.cat([torch.full((self.groups[i][2],), i) for i in members])  # its group
+        q_row, q_group = (row, group) if last is None else (last[members], torch.tensor(members))
+        p = torch.tensor([self.groups[i][0] for i in q_group.tolist()])  # each query's group position
+        return torch.cat([torch.arange(P)[None, :] < p[:, None],
+                          (group[None, :] == q_group[:, None]) & (row[None, :] <= q_row[:, None])], dim=1)
 
 
 class _Groups:
     """Causal attention over the flat row groups: group (p, start, S) holds positions p..T-1 of
     each slab; its keys and values before p are the base run's (prefix: (nh, T, hs) each)."""
 
-    def __init__(self, attn, groups, prefix):
-        self.attn, self.groups, self.prefix = attn, groups, prefix
+    def __init__(self, attn, layout: _Layout, prefix):
+        self.attn, self.layout, self.prefix = attn, layout, prefix
 
     def __call__(self, q, k, v, at):  # (n, nh, R, hs) each
-        z = torch.empty_like(q)
-        for p, start, S in self.groups:
-            kk, vv = _group_kv(self.prefix, k, v, p, start, S)  # (n, nh, T, hs) each
-            mask = torch.ones(S, p + S, dtype=torch.bool, device=q.device).tril(diagonal=p)  # query i sees <= p+i
-            qq = q[:, :, start:start + S]
-            if at.wants("pattern"):
-                z[:, :, start:start + S] = self.attn.attend(qq, kk, vv, mask, at, start)
-            else:
-                z[:, :, start:start + S] = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
-        return z
+        n, nh, R, hs = q.shape
+        if at.wants("pattern"):  # the pattern has one row per query and T columns: one group per call
+            z = torch.empty_like(q)
+            for p, start, S in self.layout.groups:
+                kk, vv = self.keys(k, v, p, start, S)  # (n, nh, T, hs) each
+                mask = torch.ones(S, p + S, dtype=torch.bool, device=q.device).tril(diagonal=p)  # query i sees <= p+i
+                z[:, :, start:start + S] = self.attn.attend(q[:, :, start:start + S], kk, vv, mask, at, start)
+            return z
+        z = q.new_empty(n, R, nh, hs)  # rows first, so that c_proj reads it without a copy
+        for (P, start, S, _), mask in zip(self.layout.buckets, self.layout.mask_rows):
+            z[:, start:start + S] = _attend(q[:, :, start:start + S], *self.keys(k, v, P, start, S), mask)
+        return z.transpose(1, 2)  # (n, nh, R, hs)
+
+    def last(self, q, k, v):
+        """Attention of each group's last row only: q (n, nh, G, hs) -> z (n, nh, G, hs)."""
+        n, nh, G, hs = q.shape
+        z = q.new_empty(n, G, nh, hs)
+        for (P, start, S, members), mask in zip(self.layout.buckets, self.layout.mask_last):
+            kk, vv = self.keys(k, v, P, start, S)  # (n, nh, P + S, hs) each
+            g = slice(members[0], members[-1] + 1)
+            z[:, g] = _attend(q[:, :, g], kk, vv, mask)
+        return z.transpose(1, 2)  # (n, nh, G, hs)
+
+    def keys(self, k, v, P: int, start: int, S: int):
+        """The base run's keys and values before position P, then rows start..start+S-1 of the slabs'."""
+        n = k.shape[0]
+        return [torch.cat([base[None, :, :P].expand(n, -1, -1, -1), own[:, :, start:start + S]], dim=2)
+                for base, own in zip(self.prefix, (k, v))]  # (n, nh, P + S, hs) each
 
 
-def _last_rows(block, x: torch.Tensor, groups, prefix, last: torch.Tensor) -> torch.Tensor:
+def _attend(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q (n, nh, Q, hs) over k, v (n, nh, K, hs) where the additive mask (Q, K)
+    is 0, as (n, Q, nh, hs). Written out: on these small, many-headed shapes two matmuls beat
+    the fused kernel (which the plain forward uses)."""
+    w = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1])).add_(mask)  # (n, nh, Q, K)
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(v.dtype)  # half precision: normalise in float32
+    return torch.matmul(w, v).transpose(1, 2)  # (n, Q, nh, hs)
+
+
+def _last_rows(block, x: torch.Tensor, layout: _Layout, prefix, last: torch.Tensor, known: _Known | None) -> torch.Tensor:
     """Block output at each group's last row only, (n, G, C): every row gives its key and value,
     only the last row queries (it sees the whole prefix and its group)."""
     if x.shape[0] == 0:
         return x[:, last]
     attn, C = block.attn, x.shape[-1]
-    h = block.ln_1(x)
     w, b = attn.c_attn.weight, attn.c_attn.bias  # output rows: q | k | v
-    k, v = (attn.split(t) for t in F.linear(h, w[C:], b[C:]).split(C, dim=-1))  # (n, nh, R, hs) each
-    q = attn.split(F.linear(h[:, last], w[:C], b[:C]))  # (n, nh, G, hs): only the last rows query
-    z = q.new_empty(x.shape[0], q.shape[1], len(groups), q.shape[-1])  # (n, nh, G, hs)
-    for j, (p, start, S) in enumerate(groups):
-        kk, vv = _group_kv(prefix, k, v, p, start, S)  # (n, nh, T, hs) each
-        z[:, :, j:j + 1] = F.scaled_dot_product_attention(q[:, :, j:j + 1], kk, vv)  # sees every key
-    a = attn.c_proj(z.transpose(1, 2).flatten(-2))  # (n, G, C)
-    h = x[:, last] + a
-    return h + block.mlp(block.ln_2(h))
-
+    kv = dense(block.ln_1(x), w[C:], b[C:]) if known is None else known.linear(block, x, slice(C, None))
+    k, v = (attn.split(t) for t in kv.split(C, dim=-1))  # (n, nh, R, hs) each
+    q = attn.split(dense(block.ln_1(x[:, last]), w[:C], b[:C]))  # (n, nh, G, hs): only the last rows query
+    z = _Groups(attn, layout, prefix).last(q, k, v)  # (n, nh, G, hs)
+    return _finish(block, x[:, last], z)

@@ -65,7 +65,7 @@ class Settings:
     engine: str = "fast"
     device: str = "auto"
     dtype: str = "float32"
-    max_rows: int = 8192  # fast engine: suffix rows per batched chunk (bounds memory)
+    max_rows: int = engines.MAX_ROWS  # fast engine: suffix rows per batched chunk (bounds memory)
     site: str = "resid_post"  # which activation is patched (mingpt.sites.SITES)
     direction: str = "denoise"  # denoise: clean values into the corrupt run; noise: corrupt into clean
     all_positions: bool = False  # head sites: patch a head at every position at once

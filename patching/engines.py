@@ -40,7 +40,9 @@ def needs_lse(metric: str) -> bool:
     return metric == "prob-diff"
 
 
-BASE_SITES = ("resid_pre", "resid_post", "k", "v")  # what the fast engine resumes from
+MAX_ROWS = 4096  # suffix rows per chunk: bounds memory; larger chunks gain nothing (their big tensors are
+# mapped afresh from the OS on every allocation)
+BASE_SITES = ("resid_pre", "resid_post", "q", "k", "v")  # what the fast engine resumes from
 
 
 @torch.no_grad()
@@ -85,7 +87,7 @@ def cells(site: str, source: torch.Tensor, all_positions: bool) -> tuple[list[tu
 
 
 def sweep(model: GPT, base_ids: torch.Tensor, base: Recording, source: torch.Tensor, site: str, target_id: int,
-          foil_id: int, lse: bool, all_positions: bool = False, engine: str = "fast", max_rows: int = 8192,
+          foil_id: int, lse: bool, all_positions: bool = False, engine: str = "fast", max_rows: int = MAX_ROWS,
           progress: Progress | None = None) -> torch.Tensor:
     """Readouts (..., 3) of the base run with every cell of `site` replaced by `source`'s value.
 
@@ -231,7 +233,7 @@ def plan_chunks(n_layer: int, T: int, positions: list[int], max_rows: int,
 
 
 def fast_sweep(model: GPT, corrupt: Recording, clean: Recording, target_id: int, foil_id: int, lse: bool,
-               max_rows: int = 8192, progress: Progress | None = None) -> torch.Tensor:
+               max_rows: int = MAX_ROWS, progress: Progress | None = None) -> torch.Tensor:
     """(n_layer, T, 3) readouts of block-output patches, equal to loop_sweep's."""
     return _fast(model, corrupt, "resid_post", [(l, None) for l in range(clean.resid.shape[0])], clean.resid[:, 0],
                  target_id, foil_id, lse, False, max_rows, progress)
