@@ -108,36 +108,25 @@ def column_labels(result: PatchResult) -> list[str]:
 
 
 def heatmap(result: PatchResult, path: Path):
-    """matshow of the matrix: layers down, positions (labelled by token) across, diverging at zero."""
-    # A bare Figure on the Agg canvas: headless, and without pyplot's import and figure manager.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
+    """matshow of the matrix: layers down, positions (labelled by token) across, diverging at zero.
+    Drawn by patching.painter (in its helper process when the patch-run executable started one)."""
+    from patching import painter
+    painter.paint(heatmap_spec(result), path)
 
+
+def heatmap_spec(result: PatchResult) -> dict:
+    """Everything the heatmap shows, as plain data (numpy and strings) that patching.painter draws."""
     m = as_rows(result)
     rows, cols = m.shape
     by_head = result.axes == ["layer", "head", "position"]
-    lim = float(np.nanmax(np.abs(m))) or 1.0
-    fig = Figure(figsize=(min(3.0 + 0.55 * cols, 40), min(max(3.8, 2.2 + (0.28 if by_head else 0.4) * rows), 60)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    im = ax.matshow(m, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")
     step = max(1, cols // 60)  # keep labels legible on long prompts
     ticks = list(range(0, cols, step))
     if result.axes[-1] == "position":
-        ax.set_xticks(ticks, [f"{show(result.prepared.tokens[i])} ({i})" for i in ticks], rotation=90)
-        ax.set_xlabel("position (clean token)")
+        xticks = (ticks, [f"{show(result.prepared.tokens[i])} ({i})" for i in ticks], 90)
+        xlabel = "position (clean token)"
     else:
-        ax.set_xticks(ticks, [str(h) for h in ticks])
-        ax.set_xlabel("head (patched at every position)")
+        xticks, xlabel = (ticks, [str(h) for h in ticks], 0), "head (patched at every position)"
     rstep = max(1, rows // 80)
-    ax.set_yticks(range(0, rows, rstep), row_labels(result)[::rstep])
-    if by_head:  # a thin rule between layers groups each layer's heads
-        for l in range(1, result.n_layers):
-            ax.axhline(l * result.matrix.shape[1] - 0.5, color="black", linewidth=0.6)
-    ax.xaxis.set_ticks_position("bottom")
-    ax.set_ylabel({"resid_post": "layer (output of block)", "resid_pre": "layer (input of block)"}.get(
-        result.settings.site, "layer.head" if by_head else "layer"))
     p = result.prepared
     what = {"logit-diff": f"logit({p.foil.strip()}) − logit({p.target.strip()})",
             "prob-diff": f"p({p.foil.strip()}) − p({p.target.strip()})",
@@ -145,11 +134,16 @@ def heatmap(result: PatchResult, path: Path):
             "recovery": f"recovery of logit({p.foil.strip()}) − logit({p.target.strip()})"}[result.settings.metric]
     src, dst = ("clean", "corrupt") if result.settings.direction == "denoise" else ("corrupt", "clean")
     est = "attribution estimate of " if result.settings.method == "attribution" else ""
-    ax.set_title(f"{est}{what} after patching {result.settings.site} {src} into {dst} ({result.settings.direction})\n"
-                 f"{result.model}: clean {result.clean.value:.3g}, corrupt {result.corrupt.value:.3g}", fontsize=10)
-    fig.colorbar(im, ax=ax, label=result.settings.metric)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return dict(
+        matrix=m, lim=float(np.nanmax(np.abs(m))) or 1.0,
+        figsize=(min(3.0 + 0.55 * cols, 40), min(max(3.8, 2.2 + (0.28 if by_head else 0.4) * rows), 60)),
+        xticks=xticks, xlabel=xlabel, yticks=(list(range(0, rows, rstep)), row_labels(result)[::rstep]),
+        rules=[l * result.matrix.shape[1] - 0.5 for l in range(1, result.n_layers)] if by_head else [],
+        ylabel={"resid_post": "layer (output of block)", "resid_pre": "layer (input of block)"}.get(
+            result.settings.site, "layer.head" if by_head else "layer"),
+        title=f"{est}{what} after patching {result.settings.site} {src} into {dst} ({result.settings.direction})\n"
+              f"{result.model}: clean {result.clean.value:.3g}, corrupt {result.corrupt.value:.3g}",
+        colorbar=result.settings.metric)
 
 
 # ----------------------------------------------------------------------------- files
@@ -226,11 +220,9 @@ def experiment_files(result: PatchResult, png: bool = True) -> dict:
 
 
 def quiet_heatmap(result: PatchResult, path: Path):
-    """The heatmap, without matplotlib's "Glyph ... missing" warnings for tokens (CJK, emoji, partial
-    UTF-8 bytes) its font cannot draw: such labels show as boxes; the token ids in results.json are exact."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*[Gg]lyph .* missing")
-        heatmap(result, path)
+    """The heatmap (patching.painter leaves out matplotlib's "Glyph ... missing" warnings for tokens its
+    font cannot draw: such labels show as boxes; the token ids in results.json are exact)."""
+    heatmap(result, path)
 
 
 def write_experiment(result: PatchResult, folder: Path, png: bool = True, *, overwrite: bool = False) -> Path:
