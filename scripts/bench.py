@@ -9,7 +9,8 @@ a random-weight checkpoint of exactly GPT-2 small's shape saved by transformers 
 from the clean one at position 1 (as in the seed pair). Reported per n: seconds per full 12 x n sweep
 for each engine (the loop is extrapolated from a timed sample of layers when a full sweep would take
 minutes; marked `~`), peak extra memory during the fast sweep, and two FLOP counts against this
-machine's matmul peak measured in the same run:
+machine's matmul peak measured in the same run (GPT-2 small's MLP shape, best of 12, at the start and
+after each size; the fastest of torch.matmul and oneDNN, the kernel the model's layers use):
 - "useful" (no savings): for patch (l, p), blocks l+1.. over positions p..T-1, plus two unembedding
   columns;
 - "floor": the same after the two exact savings (`floor_flops`): at the first recomputed block only
@@ -50,7 +51,7 @@ SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 sys.path.insert(0, str(ROOT))
 from mingpt.bpe import gpt2_vocabulary  # noqa: E402
-from mingpt.model import GPT, GPTConfig  # noqa: E402
+from mingpt.model import _LINEAR_POINTWISE, GPT, GPTConfig, dense  # noqa: E402
 from patching import engines  # noqa: E402
 
 MICHELLE = ("Michelle Jones was a top-notch student. Michelle", "Michelle Smith was a top-notch student. Michelle",
@@ -93,18 +94,28 @@ class PeakRSS:
             self.peak_mb = (self.peak - self.start) / 2**20
 
 
-def matmul_peak(device: torch.device, dtype=torch.float32) -> float:
-    """GFLOP/s of a large fp32 matmul of the shapes a GPT-2-small MLP uses."""
+def matmul_peaks(device: torch.device, dtype=torch.float32) -> dict[str, float]:
+    """GFLOP/s of a large matmul of the shape a GPT-2-small MLP uses, best of 12, by each kernel the
+    sweep could use: torch.matmul (BLAS: MKL on x86) and mingpt.model.dense (oneDNN on x86 CPUs in
+    float32, which the model's layers use without gradients). The floor takes the fastest."""
     a = torch.randn(2048, 768, device=device, dtype=dtype)
     b = torch.randn(768, 3072, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(12):
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048 * 768 * 3072 / best / 1e9
+    w = b.t().contiguous()  # (out, in), as nn.Linear holds it
+    kernels = {"torch.matmul": lambda: a @ b}
+    if device.type == "cpu" and dtype == torch.float32 and _LINEAR_POINTWISE is not None:
+        kernels["oneDNN"] = lambda: dense(a, w, None)
+    peaks = {}
+    with torch.no_grad():
+        for name, fn in kernels.items():
+            best = float("inf")
+            for _ in range(12):
+                t = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t)
+            peaks[name] = 2 * 2048 * 768 * 3072 / best / 1e9
+    return peaks
 
 
 def useful_flops(config: GPTConfig, T: int, positions: list[int]) -> float:
@@ -238,9 +249,11 @@ def sweep_bench(args):
     folder = Path(tmp.name)
     kind = save_checkpoint(folder)
     model = GPT.from_pretrained(str(folder)).to(device=device, dtype=dtype)
-    peak = matmul_peak(device, dtype)
+    peaks = matmul_peaks(device, dtype)
+    peak = max(peaks.values())
     print(f"# patch-run sweep benchmark\nmodel: {kind}\nmachine: {machine()}\ndevice: {device}, {args.dtype}; "
-          f"torch {torch.__version__}; matmul peak {peak:.1f} GFLOP/s\n")
+          f"torch {torch.__version__}; matmul peak {peak:.1f} GFLOP/s (best of "
+          f"{', '.join(f'{k} {v:.1f}' for k, v in peaks.items())})\n")
     rows, L = [], model.config.n_layer
     for T in args.sizes:
         clean, corrupt = (t.to(device) for t in prompts(T))
@@ -251,6 +264,9 @@ def sweep_bench(args):
                 fast, s = timed(lambda: engines.fast_sweep(model, rk, rc, TARGET, FOIL, False), device)
             fast_times.append(s)
         s_fast = min(fast_times)
+        for k, v in matmul_peaks(device, dtype).items():  # again after each size: the floor takes the best seen
+            peaks[k] = max(peaks[k], v)
+        peak = max(peaks.values())
         positions = [p for p in range(T) if not torch.equal(rc.resid[:, 0, p], rk.resid[:, 0, p])]
         useful = useful_flops(model.config, T, positions) / 1e9
         floor = floor_flops(model.config, T, positions) / 1e9
@@ -286,8 +302,11 @@ def sweep_bench(args):
                 print(f"  n={r['n']}: {job['seconds']:.2f}s, max diff vs fast (rows 1..L-1) {diff:.1e}", flush=True)
     tmp.cleanup()
 
+    for r in rows:  # every row against the best peak of the whole run
+        r["floor_s"], r["peak_gflops"] = r["floor_gflop"] / peak, peak
     tl_head = "".join(f" {n} | {n} / fast | {n} / floor |" for n in tl_names)
-    print(f"\nmachine: {machine()}; matmul peak {peak:.1f} GFLOP/s; {time.strftime('%Y-%m-%d')}")
+    print(f"\nmachine: {machine()}; matmul peak {peak:.1f} GFLOP/s (best seen in this run: "
+          f"{', '.join(f'{k} {v:.1f}' for k, v in peaks.items())}); {time.strftime('%Y-%m-%d')}")
     print("| tokens | fast engine | floor | % of floor | loop (oracle) | loop / fast |" + tl_head +
           " memory rise (process peak) | useful GFLOP (no savings) | floor GFLOP | max diff vs loop" +
           "".join(f" / {n}" for n in tl_names) + " |")
@@ -312,7 +331,7 @@ def sweep_bench(args):
         T = min(args.long, model.config.block_size)
         clean, corrupt = (t.to(device) for t in prompts(T, seed=1))
         rc, rk = engines.record(model, clean), engines.record(model, corrupt)
-        chunks = engines.plan_chunks(L, T, list(range(1, T)), 8192)
+        chunks = engines.plan_chunks(L, T, list(range(1, T)), engines.MAX_ROWS)
         vals = rc.resid
         with PeakRSS(device) as mem:
             t0 = time.perf_counter()
@@ -327,7 +346,7 @@ def sweep_bench(args):
         long = dict(n=T, chunks_run=args.long_chunks, chunks=len(chunks), seconds=s, peak_mb=mem.peak_mb,
                     process_peak_mb=mem.peak_total_mb,
                     projected_s=s * total_flops / done_flops, gflops_per_s=done_flops / s / 1e9)
-        print(f"\nlong prompt: n={T}, {len(chunks)} chunks of <= 8192 rows; ran the first {args.long_chunks} "
+        print(f"\nlong prompt: n={T}, {len(chunks)} chunks of <= {engines.MAX_ROWS} rows; ran the first {args.long_chunks} "
               f"(the longest suffixes) in {s:.1f} s at {done_flops / s / 1e9:.1f} useful GFLOP/s, memory +{mem.peak_mb:.0f} MB "
               f"(process peak {mem.peak_total_mb:.0f} MB); whole sweep {total_flops / 1e12:.1f} TFLOP useful, "
               f"projected {long['projected_s'] / 60:.0f} min")
@@ -414,7 +433,7 @@ def startup_bench(args):
             bare_frozen += [s] * keep
             for name, model in models.items():
                 out = tmp / f"out-{name}-{i}"  # a new folder: patch-run does not overwrite without --overwrite
-                s, cpu, _ = wall([py, "-m", "patching.cli", "--model", model, "--quiet", "--clean", clean, "--corrupt", corrupt,
+                s, cpu, _ = wall([py, "-m", "patching", "--model", model, "--quiet", "--clean", clean, "--corrupt", corrupt,
                              "--target", target, "--foil", foil, "--out", str(out)], env)
                 sweep = json.loads((out / "results.json").read_text())["timing"]["sweep_seconds"]
                 whole[name] += [(s, sweep, cpu)] * keep
@@ -484,7 +503,7 @@ def main():
                     help="python of a venv with TransformerLens (4.x or 3.9); repeatable")
     ap.add_argument("--tl-max-n", type=int, default=64, help="longest prompt to time TransformerLens on")
     ap.add_argument("--fast-only", action="store_true", help="skip the loop and TransformerLens")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed sweeps per size (the best is kept; at most ~20 s)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     startup_bench(args) if args.startup else head_bench(args) if args.heads else sweep_bench(args)
