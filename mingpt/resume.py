@@ -26,11 +26,13 @@ from typing import Sequence
 import math
 
 import torch
+import torch.nn.functional as F
 
 from mingpt.model import dense
 from mingpt.sites import HEAD_SITES, NO_SITES, At, Edits
 
 BUCKET_ROWS = 64  # rows of short groups that share one attention call
+SHORT_KEYS = 128  # attention over at most this many keys is written out (see _attend)
 
 
 @torch.no_grad()
@@ -235,8 +237,10 @@ class _Groups:
 
 def _attend(q, k, v, mask: torch.Tensor) -> torch.Tensor:
     """Softmax attention of q (n, nh, Q, hs) over k, v (n, nh, K, hs) where the additive mask (Q, K)
-    is 0, as (n, Q, nh, hs). Written out: on these small, many-headed shapes two matmuls beat
-    the fused kernel (which the plain forward uses)."""
+    is 0, as (n, Q, nh, hs). Written out for short keys: on small, many-headed shapes two matmuls beat
+    the fused kernel; long ones take the fused kernel, which never holds the (Q, K) weights."""
+    if k.shape[-2] > SHORT_KEYS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)).transpose(1, 2)
     w = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1])).add_(mask)  # (n, nh, Q, K)
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(v.dtype)  # half precision: normalise in float32
     return torch.matmul(w, v).transpose(1, 2)  # (n, Q, nh, hs)

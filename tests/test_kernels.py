@@ -101,12 +101,15 @@ def _pair(T, differ, seed=5, vocab=53):
     return clean, corrupt
 
 
+@pytest.mark.parametrize("short_keys", [0, 128])
 @pytest.mark.parametrize("bucket_rows", [1, 7, 64, 10**6])
 @pytest.mark.parametrize("site", ["resid_post", "resid_pre", "z", "pattern"])
-def test_attention_buckets_of_any_size_equal_the_loop(monkeypatch, bucket_rows, site):
-    """Every bucket size (one group per call, some groups together, all groups in one call) gives the
-    loop oracle's numbers; T=30 with several differing positions makes groups of many lengths."""
+def test_attention_buckets_of_any_size_equal_the_loop(monkeypatch, bucket_rows, site, short_keys):
+    """Every bucket size (one group per call, some groups together, all groups in one call), with
+    the fused or the written-out attention, gives the loop oracle's numbers; T=30 with several
+    differing positions makes groups of many lengths."""
     monkeypatch.setattr(resume, "BUCKET_ROWS", bucket_rows)
+    monkeypatch.setattr(resume, "SHORT_KEYS", short_keys)
     model = random_model(seed=6)
     clean, corrupt = _pair(30, [1, 9, 20])
     rc, rk = engines.record(model, clean, [site]), engines.record(model, corrupt, [site])
