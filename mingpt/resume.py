@@ -76,7 +76,7 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
             if edit_site == "resid_pre":  # the input itself is what is patched
                 slab, edits = edits.apply(slab, k), None
                 # only each group's first row differs from the base run's input: the rest keep its q, k, v
-                fresh = len(new) if not every and k < L and "q" in base else 0
+                fresh = len(new) if not every and "q" in base else 0
             if k == L:  # patched after the last block: only the last rows reach the logits
                 slab = slab[:, last]  # (n_new, G, C)
             x = slab if x is None else torch.cat([x, slab])  # (n, R, C), or (n, G, C) after the last block
@@ -144,14 +144,14 @@ class _Known:
         self.qkv = torch.cat([base[s, k][0].transpose(0, 1).flatten(-2) for s in "qkv"], dim=-1)[suffix]
         self.firsts, self.fresh = firsts, fresh
 
-    def linear(self, block, x: torch.Tensor, cols: slice) -> torch.Tensor:
-        """block.attn.c_attn(block.ln_1(x))[..., cols] for x (n, R, C), computed only where it is not known."""
-        w, b = block.attn.c_attn.weight[cols], block.attn.c_attn.bias[cols]
-        old = x.shape[0] - self.fresh
+    def linear(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, cols: slice) -> torch.Tensor:
+        """dense(h, w, b) for h = ln_1 of the block input (n, R, C) and w, b = c_attn's rows `cols`,
+        computed only where it is not known."""
+        old = h.shape[0] - self.fresh
         new = self.qkv[:, cols].expand(self.fresh, -1, -1).clone()  # (fresh, R, width)
-        new[:, self.firsts] = dense(block.ln_1(x[old:, self.firsts]), w, b)  # the patched rows
+        new[:, self.firsts] = dense(h[old:, self.firsts], w, b)  # the patched rows
         # slabs that joined earlier: every row is their own
-        return torch.cat([dense(block.ln_1(x[:old]), w, b), new]) if old else new  # (n, R, width)
+        return torch.cat([dense(h[:old], w, b), new]) if old else new  # (n, R, width)
 
 
 def _finish(block, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -162,7 +162,8 @@ def _finish(block, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def _block(block, x: torch.Tensor, known: _Known, mix) -> torch.Tensor:
     """block(x) where some q, k, v are known (no site of this block is edited: the patch was its input)."""
-    q, k, v = block.attn.heads(known.linear(block, x, slice(None)))  # (n, nh, R, hs) each
+    qkv = known.linear(block.ln_1(x), block.attn.c_attn.weight, block.attn.c_attn.bias, slice(None))  # (n, R, 3C)
+    q, k, v = block.attn.heads(qkv)  # (n, nh, R, hs) each
     return _finish(block, x, mix(q, k, v, NO_SITES))
 
 
@@ -173,12 +174,13 @@ class _Layout:
     last rows (mask_rows, mask_last)."""
 
     def __init__(self, groups, last: torch.Tensor, device):
-        self.groups, cur, members = groups, [], []
+        self.groups, cur, rows, members = groups, [], 0, []
         for j, (_, _, S) in enumerate(groups):
-            if cur and sum(groups[i][2] for i in cur) + S > BUCKET_ROWS:
+            if cur and rows + S > BUCKET_ROWS:
                 members.append(cur)
-                cur = []
+                cur, rows = [], 0
             cur.append(j)
+            rows += S
         members += [cur] if cur else []
         self.buckets = [(max(groups[i][0] for i in m), groups[m[0]][1], sum(groups[i][2] for i in m), m) for m in members]
         additive = lambda m: torch.zeros(m.shape).masked_fill_(~m, float("-inf")).to(device)  # noqa: E731
@@ -252,9 +254,10 @@ def _last_rows(block, x: torch.Tensor, layout: _Layout, prefix, last: torch.Tens
     if x.shape[0] == 0:
         return x[:, last]
     attn, C = block.attn, x.shape[-1]
+    h = block.ln_1(x)
     w, b = attn.c_attn.weight, attn.c_attn.bias  # output rows: q | k | v
-    kv = dense(block.ln_1(x), w[C:], b[C:]) if known is None else known.linear(block, x, slice(C, None))
+    kv = dense(h, w[C:], b[C:]) if known is None else known.linear(h, w[C:], b[C:], slice(C, None))
     k, v = (attn.split(t) for t in kv.split(C, dim=-1))  # (n, nh, R, hs) each
-    q = attn.split(dense(block.ln_1(x[:, last]), w[:C], b[:C]))  # (n, nh, G, hs): only the last rows query
+    q = attn.split(dense(h[:, last], w[:C], b[:C]))  # (n, nh, G, hs): only the last rows query
     z = _Groups(attn, layout, prefix).last(q, k, v)  # (n, nh, G, hs)
     return _finish(block, x[:, last], z)

@@ -236,8 +236,8 @@ def check_files(result) -> dict:
     """Beside the estimate's files: the exact sweep's heatmap and CSV, and the scatter plot."""
     from dataclasses import replace
 
-    from patching.report import quiet_heatmap, results_csv
+    from patching.report import heatmap, results_csv
     exact = replace(result, matrix=result.exact_matrix,
                     settings=replace(result.settings, method="exact", check=False))
-    return {"exact.csv": results_csv(exact), "exact-heatmap.png": lambda path: quiet_heatmap(exact, path),
+    return {"exact.csv": results_csv(exact), "exact-heatmap.png": lambda path: heatmap(exact, path),
             "scatter.png": lambda path: scatter(result).savefig(path, dpi=120)}

@@ -20,39 +20,44 @@ _helper = None  # (pid, write end, read end) of this process's helper, if it has
 
 
 def draw_heatmap(spec: dict, path: str):
-    """matshow of spec["matrix"] (from patching.report.heatmap_spec), diverging at zero, saved as a PNG.
-    A bare Figure on the Agg canvas: headless, without pyplot's import and figure manager."""
+    """matshow of spec["matrix"] (from patching.report.heatmap_spec), diverging at zero, saved as a PNG,
+    without matplotlib's "Glyph ... missing" warnings: tokens the font lacks (CJK, emoji, partial UTF-8)
+    show as boxes; the token ids in results.json are exact."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*[Gg]lyph .* missing")
+        _draw(spec, path)
+
+
+def _draw(spec: dict, path: str):
+    """A bare Figure on the Agg canvas: headless, without pyplot's import and figure manager."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 
-    with warnings.catch_warnings():  # tokens the font lacks (CJK, emoji, partial UTF-8) show as boxes
-        warnings.filterwarnings("ignore", message=r"(?s).*[Gg]lyph .* missing")
-        fig = Figure(figsize=spec["figsize"])
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        lim = spec["lim"]
-        im = ax.matshow(spec["matrix"], cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")
-        ticks, labels, rotation = spec["xticks"]
-        if rotation:
-            ax.set_xticks(ticks, labels, rotation=rotation)
-        else:
-            ax.set_xticks(ticks, labels)
-        ax.set_xlabel(spec["xlabel"])
-        ax.set_yticks(*spec["yticks"])
-        for y in spec["rules"]:  # a thin rule between layers groups each layer's heads
-            ax.axhline(y, color="black", linewidth=0.6)
-        ax.xaxis.set_ticks_position("bottom")
-        ax.set_ylabel(spec["ylabel"])
-        ax.set_title(spec["title"], fontsize=10)
-        fig.colorbar(im, ax=ax, label=spec["colorbar"])
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+    fig = Figure(figsize=spec["figsize"])
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lim = spec["lim"]
+    im = ax.matshow(spec["matrix"], cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim), aspect="auto")
+    ticks, labels, rotation = spec["xticks"]
+    if rotation:
+        ax.set_xticks(ticks, labels, rotation=rotation)
+    else:
+        ax.set_xticks(ticks, labels)
+    ax.set_xlabel(spec["xlabel"])
+    ax.set_yticks(*spec["yticks"])
+    for y in spec["rules"]:  # a thin rule between layers groups each layer's heads
+        ax.axhline(y, color="black", linewidth=0.6)
+    ax.xaxis.set_ticks_position("bottom")
+    ax.set_ylabel(spec["ylabel"])
+    ax.set_title(spec["title"], fontsize=10)
+    fig.colorbar(im, ax=ax, label=spec["colorbar"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def paint(spec: dict, path):
     """Draw a heatmap: by the helper if there is one, else (or if it fails) here."""
-    global _helper
     if _helper is not None:
         pid, w, r = _helper
         try:
@@ -137,8 +142,7 @@ def _draws_one_heatmap(argv: list[str]) -> bool:
     other commands, batches and dry runs; a wrong guess costs only the helper's idle import)."""
     if not argv or not (argv[0] == "patch" or argv[0].startswith("-")):
         return False
-    return not any(a in ("-h", "--help", "--dry-run") or a.startswith("--batch") or a.startswith("--dry")
-                   for a in argv)
+    return not any(a in ("-h", "--help") or a.startswith(("--batch", "--dry")) for a in argv)
 
 
 def program() -> int:

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -210,19 +209,13 @@ def experiment_files(result: PatchResult, png: bool = True) -> dict:
     doc = result.to_json()
     files = {"results.json": json_text(doc), "results.csv": results_csv(result)}
     if png:
-        files["heatmap.png"] = lambda path: quiet_heatmap(result, path)
+        files["heatmap.png"] = lambda path: heatmap(result, path)
     if result.check is not None:  # --check: the exact sweep and the scatter beside the estimate
         from patching.attribution import check_files
         files.update(check_files(result) if png else {"exact.csv": check_files(result)["exact.csv"]})
     files["report.html"] = lambda path: path.write_text(html.experiment_page(
         result, (path.parent / "heatmap.png").read_bytes() if png else None, doc))
     return files
-
-
-def quiet_heatmap(result: PatchResult, path: Path):
-    """The heatmap (patching.painter leaves out matplotlib's "Glyph ... missing" warnings for tokens its
-    font cannot draw: such labels show as boxes; the token ids in results.json are exact)."""
-    heatmap(result, path)
 
 
 def write_experiment(result: PatchResult, folder: Path, png: bool = True, *, overwrite: bool = False) -> Path:

@@ -10,7 +10,8 @@ from the clean one at position 1 (as in the seed pair). Reported per n: seconds 
 for each engine (the loop is extrapolated from a timed sample of layers when a full sweep would take
 minutes; marked `~`), peak extra memory during the fast sweep, and two FLOP counts against this
 machine's matmul peak measured in the same run (GPT-2 small's MLP shape, best of 12, at the start and
-after each size; the fastest of torch.matmul and oneDNN, the kernel the model's layers use):
+after each size; the fastest of torch.matmul and mingpt.model.dense, oneDNN on x86, which the model's
+layers use):
 - "useful" (no savings): for patch (l, p), blocks l+1.. over positions p..T-1, plus two unembedding
   columns;
 - "floor": the same after the two exact savings (`floor_flops`): at the first recomputed block only
@@ -51,7 +52,7 @@ SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 sys.path.insert(0, str(ROOT))
 from mingpt.bpe import gpt2_vocabulary  # noqa: E402
-from mingpt.model import _LINEAR_POINTWISE, GPT, GPTConfig, dense  # noqa: E402
+from mingpt.model import GPT, GPTConfig, dense  # noqa: E402
 from patching import engines  # noqa: E402
 
 MICHELLE = ("Michelle Jones was a top-notch student. Michelle", "Michelle Smith was a top-notch student. Michelle",
@@ -96,14 +97,12 @@ class PeakRSS:
 
 def matmul_peaks(device: torch.device, dtype=torch.float32) -> dict[str, float]:
     """GFLOP/s of a large matmul of the shape a GPT-2-small MLP uses, best of 12, by each kernel the
-    sweep could use: torch.matmul (BLAS: MKL on x86) and mingpt.model.dense (oneDNN on x86 CPUs in
-    float32, which the model's layers use without gradients). The floor takes the fastest."""
+    sweep could use: torch.matmul (BLAS: MKL on x86) and mingpt.model.dense, the model's layers without
+    gradients (oneDNN on x86 CPUs in float32, else F.linear). The floor takes the fastest."""
     a = torch.randn(2048, 768, device=device, dtype=dtype)
     b = torch.randn(768, 3072, device=device, dtype=dtype)
     w = b.t().contiguous()  # (out, in), as nn.Linear holds it
-    kernels = {"torch.matmul": lambda: a @ b}
-    if device.type == "cpu" and dtype == torch.float32 and _LINEAR_POINTWISE is not None:
-        kernels["oneDNN"] = lambda: dense(a, w, None)
+    kernels = {"torch.matmul": lambda: a @ b, "dense": lambda: dense(a, w, None)}
     peaks = {}
     with torch.no_grad():
         for name, fn in kernels.items():
@@ -426,6 +425,7 @@ def startup_bench(args):
         kind = save_checkpoint(small)
         models = {"demo-names": "demo-names", "gpt2-small-shaped": str(small)}
         load_before = os.getloadavg()
+        entry = "patching" if (src / "patching" / "__main__.py").exists() else "patching.cli"  # older checkouts: no helper
         bare, bare_frozen, whole, stages = [], [], {m: [] for m in models}, {m: [] for m in models}
         for i in range(args.runs + 1):  # round 0 warms the caches (bytecode, fonts, files) and is not kept
             keep = i > 0
@@ -435,7 +435,7 @@ def startup_bench(args):
             bare_frozen += [s] * keep
             for name, model in models.items():
                 out = tmp / f"out-{name}-{i}"  # a new folder: patch-run does not overwrite without --overwrite
-                s, cpu, _ = wall([py, "-m", "patching", "--model", model, "--quiet", "--clean", clean, "--corrupt", corrupt,
+                s, cpu, _ = wall([py, "-m", entry, "--model", model, "--quiet", "--clean", clean, "--corrupt", corrupt,
                              "--target", target, "--foil", foil, "--out", str(out)], env)
                 sweep = json.loads((out / "results.json").read_text())["timing"]["sweep_seconds"]
                 whole[name] += [(s, sweep, cpu)] * keep

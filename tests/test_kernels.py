@@ -155,7 +155,7 @@ def test_first_block_saving_equals_recomputing_every_row():
 
 
 def _spec():
-    from patching.report import heatmap_spec  # noqa: F401  (the spec's fields, checked by drawing)
+    """A spec with report.heatmap_spec's fields (a CJK label, a rule, a two-line title)."""
     return dict(matrix=np.arange(12.0).reshape(3, 4) - 5, lim=6.0, figsize=(5, 4),
                 xticks=([0, 1, 2, 3], ["a (0)", " b (1)", "日本 (2)", "d (3)"], 90), xlabel="position",
                 yticks=([0, 1, 2], ["0", "1", "2"]), rules=[0.5], ylabel="layer", title="t\nu", colorbar="m")
