@@ -21,6 +21,7 @@ recording, recomputes positions >= p only, and unembeds selected columns.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -64,25 +65,71 @@ def _onednn() -> Callable | None:
 
 
 _LINEAR_POINTWISE = _onednn()
+_REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _LINEAR_POINTWISE else None
 
 
-def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+def onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `dense` computes x @ weight.T with oneDNN: no gradients, float32, on the CPU."""
+    return (_LINEAR_POINTWISE is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled)
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
+          packed: torch.Tensor | None = None) -> torch.Tensor:
     """act(x @ weight.T + bias), act one of ACTIVATIONS or None. Without gradients, in float32 on the
-    CPU, oneDNN computes it in one pass (~10-20% faster than BLAS then a separate activation pass);
-    otherwise F.linear. The two differ only in float32 rounding."""
-    if (_LINEAR_POINTWISE is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == torch.float32 and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled):
+    CPU, oneDNN computes it in one pass (~10-20% faster than BLAS then a separate activation pass),
+    from `packed` (the same weight in oneDNN's layout, see Linear) if given; otherwise F.linear. The
+    two differ only in float32 rounding."""
+    if onednn(x, weight):
         attr, algorithm = FUSED[act] if act else ("none", "")
-        return _LINEAR_POINTWISE(x, weight, bias, attr, [], algorithm)
+        return _LINEAR_POINTWISE(x, weight if packed is None else packed, bias, attr, [], algorithm)
     y = F.linear(x, weight, bias)
     return ACTIVATIONS[act](y) if act else y
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) computed by `dense`, optionally with an activation."""
+def free_memory() -> int | None:
+    """Bytes of memory available to this process on the CPU (Linux), or None where we cannot tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
-    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
-        return dense(x, self.weight, self.bias, act)
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) computed by `dense`, optionally with an activation and
+    for some output features only (`rows`, a slice of the weight's rows).
+
+    Inside `GPT.packed()`, the weight is also kept in oneDNN's blocked layout, made on first use and
+    made again if the weight changes: with a plain weight oneDNN reorders it on every call, which
+    costs as much as the product itself for a few dozen rows (weights edited through `.data` are not
+    seen; edit them outside the context)."""
+
+    keep_packed = False  # set per module by GPT.packed()
+
+    def forward(self, x: torch.Tensor, act: str | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        w, b = self.weight[rows], None if self.bias is None else self.bias[rows]
+        # one row takes oneDNN's matrix-vector path, which rounds differently with a packed weight: plain
+        # then, so that packing never changes a result (with more rows the two agree to the bit)
+        pack = self.keep_packed and _REORDER is not None and x.numel() > x.shape[-1] and onednn(x, w)
+        packed = self._packed(w, rows) if pack else None
+        return dense(x, w, b, act, packed)
+
+    def _packed(self, w: torch.Tensor, rows: slice) -> torch.Tensor:
+        """w (the weight's `rows`) in oneDNN's layout, remade when the weight is another tensor or was
+        changed in place (its version counter moved)."""
+        packs = self.__dict__.setdefault("_packs", {})
+        stamp = (self.weight.data_ptr(), self.weight._version, rows.start, rows.stop)
+        hit = packs.get((rows.start, rows.stop))
+        if hit is None or hit[0] != stamp:
+            hit = packs[rows.start, rows.stop] = (stamp, _REORDER(w.contiguous()))
+        return hit[1]
+
+    def drop_packed(self):
+        self.__dict__.pop("_packs", None)
+
+    def __getstate__(self):  # copies and pickles never carry the packed weights (a cache)
+        return {k: v for k, v in self.__dict__.items() if k != "_packs"}
 
 
 @dataclass
@@ -319,6 +366,26 @@ class GPT(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    @contextlib.contextmanager
+    def packed(self):
+        """Within this context the blocks' Linear layers keep their weights in oneDNN's layout once used
+        (see Linear): a sweep, or a run of many, then reorders each weight once instead of on every call.
+        The copy is as large as those weights; it is freed on leaving, and not made at all unless it
+        fits in half the free memory. Nests (the outermost context frees)."""
+        linears = [m for m in self.transformer.h.modules() if isinstance(m, Linear)]
+        outer = any(m.keep_packed for m in linears)
+        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        if not outer and 2 * size <= (free_memory() or 0):
+            for m in linears:
+                m.keep_packed = True
+        try:
+            yield self
+        finally:
+            if not outer:
+                for m in linears:
+                    m.keep_packed = False
+                    m.drop_packed()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 record: Recording | None = None, patch: Patch | Sequence[Patch] | None = None,

@@ -28,7 +28,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mingpt.model import dense
 from mingpt.sites import HEAD_SITES, NO_SITES, At, Edits
 
 BUCKET_ROWS = 64  # rows of short groups that share one attention call
@@ -144,27 +143,35 @@ class _Known:
         self.qkv = torch.cat([base[s, k][0].transpose(0, 1).flatten(-2) for s in "qkv"], dim=-1)[suffix]
         self.firsts, self.fresh = firsts, fresh
 
-    def linear(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, cols: slice) -> torch.Tensor:
-        """dense(h, w, b) for h = ln_1 of the block input (n, R, C) and w, b = c_attn's rows `cols`,
-        computed only where it is not known."""
-        old = h.shape[0] - self.fresh
+    def linear(self, c_attn, h: torch.Tensor, cols: slice) -> list[torch.Tensor]:
+        """c_attn(h, rows=cols) for h = ln_1 of the block input (n, R, C), computed only where it is not
+        known: every row of the slabs that joined earlier, the patched rows of the fresh ones. Returned
+        in two parts, (n - fresh, R, width) (absent if none) and (fresh, R, width), never copied into one."""
+        old, R = h.shape[0] - self.fresh, h.shape[1]
         new = self.qkv[:, cols].expand(self.fresh, -1, -1).clone()  # (fresh, R, width)
-        new[:, self.firsts] = dense(h[old:, self.firsts], w, b)  # the patched rows
-        # slabs that joined earlier: every row is their own
-        return torch.cat([dense(h[:old], w, b), new]) if old else new  # (n, R, width)
+        patched = h[old:, self.firsts]  # (fresh, G, C)
+        if not old or old * R >= new.shape[-1]:  # copying the old rows would cost more than reading the weight again
+            new[:, self.firsts] = c_attn(patched, rows=cols)
+            return [c_attn(h[:old], rows=cols), new] if old else [new]
+        # few old rows: one call for them and the patched rows
+        y = c_attn(torch.cat([h[:old].flatten(0, 1), patched.flatten(0, 1)]), rows=cols)  # (old*R + fresh*G, width)
+        new[:, self.firsts] = y[old * R:].view(self.fresh, -1, y.shape[-1])  # (fresh, G, width)
+        return [y[:old * R].view(old, R, -1), new]
 
 
 def _finish(block, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """The rest of a block after attention: x (n, R, C) and z (n, nh, R, hs) -> the block output."""
-    h = x + block.attn.c_proj(z.transpose(1, 2).flatten(-2))  # (n, R, C)
+    """The rest of a block after attention: x (n, R, C) and z (n, R, C), heads side by side -> the output."""
+    h = x + block.attn.c_proj(z)  # (n, R, C)
     return h + block.mlp(block.ln_2(h))
 
 
 def _block(block, x: torch.Tensor, known: _Known, mix) -> torch.Tensor:
     """block(x) where some q, k, v are known (no site of this block is edited: the patch was its input)."""
-    qkv = known.linear(block.ln_1(x), block.attn.c_attn.weight, block.attn.c_attn.bias, slice(None))  # (n, R, 3C)
-    q, k, v = block.attn.heads(qkv)  # (n, nh, R, hs) each
-    return _finish(block, x, mix(q, k, v, NO_SITES))
+    attn, z, a = block.attn, torch.empty_like(x), 0  # z: (n, R, C)
+    for qkv in known.linear(attn.c_attn, block.ln_1(x), slice(None)):  # (n_part, R, 3C)
+        mix.fill(z[a:a + len(qkv)].unflatten(-1, (attn.n_head, -1)), *attn.heads(qkv))  # (n_part, R, nh, hs)
+        a += len(qkv)
+    return _finish(block, x, z)
 
 
 class _Layout:
@@ -216,19 +223,19 @@ class _Groups:
                 z[:, :, start:start + S] = self.attn.attend(q[:, :, start:start + S], kk, vv, mask, at, start)
             return z
         z = q.new_empty(n, R, nh, hs)  # rows first, so that c_proj reads it without a copy
-        for (P, start, S, _), mask in zip(self.layout.buckets, self.layout.mask_rows):
-            z[:, start:start + S] = _attend(q[:, :, start:start + S], *self.keys(k, v, P, start, S), mask)
+        self.fill(z, q, k, v)
         return z.transpose(1, 2)  # (n, nh, R, hs)
 
-    def last(self, q, k, v):
-        """Attention of each group's last row only: q (n, nh, G, hs) -> z (n, nh, G, hs)."""
-        n, nh, G, hs = q.shape
-        z = q.new_empty(n, G, nh, hs)
+    def fill(self, z, q, k, v):
+        """z (n, R, nh, hs) <- attention of every row; q, k, v (n, nh, R, hs)."""
+        for (P, start, S, _), mask in zip(self.layout.buckets, self.layout.mask_rows):
+            z[:, start:start + S] = _attend(q[:, :, start:start + S], *self.keys(k, v, P, start, S), mask)
+
+    def fill_last(self, z, q, k, v):
+        """z (n, G, nh, hs) <- attention of each group's last row only: q (n, nh, G, hs), k, v (n, nh, R, hs)."""
         for (P, start, S, members), mask in zip(self.layout.buckets, self.layout.mask_last):
-            kk, vv = self.keys(k, v, P, start, S)  # (n, nh, P + S, hs) each
             g = slice(members[0], members[-1] + 1)
-            z[:, g] = _attend(q[:, :, g], kk, vv, mask)
-        return z.transpose(1, 2)  # (n, nh, G, hs)
+            z[:, g] = _attend(q[:, :, g], *self.keys(k, v, P, start, S), mask)
 
     def keys(self, k, v, P: int, start: int, S: int):
         """The base run's keys and values before position P, then rows start..start+S-1 of the slabs'."""
@@ -253,11 +260,14 @@ def _last_rows(block, x: torch.Tensor, layout: _Layout, prefix, last: torch.Tens
     only the last row queries (it sees the whole prefix and its group)."""
     if x.shape[0] == 0:
         return x[:, last]
-    attn, C = block.attn, x.shape[-1]
+    attn, (n, _, C), G = block.attn, x.shape, len(last)
     h = block.ln_1(x)
-    w, b = attn.c_attn.weight, attn.c_attn.bias  # output rows: q | k | v
-    kv = dense(h, w[C:], b[C:]) if known is None else known.linear(h, w[C:], b[C:], slice(C, None))
-    k, v = (attn.split(t) for t in kv.split(C, dim=-1))  # (n, nh, R, hs) each
-    q = attn.split(dense(h[:, last], w[:C], b[:C]))  # (n, nh, G, hs): only the last rows query
-    z = _Groups(attn, layout, prefix).last(q, k, v)  # (n, nh, G, hs)
+    kv = slice(C, None)  # c_attn's output features are q | k | v
+    parts = [attn.c_attn(h, rows=kv)] if known is None else known.linear(attn.c_attn, h, kv)  # (n_part, R, 2C)
+    q = attn.split(attn.c_attn(h[:, last], rows=slice(None, C)))  # (n, nh, G, hs): only the last rows query
+    mix, z, a = _Groups(attn, layout, prefix), x.new_empty(n, G, C), 0
+    for t in parts:
+        k, v = (attn.split(u) for u in t.split(C, dim=-1))  # (n_part, nh, R, hs) each
+        mix.fill_last(z[a:a + len(t)].unflatten(-1, (attn.n_head, -1)), q[a:a + len(t)], k, v)  # (n_part, G, nh, hs)
+        a += len(t)
     return _finish(block, x[:, last], z)

@@ -25,7 +25,7 @@ import torch
 
 from mingpt.bpe import BPETokenizer
 from mingpt.errors import MinGPTError, quote
-from mingpt.model import GPT
+from mingpt.model import GPT, free_memory
 from mingpt.sites import HEAD_SITES, SITES
 from patching import attribution, engines
 from patching.attribution import METHODS
@@ -278,11 +278,7 @@ def available_memory(device: torch.device) -> int | None:
     """Bytes free for a sweep on this device, or None where we cannot tell."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
+    return free_memory()
 
 
 def check_memory(plan: engines.Plan, device: torch.device):

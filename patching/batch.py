@@ -18,6 +18,7 @@ end and on Ctrl-C/SIGTERM, so its cost grows linearly with the number of experim
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -191,6 +192,7 @@ def _run(batch: Batch, dest: Claim, say, progress_for, overwrite: bool) -> list[
             raise PatchingError(f"{out / name} was not written by patch-run: move it away or pass another --out.")
     dest.claim_entries(["summary.json", "summary.md", *names])  # one marker write for the whole batch
     models: dict = {}
+    packed = contextlib.ExitStack()  # each loaded model keeps its weights reordered for oneDNN for the batch
     rows = [{"name": n, "status": "pending"} for n in names]
     write_summary(rows, dest)
     last = time.monotonic()
@@ -204,6 +206,7 @@ def _run(batch: Batch, dest: Claim, say, progress_for, overwrite: bool) -> list[
                 if key not in models:  # each model loads once per batch, and fails once
                     try:
                         models[key] = load(settings)
+                        packed.enter_context(models[key][0].packed())
                     except Exception as exc:
                         models[key] = exc
                 if isinstance(models[key], Exception):
@@ -231,6 +234,8 @@ def _run(batch: Batch, dest: Claim, say, progress_for, overwrite: bool) -> list[
                 row.update(status="interrupted", reason=f"not run: the batch was interrupted ({why})")
         write_summary(rows, dest)
         raise
+    finally:
+        packed.close()
     write_summary(rows, dest)
     return rows
 

@@ -16,6 +16,7 @@ forward_patched(...).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -189,14 +190,17 @@ def _fast(model, base, site, slabs, source, target_id, foil_id, lse, every, max_
     ids = None if lse else torch.tensor([target_id, foil_id])
     chunks = _chunks(noop, T, every, max_rows, lse)
     done, total = 0, sum(len(rows) * len(pos) for rows, pos in chunks)
-    for rows, pos in chunks:
-        values = src[rows] if every else src[rows][:, pos]  # (n, T or nP, ...)
-        got = forward_cells(model, base, site, [slabs[i] for i in rows], None if every else pos, values, ids)
-        r = readout(got, 0, 1, False) if ids is not None else readout(got, target_id, foil_id, True)
-        out[torch.tensor(rows)[:, None], torch.tensor(pos)[None, :]] = r.cpu()
-        done += len(rows) * len(pos)
-        if progress:
-            progress(done, total)
+    # weights used more than once (several chunks) are worth reordering for oneDNN once; a run of many
+    # sweeps (batch, study) holds model.packed() around them all
+    with model.packed() if len(chunks) > 1 else contextlib.nullcontext():
+        for rows, pos in chunks:
+            values = src[rows] if every else src[rows][:, pos]  # (n, T or nP, ...)
+            got = forward_cells(model, base, site, [slabs[i] for i in rows], None if every else pos, values, ids)
+            r = readout(got, 0, 1, False) if ids is not None else readout(got, target_id, foil_id, True)
+            out[torch.tensor(rows)[:, None], torch.tensor(pos)[None, :]] = r.cpu()
+            done += len(rows) * len(pos)
+            if progress:
+                progress(done, total)
     return out
 
 

@@ -52,7 +52,7 @@ SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 sys.path.insert(0, str(ROOT))
 from mingpt.bpe import gpt2_vocabulary  # noqa: E402
-from mingpt.model import GPT, GPTConfig, dense  # noqa: E402
+from mingpt.model import GPT, GPTConfig, Linear, dense  # noqa: E402
 from patching import engines  # noqa: E402
 
 MICHELLE = ("Michelle Jones was a top-notch student. Michelle", "Michelle Smith was a top-notch student. Michelle",
@@ -98,11 +98,15 @@ class PeakRSS:
 def matmul_peaks(device: torch.device, dtype=torch.float32) -> dict[str, float]:
     """GFLOP/s of a large matmul of the shape a GPT-2-small MLP uses, best of 12, by each kernel the
     sweep could use: torch.matmul (BLAS: MKL on x86) and mingpt.model.dense, the model's layers without
-    gradients (oneDNN on x86 CPUs in float32, else F.linear). The floor takes the fastest."""
+    gradients (oneDNN on x86 CPUs in float32, else F.linear), from a plain weight and from one packed
+    in oneDNN's layout (GPT.packed). The floor takes the fastest."""
     a = torch.randn(2048, 768, device=device, dtype=dtype)
     b = torch.randn(768, 3072, device=device, dtype=dtype)
     w = b.t().contiguous()  # (out, in), as nn.Linear holds it
-    kernels = {"torch.matmul": lambda: a @ b, "dense": lambda: dense(a, w, None)}
+    lin = Linear(768, 3072, bias=False, device=device, dtype=dtype)
+    lin.weight.data.copy_(w)
+    lin.keep_packed = True  # the weight in oneDNN's layout, as a sweep uses it (GPT.packed)
+    kernels = {"torch.matmul": lambda: a @ b, "dense": lambda: dense(a, w, None), "dense (packed)": lambda: lin(a)}
     peaks = {}
     with torch.no_grad():
         for name, fn in kernels.items():
@@ -258,11 +262,12 @@ def sweep_bench(args):
         clean, corrupt = (t.to(device) for t in prompts(T))
         rc, rk = engines.record(model, clean), engines.record(model, corrupt)
         fast_times, rises = [], []
-        while len(fast_times) < args.repeats and sum(fast_times) < 20:  # best of a few, unless each is long
-            with PeakRSS(device) as mem:
-                fast, s = timed(lambda: engines.fast_sweep(model, rk, rc, TARGET, FOIL, False), device)
-            fast_times.append(s)
-            rises.append(mem.peak_mb)  # the first sweep's: later ones reuse the heap it grew
+        with model.packed():  # as a batch or a study holds it: the first sweep reorders the weights for all
+            while len(fast_times) < args.repeats and sum(fast_times) < 20:  # best of a few, unless each is long
+                with PeakRSS(device) as mem:
+                    fast, s = timed(lambda: engines.fast_sweep(model, rk, rc, TARGET, FOIL, False), device)
+                fast_times.append(s)
+                rises.append(mem.peak_mb)  # the first sweep's: later ones reuse the heap it grew
         mem.peak_mb = max(rises)
         s_fast = min(fast_times)
         for k, v in matmul_peaks(device, dtype).items():  # again after each size: the floor takes the best seen
@@ -276,11 +281,11 @@ def sweep_bench(args):
         fast_m = engines.metric_values("logit-diff", fast, fast[0, 0], fast[0, 0]).cpu().double()
         diff_loop = (engines.metric_values("logit-diff", loop, loop[0, 0], loop[0, 0]).double() - fast_m).abs().max().item() \
             if loop is not None else None
-        rows.append(dict(n=T, fast_s=s_fast, loop_s=s_loop, loop_extrapolated=loop_est, fast_peak_mb=mem.peak_mb,
+        rows.append(dict(n=T, fast_s=s_fast, first_s=fast_times[0], loop_s=s_loop, loop_extrapolated=loop_est, fast_peak_mb=mem.peak_mb,
                          process_peak_mb=mem.peak_total_mb, useful_gflop=useful, floor_gflop=floor,
                          floor_s=floor / peak, peak_gflops=peak, max_diff_vs_loop=diff_loop, tl={},
                          _fast_matrix=fast_m, _ids=(clean[0].tolist(), corrupt[0].tolist())))
-        print(f"n={T}: fast {s_fast:.3f}s, floor {floor / peak:.3f}s ({100 * floor / peak / s_fast:.0f}% of floor), "
+        print(f"n={T}: fast {s_fast:.3f}s (first sweep {fast_times[0]:.3f}s), floor {floor / peak:.3f}s ({100 * floor / peak / s_fast:.0f}% of floor), "
               f"loop {'~' if loop_est else ''}{s_loop:.2f}s, memory +{mem.peak_mb:.0f} MB (process peak "
               f"{mem.peak_total_mb:.0f} MB), useful {useful:.1f} GFLOP, floor {floor:.1f} GFLOP", flush=True)
 
@@ -308,10 +313,10 @@ def sweep_bench(args):
     tl_head = "".join(f" {n} | {n} / fast | {n} / floor |" for n in tl_names)
     print(f"\nmachine: {machine()}; matmul peak {peak:.1f} GFLOP/s (best seen in this run: "
           f"{', '.join(f'{k} {v:.1f}' for k, v in peaks.items())}); {time.strftime('%Y-%m-%d')}")
-    print("| tokens | fast engine | floor | % of floor | loop (oracle) | loop / fast |" + tl_head +
+    print("| tokens | fast engine | first sweep | floor | % of floor | loop (oracle) | loop / fast |" + tl_head +
           " memory rise (process peak) | useful GFLOP (no savings) | floor GFLOP | max diff vs loop" +
           "".join(f" / {n}" for n in tl_names) + " |")
-    print("|---" * (10 + 3 * len(tl_names)) + "|")
+    print("|---" * (11 + 3 * len(tl_names)) + "|")
     for r in rows:
         tl_cells = ""
         for n in tl_names:
@@ -320,12 +325,13 @@ def sweep_bench(args):
                          if t else " — | — | — |")
         diffs = " / ".join("—" if d is None else f"{d:.1e}" for d in
                            [r["max_diff_vs_loop"]] + [r["tl"].get(n, {}).get("max_diff") for n in tl_names])
-        print(f"| {r['n']} | {r['fast_s']:.3f} s | {r['floor_s']:.3f} s | {100 * r['floor_s'] / r['fast_s']:.0f} % "
+        print(f"| {r['n']} | {r['fast_s']:.3f} s | {r['first_s']:.3f} s | {r['floor_s']:.3f} s | {100 * r['floor_s'] / r['fast_s']:.0f} % "
               f"| {'~' if r['loop_extrapolated'] else ''}{r['loop_s']:.2f} s | {r['loop_s'] / r['fast_s']:.1f}x |"
               f"{tl_cells} +{r['fast_peak_mb']:.0f} MB ({r['process_peak_mb']:.0f} MB) | {r['useful_gflop']:.1f} "
               f"| {r['floor_gflop']:.1f} | {diffs} |")
-    print("floor = floor GFLOP / matmul peak; % of floor = floor time / fast time; X / floor = how far exact "
-          "patching could go at most against X")
+    print("fast engine = best sweep of the run, inside GPT.packed() as in a batch or study; first sweep = the "
+          "first, which also reorders the weights for oneDNN; floor = floor GFLOP / matmul peak; % of floor = "
+          "floor time / fast time; X / floor = how far exact patching could go at most against X")
 
     long = None
     if args.long:

@@ -151,6 +151,121 @@ def test_first_block_saving_equals_recomputing_every_row():
             assert_close(saved[i, j], want[0, -1], scale=scale)
 
 
+@pytest.mark.parametrize("T, positions", [(5, [1, 3]), (25, [2, 13])])
+def test_first_block_saving_in_one_call_or_two(T, positions):
+    """The block where an input patch joins computes the earlier slabs' rows and the fresh slabs'
+    patched rows in one call when the earlier rows are few (T=5), in two calls otherwise (T=25): both
+    give the plain forward's numbers."""
+    model = random_model(seed=8, n_layer=4)
+    clean, corrupt = _pair(T, positions)
+    rc, rk = engines.record(model, clean), engines.record(model, corrupt)
+    layers, cols = [0, 1, 2, 3], list(range(1, T))
+    values = rc.resid[:, 0][:, cols]  # (4, T - 1, C)
+    calls = []
+    c_attn = model.transformer.h[2].attn.c_attn  # block 2: block 0's slab joined earlier, block 1's joins here
+    hook = c_attn.register_forward_hook(lambda m, a, out: calls.append(a[0].shape))
+    try:
+        got = model.forward_patched(rk, layers, cols, values)
+    finally:
+        hook.remove()
+    old_rows, fresh_rows = sum(T - p for p in cols), len(cols)
+    want_calls = [(old_rows + fresh_rows, 16)] if T == 5 else [(1, fresh_rows, 16), (1, old_rows, 16)]
+    assert sorted(tuple(s) for s in calls) == sorted(want_calls), calls
+    scale = got.abs().max()
+    for i, l in enumerate(layers):
+        for j, p in enumerate(cols):
+            want, _ = model(corrupt, patch=model_module.Patch(l, p, values[i, j]))
+            assert_close(got[i, j], want[0, -1], scale=scale)
+
+
+# ----------------------------------------------------------------------------- packed weights
+
+needs_packing = pytest.mark.skipif(model_module._REORDER is None, reason="this torch has no oneDNN weight packing")
+
+
+@needs_packing
+@pytest.mark.parametrize("act", [None, "gelu_new"])
+@pytest.mark.parametrize("rows", [slice(None), slice(16, None), slice(None, 16)])
+def test_packed_linear_equals_plain(act, rows):
+    torch.manual_seed(9)
+    lin = model_module.Linear(16, 48)
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        plain = lin(x, act, rows=rows)
+        lin.keep_packed = True
+        packed = lin(x, act, rows=rows)
+        again = lin(x, act, rows=rows)
+    assert lin._packs, "no packed weight was made"
+    with torch.no_grad():  # one row: oneDNN's matrix-vector path rounds otherwise with a pack, so none is used
+        lin.keep_packed = False
+        one_plain = lin(x[:1, :1], act, rows=rows)
+        lin.keep_packed = True
+        assert torch.equal(lin(x[:1, :1], act, rows=rows), one_plain)
+    want = dense(x, lin.weight[rows], lin.bias[rows], act)
+    assert plain.shape == packed.shape == (3, 7, len(range(48)[rows]))
+    for got in (plain, packed, again):
+        assert_close(got, want, scale=want.abs().max())
+
+
+@needs_packing
+def test_packed_weight_follows_changes_of_the_weight():
+    """An in-place edit (its version counter moves) or a new tensor is seen: the pack is made again."""
+    torch.manual_seed(10)
+    lin, x = model_module.Linear(16, 32), torch.randn(5, 16)
+    lin.keep_packed = True
+    with torch.no_grad():
+        before = lin(x)
+        lin.weight.mul_(-2)
+        edited = lin(x)
+        lin.weight = torch.nn.Parameter(torch.zeros(32, 16))
+        replaced = lin(x)
+    assert not torch.allclose(edited, before)
+    assert_close(edited - lin.bias, -2 * (before - lin.bias), scale=before.abs().max() * 2)
+    assert_close(replaced, lin.bias.expand(5, 32), scale=1.0)
+
+
+def test_packed_context_nests_frees_and_stays_out_of_copies(monkeypatch):
+    import copy
+    import pickle
+    model = random_model(seed=11)
+    idx = torch.randint(0, 53, (1, 9), generator=torch.Generator().manual_seed(1))
+    linears = [m for m in model.modules() if isinstance(m, model_module.Linear)]
+    with torch.no_grad():
+        plain, _ = model(idx)
+        with model.packed():
+            with model.packed():
+                inner, _ = model(idx)
+            assert all(m.keep_packed for m in linears), "leaving the inner context must keep packing on"
+            if model_module._REORDER is not None:
+                assert all(getattr(m, "_packs", None) for m in linears)
+            twin = copy.deepcopy(model)
+            pickle.loads(pickle.dumps(model))
+            assert not any(hasattr(m, "_packs") for m in twin.modules())
+        assert not any(m.keep_packed or hasattr(m, "_packs") for m in linears), "the outer context frees"
+        monkeypatch.setattr(model_module, "free_memory", lambda: 1000)  # too little room for a copy
+        with model.packed():
+            starved, _ = model(idx)
+            assert not any(m.keep_packed or hasattr(m, "_packs") for m in linears)
+    for got in (inner, starved, twin(idx)[0].detach()):
+        assert_close(got, plain, scale=plain.abs().max())
+
+
+def test_sweeps_with_packed_weights_equal_the_loop():
+    """Several chunks make the engine pack; an outer context keeps the packs for a second sweep."""
+    model = random_model(seed=12)
+    clean, corrupt = _pair(20, [1, 8])
+    rc, rk = engines.record(model, clean, ["z"]), engines.record(model, corrupt, ["z"])
+    loop = engines.sweep(model, corrupt, rk, rc["z"][:, 0], "z", 3, 4, False, engine="loop")
+    one = engines.sweep(model, corrupt, rk, rc["z"][:, 0], "z", 3, 4, False, max_rows=40)
+    with model.packed():
+        engines.sweep(model, corrupt, rk, rc["z"][:, 0], "z", 3, 4, False)
+        if model_module._REORDER is not None:
+            assert model.transformer.h[2].mlp.c_fc._packs, "the sweep did not use packed weights"
+        two = engines.sweep(model, corrupt, rk, rc["z"][:, 0], "z", 3, 4, False)
+    for got in (one, two):
+        assert_close(got[..., :2], loop[..., :2], scale=loop[..., :2].abs().max())
+
+
 # ----------------------------------------------------------------------------- painter
 
 
