@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from mingpt.sites import HEAD_SITES, NO_SITES, At, Edits
 
-BUCKET_ROWS = 64  # rows of short groups that share one attention call
+BUCKET_ROWS = 32  # rows of short groups that share one attention call
 SHORT_KEYS = 128  # attention over at most this many keys is written out (see _attend)
 
 
@@ -61,24 +61,27 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
     last = torch.tensor(starts[1:], device=dev) - 1  # each group's last row: position T-1
     firsts = torch.tensor(starts[:-1], device=dev)  # each group's first row: the patched position
     layout = _Layout(groups, last, dev)  # attention buckets and their masks, the same in every block
+    joins = [sum(first[i] == k for i in order) for k in range(L + 2)]  # slabs starting at each block
     x, joined = None, 0
     for k in range(first[order[0]], L + 1):
         new = [i for i in order if first[i] == k]
         edits, fresh = None, 0
         if new:  # these slabs start here, from the base run's input of block k
             rows = _block_input(base, k)[0, suffix]  # (R, C)
-            slab = rows.expand(len(new), -1, -1).clone()  # (n_new, R, C)
+            roomy = x is not None and len(x) == joined + len(new)  # the block before left room for them
+            slab = x[joined:].copy_(rows.expand(len(new), -1, -1)) if roomy else rows.expand(len(new), -1, -1).clone()
             # edits address the new slabs where the edited tensor holds them: after the earlier slabs,
             # except for the input itself and at the last block, where the new slabs run on their own
             in_place = edit_site == "resid_pre" or k == L - 1
             edits = _edits(edit_site, k, new, 0 if in_place else joined, slabs, groups, every, values, dev)
             if edit_site == "resid_pre":  # the input itself is what is patched
-                slab, edits = edits.apply(slab, k), None
+                slab, edits = edits.apply(slab, k, inplace=True), None
                 # only each group's first row differs from the base run's input: the rest keep its q, k, v
                 fresh = len(new) if not every and "q" in base else 0
             if k == L:  # patched after the last block: only the last rows reach the logits
                 slab = slab[:, last]  # (n_new, G, C)
-            x = slab if x is None else torch.cat([x, slab])  # (n, R, C), or (n, G, C) after the last block
+            if not roomy:
+                x = slab if x is None else torch.cat([x, slab])  # (n, R, C), or (n, G, C) after the last block
             joined += len(new)
         if k == L:
             break
@@ -88,7 +91,8 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
         mix = _Groups(block.attn, layout, prefix)
         known = _Known(base, k, suffix, firsts, fresh) if fresh else None
         if k < L - 1:
-            x = block(x, at, mix) if known is None else _block(block, x, known, mix)  # (n, R, C)
+            room = joins[k + 1] if k + 1 < L else 0  # the slabs of the next block, written in place there
+            x = block(x, at, mix) if known is None else _block(block, x, known, mix, room)  # (n [+ room], R, C)
             continue
         # last block: slabs patched inside it run in full; the rest only for each group's last row
         n_in = len(new) if edits is not None else 0
@@ -159,19 +163,25 @@ class _Known:
         return [y[:old * R].view(old, R, -1), new]
 
 
-def _finish(block, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """The rest of a block after attention: x (n, R, C) and z (n, R, C), heads side by side -> the output."""
-    h = x + block.attn.c_proj(z)  # (n, R, C)
-    return h + block.mlp(block.ln_2(h))
+def _finish(block, x: torch.Tensor, z: torch.Tensor, room: int = 0) -> torch.Tensor:
+    """The rest of a block after attention: x (n, R, C) and z (n, R, C), heads side by side -> the output,
+    (n + room, R, C) with `room` slabs left unwritten after it."""
+    h = block.attn.c_proj(z).add_(x)  # (n, R, C)
+    m = block.mlp(block.ln_2(h))
+    if not room:
+        return m.add_(h)
+    out = h.new_empty(len(h) + room, *h.shape[1:])  # (n + room, R, C)
+    torch.add(m, h, out=out[:len(h)])
+    return out
 
 
-def _block(block, x: torch.Tensor, known: _Known, mix) -> torch.Tensor:
+def _block(block, x: torch.Tensor, known: _Known, mix, room: int = 0) -> torch.Tensor:
     """block(x) where some q, k, v are known (no site of this block is edited: the patch was its input)."""
     attn, z, a = block.attn, torch.empty_like(x), 0  # z: (n, R, C)
     for qkv in known.linear(attn.c_attn, block.ln_1(x), slice(None)):  # (n_part, R, 3C)
         mix.fill(z[a:a + len(qkv)].unflatten(-1, (attn.n_head, -1)), *attn.heads(qkv))  # (n_part, R, nh, hs)
         a += len(qkv)
-    return _finish(block, x, z)
+    return _finish(block, x, z, room)
 
 
 class _Layout:
