@@ -70,14 +70,13 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
             rows = _block_input(base, k)[0, suffix]  # (R, C)
             roomy = x is not None and len(x) == joined + len(new)  # the block before left room for them
             slab = x[joined:].copy_(rows.expand(len(new), -1, -1)) if roomy else rows.expand(len(new), -1, -1).clone()
-            # edits address the new slabs where the edited tensor holds them: after the earlier slabs,
-            # except for the input itself and at the last block, where the new slabs run on their own
-            in_place = edit_site == "resid_pre" or k == L - 1
-            edits = _edits(edit_site, k, new, 0 if in_place else joined, slabs, groups, every, values, dev)
-            if edit_site == "resid_pre":  # the input itself is what is patched
-                slab, edits = edits.apply(slab, k, inplace=True), None
+            if edit_site == "resid_pre":  # the input itself is patched: each group's first row (every row)
+                slab[:, slice(None) if every else firsts] = values[torch.tensor(new, device=values.device)].to(slab)
                 # only each group's first row differs from the base run's input: the rest keep its q, k, v
                 fresh = len(new) if not every and "q" in base else 0
+            else:  # edits address the new slabs where the edited tensor holds them: after the earlier slabs,
+                # except at the last block, where the new slabs run on their own
+                edits = _edits(edit_site, k, new, 0 if k == L - 1 else joined, slabs, groups, every, values, dev)
             if k == L:  # patched after the last block: only the last rows reach the logits
                 slab = slab[:, last]  # (n_new, G, C)
             if not roomy:

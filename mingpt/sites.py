@@ -141,8 +141,7 @@ class Edits:
                  head: torch.Tensor | None = None):
         self.site, self.layer, self.batch, self.rows, self.value, self.head = site, layer, batch, rows, value, head
 
-    def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None,
-              inplace: bool = False) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None) -> torch.Tensor:
         if layer != self.layer:
             return x
         batch, rows, value, head = self.batch, self.rows - offset, self.value, self.head
@@ -153,7 +152,7 @@ class Edits:
             batch, rows, value = batch[keep], rows[keep], value[keep]
             head = None if head is None else head[keep]
         idx = (batch, rows) if head is None else (batch, head, rows)
-        return (x.index_put_ if inplace else x.index_put)(idx, value.to(x.dtype))
+        return x.index_put(idx, value.to(x.dtype))
 
 
 # ----------------------------------------------------------------------------- the per-call view
