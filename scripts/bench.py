@@ -136,6 +136,12 @@ def matmul_peaks(device: torch.device, dtype=torch.float32) -> dict[str, float]:
     return peaks
 
 
+def packed_mb(model: GPT) -> float:
+    """MiB of the weights the model holds in oneDNN's layout now (inside GPT.packed())."""
+    packs = [t for m in model.modules() if isinstance(m, Linear) for _, t in getattr(m, "_packs", {}).values()]
+    return sum(t.numel() * t.element_size() for t in packs) / 2**20
+
+
 def useful_flops(config: GPTConfig, T: int, positions: list[int]) -> float:
     """FLOPs of the sweep without the two savings: for patch (l, p), blocks l+1.. over positions
     p..T-1 (weights and attention), plus two unembedding columns. Columns identical in both runs
@@ -276,16 +282,24 @@ def sweep_bench(args):
     for T in args.sizes:
         clean, corrupt = (t.to(device) for t in prompts(T))
         rc, rk = engines.record(model, clean), engines.record(model, corrupt)
-        fast_times, rises = [], []
-        with model.packed():  # as a batch or a study holds it: the first sweep reorders the weights for all
-            # the best of at least --repeats sweeps and of 3 s of them (at most 20 s, 30 sweeps): as the peak is
-            # the best of 12, short sweeps get as many tries at a quiet moment of the machine
-            while (len(fast_times) < args.repeats or sum(fast_times) < 3) and sum(fast_times) < 20 and len(fast_times) < 30:
+        rises = []
+
+        def sweeps(budget_s: float):
+            """The best of at least --repeats sweeps and of budget_s of them (at most 20 s, 30 sweeps): as the
+            peak is the best of 12, short sweeps get as many tries at a quiet moment of the machine."""
+            times = []
+            while (len(times) < args.repeats or sum(times) < budget_s) and sum(times) < 20 and len(times) < 30:
                 with PeakRSS(device) as mem:
-                    fast, s = timed(lambda: engines.fast_sweep(model, rk, rc, TARGET, FOIL, False), device)
-                fast_times.append(s)
-                rises.append(mem.peak_mb)  # the first sweep's: later ones reuse the heap it grew
-        mem.peak_mb = max(rises)
+                    out, s = timed(lambda: engines.fast_sweep(model, rk, rc, TARGET, FOIL, False), device)
+                times.append(s)
+                rises.append((mem.peak_mb, mem.peak_total_mb))  # the largest: the first's; later ones reuse its heap
+            return out, times
+
+        _, single = sweeps(1)  # as one CLI run sweeps: plain weights, packed by the sweep only if it has chunks
+        with model.packed():  # as a batch or a study holds it: the first sweep reorders the weights for all
+            fast, fast_times = sweeps(3)
+            packs = packed_mb(model)
+        mem_rise, process_peak = (max(r[i] for r in rises) for i in (0, 1))
         s_fast = min(fast_times)
         for k, v in matmul_peaks(device, dtype).items():  # again after each size: the floor takes the best seen
             peaks[k] = max(peaks[k], v)
@@ -298,13 +312,13 @@ def sweep_bench(args):
         fast_m = engines.metric_values("logit-diff", fast, fast[0, 0], fast[0, 0]).cpu().double()
         diff_loop = (engines.metric_values("logit-diff", loop, loop[0, 0], loop[0, 0]).double() - fast_m).abs().max().item() \
             if loop is not None else None
-        rows.append(dict(n=T, fast_s=s_fast, first_s=fast_times[0], loop_s=s_loop, loop_extrapolated=loop_est, fast_peak_mb=mem.peak_mb,
-                         process_peak_mb=mem.peak_total_mb, useful_gflop=useful, floor_gflop=floor,
+        rows.append(dict(n=T, fast_s=s_fast, first_s=fast_times[0], single_s=min(single), loop_s=s_loop, loop_extrapolated=loop_est, fast_peak_mb=mem_rise,
+                         process_peak_mb=process_peak, useful_gflop=useful, floor_gflop=floor,
                          floor_s=floor / peak, peak_gflops=peak, max_diff_vs_loop=diff_loop, tl={},
                          _fast_matrix=fast_m, _ids=(clean[0].tolist(), corrupt[0].tolist())))
-        print(f"n={T}: fast {s_fast:.3f}s (first sweep {fast_times[0]:.3f}s), floor {floor / peak:.3f}s ({100 * floor / peak / s_fast:.0f}% of floor), "
-              f"loop {'~' if loop_est else ''}{s_loop:.2f}s, memory +{mem.peak_mb:.0f} MB (process peak "
-              f"{mem.peak_total_mb:.0f} MB), useful {useful:.1f} GFLOP, floor {floor:.1f} GFLOP", flush=True)
+        print(f"n={T}: fast {s_fast:.3f}s (first sweep {fast_times[0]:.3f}s, single run {min(single):.3f}s), floor {floor / peak:.3f}s ({100 * floor / peak / s_fast:.0f}% of floor), "
+              f"loop {'~' if loop_est else ''}{s_loop:.2f}s, memory +{mem_rise:.0f} MB (process peak "
+              f"{process_peak:.0f} MB; packed weights {packs:.0f} MB), useful {useful:.1f} GFLOP, floor {floor:.1f} GFLOP", flush=True)
 
     tl_names = []
     if not args.fast_only and device.type == "cpu" and dtype == torch.float32:
@@ -330,10 +344,10 @@ def sweep_bench(args):
     tl_head = "".join(f" {n} | {n} / fast | {n} / floor |" for n in tl_names)
     print(f"\nmachine: {machine()}; matmul peak {peak:.1f} GFLOP/s (best seen in this run: "
           f"{', '.join(f'{k} {v:.1f}' for k, v in peaks.items())}); {time.strftime('%Y-%m-%d')}")
-    print("| tokens | fast engine | first sweep | floor | % of floor | loop (oracle) | loop / fast |" + tl_head +
+    print("| tokens | fast engine | first sweep | single run | floor | % of floor | loop (oracle) | loop / fast |" + tl_head +
           " memory rise (process peak) | useful GFLOP (no savings) | floor GFLOP | max diff vs loop" +
           "".join(f" / {n}" for n in tl_names) + " |")
-    print("|---" * (11 + 3 * len(tl_names)) + "|")
+    print("|---" * (12 + 3 * len(tl_names)) + "|")
     for r in rows:
         tl_cells = ""
         for n in tl_names:
@@ -342,12 +356,13 @@ def sweep_bench(args):
                          if t else " — | — | — |")
         diffs = " / ".join("—" if d is None else f"{d:.1e}" for d in
                            [r["max_diff_vs_loop"]] + [r["tl"].get(n, {}).get("max_diff") for n in tl_names])
-        print(f"| {r['n']} | {r['fast_s']:.3f} s | {r['first_s']:.3f} s | {r['floor_s']:.3f} s | {100 * r['floor_s'] / r['fast_s']:.0f} % "
+        print(f"| {r['n']} | {r['fast_s']:.3f} s | {r['first_s']:.3f} s | {r['single_s']:.3f} s | {r['floor_s']:.3f} s | {100 * r['floor_s'] / r['fast_s']:.0f} % "
               f"| {'~' if r['loop_extrapolated'] else ''}{r['loop_s']:.2f} s | {r['loop_s'] / r['fast_s']:.1f}x |"
               f"{tl_cells} +{r['fast_peak_mb']:.0f} MB ({r['process_peak_mb']:.0f} MB) | {r['useful_gflop']:.1f} "
               f"| {r['floor_gflop']:.1f} | {diffs} |")
     print("fast engine = best sweep of the run, inside GPT.packed() as in a batch or study; first sweep = the "
-          "first, which also reorders the weights for oneDNN; floor = floor GFLOP / matmul peak; % of floor = "
+          "first, which also reorders the weights for oneDNN; single run = best sweep outside it, as one CLI run "
+          "sweeps (plain weights unless the sweep has several chunks); floor = floor GFLOP / matmul peak; % of floor = "
           "floor time / fast time; X / floor = how far exact patching could go at most against X")
 
     long = None
@@ -357,7 +372,7 @@ def sweep_bench(args):
         rc, rk = engines.record(model, clean), engines.record(model, corrupt)
         chunks = engines.plan_chunks(L, T, list(range(1, T)), engines.MAX_ROWS)
         vals = rc.resid
-        with PeakRSS(device) as mem:
+        with model.packed(), PeakRSS(device) as mem:  # a sweep of several chunks packs its weights (engines)
             t0 = time.perf_counter()
             done_flops = 0.0
             for layers, pos in chunks[:args.long_chunks]:
@@ -366,12 +381,14 @@ def sweep_bench(args):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             s = time.perf_counter() - t0
+            packs = packed_mb(model)
         total_flops = useful_flops(model.config, T, list(range(1, T)))
         long = dict(n=T, chunks_run=args.long_chunks, chunks=len(chunks), seconds=s, peak_mb=mem.peak_mb,
-                    process_peak_mb=mem.peak_total_mb,
+                    process_peak_mb=mem.peak_total_mb, packed_weights_mb=packs,
                     projected_s=s * total_flops / done_flops, gflops_per_s=done_flops / s / 1e9)
         print(f"\nlong prompt: n={T}, {len(chunks)} chunks of <= {engines.MAX_ROWS} rows; ran the first {args.long_chunks} "
               f"(the longest suffixes) in {s:.1f} s at {done_flops / s / 1e9:.1f} useful GFLOP/s, memory +{mem.peak_mb:.0f} MB "
+              f"(packed weights {packs:.0f} MB; the heap reuses what earlier sweeps freed) "
               f"(process peak {mem.peak_total_mb:.0f} MB); whole sweep {total_flops / 1e12:.1f} TFLOP useful, "
               f"projected {long['projected_s'] / 60:.0f} min")
     if args.json:
