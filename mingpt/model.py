@@ -368,15 +368,16 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     @contextlib.contextmanager
-    def packed(self):
+    def packed(self, reserve: int = 0):
         """Within this context the blocks' Linear layers keep their weights in oneDNN's layout once used
         (see Linear): a sweep, or a run of many, then reorders each weight once instead of on every call.
         The copy is as large as those weights; it is freed on leaving, and not made at all unless it
-        fits in half the free memory. Nests (the outermost context frees)."""
+        fits in half of what is free after `reserve` bytes (the caller's own needs). Nests (the
+        outermost context frees)."""
         linears = [m for m in self.transformer.h.modules() if isinstance(m, Linear)]
         outer = any(m.keep_packed for m in linears)
         size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        if not outer and 2 * size <= (free_memory() or 0):
+        if not outer and 2 * size <= (free_memory() or 0) - reserve:
             for m in linears:
                 m.keep_packed = True
         try:

@@ -190,9 +190,10 @@ def _fast(model, base, site, slabs, source, target_id, foil_id, lse, every, max_
     ids = None if lse else torch.tensor([target_id, foil_id])
     chunks = _chunks(noop, T, every, max_rows, lse)
     done, total = 0, sum(len(rows) * len(pos) for rows, pos in chunks)
-    # weights used more than once (several chunks) are worth reordering for oneDNN once; a run of many
-    # sweeps (batch, study) holds model.packed() around them all
-    with model.packed() if len(chunks) > 1 else contextlib.nullcontext():
+    # weights used more than once (several chunks) are worth reordering for oneDNN once, if memory allows
+    # beside the largest chunk; a run of many sweeps (batch, study) holds model.packed() around them all
+    peak = plan(model.config, T, site, every, max_rows, lse, noop).peak_bytes if len(chunks) > 1 else 0
+    with model.packed(reserve=peak) if len(chunks) > 1 else contextlib.nullcontext():
         for rows, pos in chunks:
             values = src[rows] if every else src[rows][:, pos]  # (n, T or nP, ...)
             got = forward_cells(model, base, site, [slabs[i] for i in rows], None if every else pos, values, ids)

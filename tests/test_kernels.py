@@ -242,6 +242,9 @@ def test_packed_context_nests_frees_and_stays_out_of_copies(monkeypatch):
             pickle.loads(pickle.dumps(model))
             assert not any(hasattr(m, "_packs") for m in twin.modules())
         assert not any(m.keep_packed or hasattr(m, "_packs") for m in linears), "the outer context frees"
+        monkeypatch.setattr(model_module, "free_memory", lambda: 10**12)
+        with model.packed(reserve=10**12 - 1000):  # the caller needs nearly all of it
+            assert not any(m.keep_packed for m in linears)
         monkeypatch.setattr(model_module, "free_memory", lambda: 1000)  # too little room for a copy
         with model.packed():
             starved, _ = model(idx)
