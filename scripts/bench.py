@@ -11,12 +11,14 @@ for each engine (the loop is extrapolated from a timed sample of layers when a f
 minutes; marked `~`), peak extra memory during the fast sweep, and two FLOP counts against this
 machine's matmul peak measured in the same run (GPT-2 small's MLP shape, best of 12, at the start and
 after each size; the fastest of torch.matmul and mingpt.model.dense, oneDNN on x86, which the model's
-layers use):
+layers use, from a plain weight and from one packed in oneDNN's layout):
 - "useful" (no savings): for patch (l, p), blocks l+1.. over positions p..T-1, plus two unembedding
   columns;
 - "floor": the same after the two exact savings (`floor_flops`): at the first recomputed block only
   row p needs its q, k, v; at the last block only row T-1 needs more than its k and v. The floor time
-  is floor FLOP / matmul peak; "% of floor" is floor time / fast time.
+  is floor FLOP / matmul peak; "% of floor" is floor time / fast time. The fast time is the best sweep
+  inside GPT.packed() (as a batch or study runs); the first of those (which packs) and the best sweep
+  outside it (as one CLI run sweeps) are reported beside it.
 TransformerLens runs in its own venv (`--tl-python /path/to/venv/bin/python`, repeatable: e.g. one
 venv with TL 4.x, one with TL 3.9), as a subprocess running scripts/tl_baseline.py on the same
 checkpoint, so patch-run's venv never needs it; TL's resid_pre rows 1..L-1 are compared with ours.
