@@ -170,14 +170,16 @@ def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop:
     f = 4  # bytes of float32; half precision halves this, which the estimate leaves as a margin
     site_size = {"btc": T * C, "bhtd": T * C, "bhts": H * T * T}[SITES[site]]
     recordings = 2 * L * (4 * T * C + site_size + C) * f
-    peak = 0
-    for rows, pos in chunks:
-        R = len(rows) * (T if every else sum(T - p for p in pos))
-        width = config.n_inner + 8 * C + (H * T if site == "pattern" else 0)
-        logits = len(rows) * len(pos) * (config.vocab_size if lse else 2)
-        peak = max(peak, (R * width + logits) * f)
     cells = int(noop.numel())
-    return Plan(site, cells, cells - int(noop.sum()), len(chunks), recordings + peak)
+    return Plan(site, cells, cells - int(noop.sum()), len(chunks), recordings + chunk_bytes(config, T, site, every, lse, chunks))
+
+
+def chunk_bytes(config, T: int, site: str, every: bool, lse: bool, chunks) -> int:
+    """Estimated bytes of the largest chunk's activations (see plan)."""
+    C, f = config.n_embd, 4  # bytes of float32, as in plan
+    width = config.n_inner + 8 * C + (config.n_head * T if site == "pattern" else 0)
+    return max(((len(rows) * (T if every else sum(T - p for p in pos)) * width
+                 + len(rows) * len(pos) * (config.vocab_size if lse else 2)) * f for rows, pos in chunks), default=0)
 
 
 @torch.no_grad()
@@ -192,8 +194,8 @@ def _fast(model, base, site, slabs, source, target_id, foil_id, lse, every, max_
     done, total = 0, sum(len(rows) * len(pos) for rows, pos in chunks)
     # weights used more than once (several chunks) are worth reordering for oneDNN once, if memory allows
     # beside the largest chunk; a run of many sweeps (batch, study) holds model.packed() around them all
-    peak = plan(model.config, T, site, every, max_rows, lse, noop).peak_bytes if len(chunks) > 1 else 0
-    with model.packed(reserve=peak) if len(chunks) > 1 else contextlib.nullcontext():
+    several = len(chunks) > 1
+    with model.packed(reserve=chunk_bytes(model.config, T, site, every, lse, chunks)) if several else contextlib.nullcontext():
         for rows, pos in chunks:
             values = src[rows] if every else src[rows][:, pos]  # (n, T or nP, ...)
             got = forward_cells(model, base, site, [slabs[i] for i in rows], None if every else pos, values, ids)
