@@ -282,13 +282,16 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def check_memory(plan: engines.Plan, device: torch.device):
-    """Refuse, before recording anything, a sweep whose estimate exceeds the free memory."""
+    """Refuse, before recording anything, a sweep (or attribution estimate) whose estimate exceeds the
+    free memory."""
     free = available_memory(device)
     if free is not None and plan.peak_bytes > free:
-        fix = "shorten the prompt or use a smaller model" if plan.site == "pattern" else \
-            "lower --max-rows, shorten the prompt or use a smaller model"
+        chunked = plan.site != "pattern" and plan.method == "exact"  # --max-rows bounds its chunks
+        fix = "lower --max-rows, shorten the prompt or use a smaller model" if chunked else \
+            "shorten the prompt or use a smaller model"
         size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
-        raise PatchingError(f"this {plan.site} sweep needs about {size(plan.peak_bytes)} but {device.type} has "
+        what = "sweep" if plan.method == "exact" else "attribution estimate"
+        raise PatchingError(f"this {plan.site} {what} needs about {size(plan.peak_bytes)} but {device.type} has "
                             f"{size(free)} free: {fix}.")
 
 
@@ -388,8 +391,12 @@ def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, fo
     t0 = time.perf_counter()
     # memory first, before the recordings (a pattern recording alone can be the largest thing), with
     # every cell counted; the plan shown is made again below, when the no-op cells are known
-    check_memory(engines.plan(model.config, len(prep.clean_ids), site, settings.all_positions,
-                              settings.max_rows, lse, None), device)
+    def planned(noop):  # the exact sweep's plan, or an attribution estimate's
+        args = (model.config, len(prep.clean_ids), site, settings.all_positions, settings.max_rows, lse, noop)
+        return attribution.plan(*args, settings.qk_fix, settings.check) if settings.method == "attribution" \
+            else engines.plan(*args)
+
+    check_memory(planned(None), device)
     sites = [site] + (attribution.needed_sites(site, settings.qk_fix) if settings.method == "attribution" else [])
     rec_clean, rec_corrupt = engines.record(model, clean_ids, sites), engines.record(model, corrupt_ids, sites)
     for name, rec in (("clean", rec_clean), ("corrupt", rec_corrupt)):
@@ -404,8 +411,7 @@ def run(model: GPT, tok: BPETokenizer, clean: str, corrupt: str, target: str, fo
         raise PatchingError(f"recovery is undefined here: the clean and corrupt runs give the same logit difference "
                             f"up to float rounding ({d_clean:.6g} vs {d_corrupt:.6g}); use --metric logit-diff.")
     source = src[site][:, 0]
-    the_plan = engines.plan(model.config, len(prep.clean_ids), site, settings.all_positions, settings.max_rows, lse,
-                            engines.noop_cells(base, source, site, settings.all_positions))
+    the_plan = planned(engines.noop_cells(base, source, site, settings.all_positions))
     if plan:
         plan(the_plan)
     # recovery: 0 = the patched run's own value, 1 = the other run's, in either direction

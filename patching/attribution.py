@@ -19,6 +19,7 @@ as the exact sweep (engines.cells), so the two can be compared cell by cell; `co
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -33,6 +34,31 @@ QK_SITES = ("q", "k")
 def needed_sites(site: str, qk_fix: bool) -> list[str]:
     """What the base recording must hold beyond engines.record's: q and k for the QK fix."""
     return ["q", "k"] if qk_fix and site in QK_SITES else []
+
+
+def backward_bytes(config, T: int, site: str, qk_fix: bool) -> int:
+    """Estimated bytes of one estimate beside the recordings (float32, B = 1): what autograd keeps of
+    the forward (~18 floats per token and channel in a block, measured, counted as 20, and twice the
+    pattern where the site's gradient runs through it), a zero tap and its gradient per block, and
+    for the QK fix the base pattern and the patched ones it compares."""
+    L, H, C = config.n_layer, config.n_head, config.n_embd
+    through_pattern = site == "pattern" or (qk_fix and site in QK_SITES)
+    pattern = H * T * T
+    tap = pattern if through_pattern else T * C  # q/k/v/z hold H*T*hs = T*C per block too
+    floats = L * (20 * T * C + 2 * pattern * through_pattern + 2 * tap) + config.vocab_size
+    if qk_fix and site in QK_SITES:
+        floats += 3 * L * pattern
+    return 4 * floats
+
+
+def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop: torch.Tensor | None,
+         qk_fix: bool, check: bool) -> engines.Plan:
+    """engines.plan for an attribution estimate: the same cells; memory for the two recordings and the
+    larger of the backward and (with check) the exact sweep's largest chunk."""
+    exact = engines.plan(config, T, site, every, max_rows, lse, noop)
+    recordings = engines.recording_bytes(config, T, site)
+    work = max(backward_bytes(config, T, site, qk_fix), exact.peak_bytes - recordings if check else 0)
+    return dataclasses.replace(exact, method="attribution", check=check, peak_bytes=recordings + work)
 
 
 def _metric(metric: str, logits: torch.Tensor, target_id: int, foil_id: int, r_src, r_base) -> torch.Tensor:

@@ -145,33 +145,49 @@ def _chunks(noop: torch.Tensor, T: int, every: bool, max_rows: int, lse: bool) -
 
 @dataclass
 class Plan:
-    """What a sweep will do, known before it runs: cells, the live ones, chunks, estimated peak memory."""
+    """What a sweep will do, known before it runs: cells, the live ones, chunks, estimated peak memory;
+    method "attribution" (patching.attribution.plan): one backward estimates every cell, and with
+    check the exact sweep's live cells and chunks follow."""
 
     site: str
     cells: int
     live: int
     chunks: int
     peak_bytes: int
+    method: str = "exact"
+    check: bool = False
 
     def describe(self) -> str:
-        return (f"plan: {self.cells} patches at {self.site} ({self.live} to compute, the rest are no-ops), "
-                f"{self.chunks} chunk{'s' * (self.chunks != 1)}, estimated peak memory {self.peak_bytes / 2**20:.1f} MiB")
+        chunks = f"{self.chunks} chunk{'s' * (self.chunks != 1)}"
+        memory = f"estimated peak memory {self.peak_bytes / 2**20:.1f} MiB"
+        if self.method == "exact":
+            return (f"plan: {self.cells} patches at {self.site} ({self.live} to compute, the rest are no-ops), "
+                    f"{chunks}, {memory}")
+        check = f", then the exact sweep to check it: {self.live} to compute in {chunks}" if self.check else ""
+        return (f"plan: {self.cells} patches at {self.site} estimated by attribution patching: one forward and "
+                f"one backward{check}; {memory}")
 
 
 def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop: torch.Tensor | None) -> Plan:
     """The sweep's plan; noop from noop_cells (None before recording: every cell counted live).
     Memory: two recordings, plus the largest chunk's activations (MLP width, attention rows,
     the full pattern of its first block for `pattern`, full-vocabulary logits when lse)."""
-    L, H, C = config.n_layer, config.n_head, config.n_embd
+    L, H = config.n_layer, config.n_head
     n_slabs = L * H if SITES[site] != "btc" else L
     if noop is None:
         noop = torch.zeros(n_slabs, 1 if every else T, dtype=torch.bool)
     chunks = _chunks(noop, T, every, max_rows, lse)
+    cells = int(noop.numel())
+    return Plan(site, cells, cells - int(noop.sum()), len(chunks),
+                recording_bytes(config, T, site) + chunk_bytes(config, T, site, every, lse, chunks))
+
+
+def recording_bytes(config, T: int, site: str) -> int:
+    """Estimated bytes of the two recordings (see plan): block inputs and outputs, keys, values, the site."""
+    L, H, C = config.n_layer, config.n_head, config.n_embd
     f = 4  # bytes of float32; half precision halves this, which the estimate leaves as a margin
     site_size = {"btc": T * C, "bhtd": T * C, "bhts": H * T * T}[SITES[site]]
-    recordings = 2 * L * (4 * T * C + site_size + C) * f
-    cells = int(noop.numel())
-    return Plan(site, cells, cells - int(noop.sum()), len(chunks), recordings + chunk_bytes(config, T, site, every, lse, chunks))
+    return 2 * L * (4 * T * C + site_size + C) * f
 
 
 def chunk_bytes(config, T: int, site: str, every: bool, lse: bool, chunks) -> int:

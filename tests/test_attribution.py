@@ -283,3 +283,67 @@ def test_compare_ignores_rounding_noise_in_ranks_and_top_k():
     assert c["cells_above_noise"] == 2 and c["top_k"] == 2 and c["top_k_recall"] == 1.0
     assert c["noise_floor"] == pytest.approx(2e-4)
     assert c["spearman"] == pytest.approx(np.corrcoef([3, 3, 3, 1, 5], [3, 3, 3, 1, 5])[0, 1])
+
+
+# ----------------------------------------------------------------------------- its plan and memory
+
+
+def saved_for_backward(model, site, T_, qk_fix) -> int:
+    """Bytes autograd keeps for one estimate's backward (attribution.gradients), parameters excluded:
+    the reference for backward_bytes, read from autograd's own saved-tensor hooks."""
+    ids = torch.randint(0, model.config.vocab_size, (1, T_), generator=torch.Generator().manual_seed(0))
+    base = engines.record(model, ids, [site] + attribution.needed_sites(site, qk_fix))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    r = torch.zeros(3)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attribution.gradients(model, ids, base, "pattern" if qk_fix and site in attribution.QK_SITES else site,
+                              "prob-diff", TARGET, FOIL, r, r)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("site, qk_fix", [("resid_pre", True), ("z", True), ("v", True), ("pattern", True),
+                                          ("q", True), ("k", False)])
+@pytest.mark.parametrize("T_", [8, 48])
+def test_backward_bytes_bounds_what_autograd_keeps(site, qk_fix, T_):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=64)).eval()
+    saved = saved_for_backward(model, site, T_, qk_fix)
+    estimate = attribution.backward_bytes(model.config, T_, site, qk_fix)
+    assert saved <= estimate <= 3 * saved, (saved, estimate)
+
+
+def test_attribution_plan_is_its_own(tiny_ckpt, tmp_path, monkeypatch):
+    """--dry-run describes the estimate (one backward), --check adds the exact sweep, and the memory
+    check uses the method's own plan: with room for one but not the other, only that one runs."""
+    rc, out, err = cli([*PAIR, "--model", str(tiny_ckpt), "--method", "attribution", "--dry-run"])
+    assert rc == 0, err
+    assert out.startswith("plan: ") and "estimated by attribution patching: one forward and one backward;" in out
+    assert "chunk" not in out
+    rc, out, err = cli([*PAIR, "--model", str(tiny_ckpt), "--method", "attribution", "--check", "--dry-run"])
+    assert rc == 0 and "then the exact sweep to check it: " in out and "1 chunk" in out
+    rc, exact_out, _ = cli([*PAIR, "--model", str(tiny_ckpt), "--site", "pattern", "--dry-run"])
+    rc, attr_out, _ = cli([*PAIR, "--model", str(tiny_ckpt), "--site", "pattern", "--method", "attribution", "--dry-run"])
+    mib = lambda text: float(text.split("estimated peak memory ")[1].split(" MiB")[0])  # noqa: E731
+    lo, hi = sorted([mib(exact_out), mib(attr_out)])
+    assert lo < hi
+    from patching import api
+    monkeypatch.setattr(api, "available_memory", lambda device: int((lo + hi) / 2 * 2**20))
+    results = {}
+    for method in ("exact", "attribution"):
+        rc, _, err = cli([*PAIR, "--model", str(tiny_ckpt), "--site", "pattern", "--method", method,
+                          "--out", str(tmp_path / method)])
+        results[method] = (rc, err)
+    small = "exact" if mib(exact_out) == lo else "attribution"
+    big = "attribution" if small == "exact" else "exact"
+    assert results[small][0] == 0, results[small][1]
+    rc, err = results[big]
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "shorten the prompt" in err
+    assert ("attribution estimate needs about" in err) == (big == "attribution") and "--max-rows" not in err
+    assert not (tmp_path / big).exists()
