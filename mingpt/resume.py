@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mingpt.sites import HEAD_SITES, NO_SITES, At, Edits
+from mingpt.sites import HEAD_SITES, At, Edits
 
 BUCKET_ROWS = 32  # rows of short groups that share one attention call
 SHORT_KEYS = 128  # attention over at most this many keys is written out (see _attend)
