@@ -14,20 +14,23 @@ run's input, so their q, k and v are the base run's (when the recording has q); 
 only each group's last row is needed for the logits, so the other rows give their keys and values
 only. Only the wanted columns of the unembedding are formed.
 
-Attention runs per *bucket* of consecutive groups (at most BUCKET_ROWS rows, or one group): its
-queries see the base keys before their group's position and their own group's keys, by a mask.
-Short groups share one call; long groups stay alone, where a shared call would mostly compute
-masked-out scores.
+Attention: each row sees the base keys before its group's position and its own group's keys up to
+itself. mingpt.ragged computes exactly those, for the whole batch in one compiled call. Where that
+kernel is not available (or for half precision, or a GPU), torch ops run it per *bucket* of
+consecutive groups (at most BUCKET_ROWS rows, or one group) with a mask: short groups share one
+call; long groups stay alone, where a shared call would mostly compute masked-out scores.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import math
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
+from mingpt import ragged
 from mingpt.sites import HEAD_SITES, At, Edits
 
 BUCKET_ROWS = 32  # rows of short groups that share one attention call
@@ -199,9 +202,21 @@ class _Layout:
             rows += S
         members += [cur] if cur else []
         self.buckets = [(max(groups[i][0] for i in m), groups[m[0]][1], sum(groups[i][2] for i in m), m) for m in members]
-        additive = lambda m: torch.zeros(m.shape).masked_fill_(~m, float("-inf")).to(device)  # noqa: E731
-        self.mask_rows = [additive(self.mask(b, None)) for b in self.buckets]
-        self.mask_last = [additive(self.mask(b, last.cpu())) for b in self.buckets]
+        self.table = ragged.table(groups)  # the groups as the compiled kernel reads them
+        self.last, self.device = last, device
+
+    @cached_property
+    def mask_rows(self) -> list[torch.Tensor]:
+        """Each bucket's additive mask for all its rows (torch's attention only: the kernel needs none)."""
+        return [self._additive(self.mask(b, None)) for b in self.buckets]
+
+    @cached_property
+    def mask_last(self) -> list[torch.Tensor]:
+        """Each bucket's additive mask for its groups' last rows."""
+        return [self._additive(self.mask(b, self.last.cpu())) for b in self.buckets]
+
+    def _additive(self, m: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(m.shape).masked_fill_(~m, float("-inf")).to(self.device)
 
     def mask(self, bucket, last) -> torch.Tensor:
         """(queries, P + S) True where a query may look: base keys before its group's position, and its
@@ -237,11 +252,15 @@ class _Groups:
 
     def fill(self, z, q, k, v):
         """z (n, R, nh, hs) <- attention of every row; q, k, v (n, nh, R, hs)."""
+        if ragged.attend(q, k, v, self.prefix, self.layout.table, z):  # only the visible keys, in one call
+            return
         for (P, start, S, _), mask in zip(self.layout.buckets, self.layout.mask_rows):
             z[:, start:start + S] = _attend(q[:, :, start:start + S], *self.keys(k, v, P, start, S), mask)
 
     def fill_last(self, z, q, k, v):
         """z (n, G, nh, hs) <- attention of each group's last row only: q (n, nh, G, hs), k, v (n, nh, R, hs)."""
+        if ragged.attend(q, k, v, self.prefix, self.layout.table, z, last_only=True):
+            return
         for (P, start, S, members), mask in zip(self.layout.buckets, self.layout.mask_last):
             g = slice(members[0], members[-1] + 1)
             z[:, g] = _attend(q[:, :, g], *self.keys(k, v, P, start, S), mask)

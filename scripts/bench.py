@@ -53,6 +53,7 @@ import torch  # noqa: E402
 SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 sys.path.insert(0, str(ROOT))
+from mingpt import ragged  # noqa: E402
 from mingpt.bpe import gpt2_vocabulary  # noqa: E402
 from mingpt.model import GPT, GPTConfig, Linear, dense  # noqa: E402
 from patching import engines  # noqa: E402
@@ -247,7 +248,7 @@ def machine() -> str:
         pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"{cpu}, {os.cpu_count()} cores, kernels {torch.backends.cpu.get_cpu_capability()}, "
-            f"{torch.get_num_threads()} threads; load average {load}")
+            f"{torch.get_num_threads()} threads; sweep attention: {ragged.status()}; load average {load}")
 
 
 # ----------------------------------------------------------------------------- TransformerLens

@@ -5,12 +5,16 @@
 - the MLP's row slices of long batches against one slice;
 - mingpt.resume's attention buckets (any bucket size) and its first-block saving (the base run's
   q, k, v reused) against the loop oracle, and against the resumed forward without the saving;
+- mingpt.ragged's compiled attention against a plain per-row softmax and against the torch buckets,
+  sweeps that use it against the loop, and the torch fallback when it cannot be built;
 - patching.painter: the helper process draws the same PNG bytes as this process, the fallback when
   the helper is gone, and which arguments start one.
 """
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close
 from mingpt import model as model_module
-from mingpt import resume
+from mingpt import ragged, resume
 from mingpt.model import ACTIVATIONS, GPT, GPTConfig, Recording, dense
 from patching import engines, painter
 
@@ -107,7 +111,8 @@ def _pair(T, differ, seed=5, vocab=53):
 def test_attention_buckets_of_any_size_equal_the_loop(monkeypatch, bucket_rows, site, short_keys):
     """Every bucket size (one group per call, some groups together, all groups in one call), with
     the fused or the written-out attention, gives the loop oracle's numbers; T=30 with several
-    differing positions makes groups of many lengths."""
+    differing positions makes groups of many lengths. (The torch ops' attention: the kernel off.)"""
+    monkeypatch.setattr(ragged, "enabled", False)
     monkeypatch.setattr(resume, "BUCKET_ROWS", bucket_rows)
     monkeypatch.setattr(resume, "SHORT_KEYS", short_keys)
     model = random_model(seed=6)
@@ -267,6 +272,147 @@ def test_sweeps_with_packed_weights_equal_the_loop():
         two = engines.sweep(model, corrupt, rk, rc["z"][:, 0], "z", 3, 4, False)
     for got in (one, two):
         assert_close(got[..., :2], loop[..., :2], scale=loop[..., :2].abs().max())
+
+
+# ----------------------------------------------------------------------------- compiled attention
+
+HAS_CC = bool(os.environ.get("CC") or any(map(shutil.which, ("cc", "gcc", "clang"))))
+needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the kernel cannot be built here (torch ops run)")
+
+
+def _ragged_case(n, nh, hs, groups, seed):
+    """q, k, v (n, nh, R, hs) as strided views of one c_attn-like output, and the base run's prefix."""
+    g = torch.Generator().manual_seed(seed)
+    R, T = sum(S for _, _, S in groups), max(p + S for p, _, S in groups)
+    qkv = torch.randn(n, R, 3, nh, hs, generator=g) * 2  # scores of a few units: a real softmax, not uniform
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    prefix = tuple(torch.randn(T, nh, hs, generator=g).transpose(0, 1) for _ in range(2))  # (nh, T, hs), strided
+    return q, k, v, prefix
+
+
+def _per_row(q, k, v, prefix, groups, rows):
+    """The plain reference: for each query row (rows: indices into q's rows), softmax over exactly the
+    keys it sees, in float64; (n, len(rows), nh, hs)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    pk, pv = (t.double() for t in prefix)
+    out = torch.empty(q.shape[0], len(rows), q.shape[1], q.shape[3], dtype=torch.float64)
+    for j, r in enumerate(rows):
+        p, start, _ = next(gr for gr in groups if gr[1] <= r < gr[1] + gr[2])
+        keys = torch.cat([pk[None, :, :p].expand(len(q), -1, -1, -1), k[:, :, start:r + 1]], dim=2)
+        vals = torch.cat([pv[None, :, :p].expand(len(q), -1, -1, -1), v[:, :, start:r + 1]], dim=2)
+        w = torch.softmax(torch.einsum("nhd,nhkd->nhk", q[:, :, r], keys) / math.sqrt(q.shape[-1]), dim=-1)
+        out[:, j] = torch.einsum("nhk,nhkd->nhd", w, vals)
+    return out
+
+
+@needs_cc
+@pytest.mark.parametrize("hs", [8, 16, 20, 64, 72])
+@pytest.mark.parametrize("last_only", [False, True])
+def test_ragged_kernel_equals_per_row_softmax_and_torch_buckets(hs, last_only, monkeypatch):
+    """Groups starting at position 0 (no base keys), short and long (up to 70 keys: several vectors of
+    scores), head sizes with and without a scalar tail: the kernel's z equals a float64 per-row
+    softmax and the torch buckets' z, and it writes every row."""
+    assert ragged._kernel()[0] is not None, ragged.status()
+    groups, start = [], 0
+    for p, S in [(0, 70), (3, 67), (40, 30), (68, 2), (69, 1)]:
+        groups.append((p, start, S))
+        start += S
+    n, nh = 3, 2
+    q, k, v, prefix = _ragged_case(n, nh, hs, groups, seed=hs)
+    last = torch.tensor([st + S - 1 for _, st, S in groups])
+    rows = last.tolist() if last_only else list(range(start))  # the query rows, in z's order
+    qq = q[:, :, last] if last_only else q
+    z = torch.full((n, len(rows), nh, hs), float("nan"))
+    assert ragged.attend(qq, k, v, prefix, ragged.table(groups), z, last_only)
+    want = _per_row(q, k, v, prefix, groups, rows)
+    assert_close(z, want, scale=want.abs().max(), what="kernel vs per-row softmax")
+    # the torch buckets, as resume runs them without the kernel
+    monkeypatch.setattr(ragged, "enabled", False)
+    mix = resume._Groups(None, resume._Layout(groups, last, "cpu"), prefix)
+    zt = torch.full_like(z, float("nan"))
+    (mix.fill_last if last_only else mix.fill)(zt, qq, k, v)
+    assert_close(z, zt, scale=zt.abs().max(), what="kernel vs torch buckets")
+
+
+@needs_cc
+@pytest.mark.parametrize("site", ["resid_pre", "resid_post", "attn_out", "mlp_out", "q", "k", "v", "z"])
+def test_sweeps_with_the_kernel_equal_the_loop(site, monkeypatch):
+    """Every site's fast sweep runs its attention in the kernel (each call is counted) and equals the
+    loop oracle; a head size of 16 gives the kernel whole vectors (the suite's small models have 8)."""
+    calls = []
+    real = ragged.attend
+    monkeypatch.setattr(ragged, "attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = random_model(seed=13, n_embd=32, n_head=2)
+    clean, corrupt = _pair(24, [1, 9, 17])
+    rc, rk = engines.record(model, clean, [site]), engines.record(model, corrupt, [site])
+    fast = engines.sweep(model, corrupt, rk, rc[site][:, 0], site, 3, 4, True, engine="fast")
+    loop = engines.sweep(model, corrupt, rk, rc[site][:, 0], site, 3, 4, True, engine="loop")
+    assert calls and all(calls), "the sweep did not use the kernel"
+    assert_close(fast[..., :2], loop[..., :2], scale=loop[..., :2].abs().max())
+
+
+def test_ragged_kernel_declines_what_it_cannot_compute():
+    """Half precision (and a non-contiguous head dimension) go to torch ops: attend says False and
+    leaves z alone."""
+    groups = [(0, 0, 3), (1, 3, 2)]
+    q, k, v, prefix = _ragged_case(1, 2, 16, groups, seed=1)
+    z = torch.zeros(1, 5, 2, 16)
+    assert not ragged.attend(q.half(), k.half(), v.half(), tuple(t.half() for t in prefix), ragged.table(groups),
+                             z.half())
+    across = torch.randn(1, 2, 16, 5).transpose(-1, -2)  # (1, 2, 5, 16), its head dimension strided
+    assert not ragged.attend(across, k, v, prefix, ragged.table(groups), z)
+    assert z.abs().max() == 0
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """ragged's build state reset, its cache in tmp_path; the real kernel is back afterwards."""
+    monkeypatch.setenv("PATCH_RUN_CACHE", str(tmp_path))
+    ragged._kernel.cache_clear()
+    yield tmp_path
+    ragged._kernel.cache_clear()
+
+
+def test_without_a_compiler_sweeps_use_torch_ops(fresh_kernel, monkeypatch):
+    """No compiler at all, or one that fails: the status says so in a line, attend declines, a failed
+    build is remembered in the cache (not retried by every process), and sweeps still equal the loop."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(ragged.shutil, "which", lambda name: None)
+    assert ragged.status() == "torch ops (no C compiler found: set CC to one)"
+    ragged._kernel.cache_clear()
+    broken = fresh_kernel / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: error: this compiler is broken' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    assert ragged.status().startswith("torch ops (no usable C kernel: ")
+    assert "this compiler is broken" in ragged.status()
+    assert len(list(fresh_kernel.glob("*.failed"))) == len(ragged.FLAGS)
+    groups = [(0, 0, 2)]
+    q, k, v, prefix = _ragged_case(1, 1, 16, groups, seed=2)
+    assert not ragged.attend(q, k, v, prefix, ragged.table(groups), torch.empty(1, 2, 1, 16))
+    model = random_model(seed=14, n_embd=32, n_head=2)
+    clean, corrupt = _pair(12, [2, 7])
+    rc, rk = engines.record(model, clean), engines.record(model, corrupt)
+    fast = engines.sweep(model, corrupt, rk, rc.resid[:, 0], "resid_post", 3, 4, False)
+    loop = engines.sweep(model, corrupt, rk, rc.resid[:, 0], "resid_post", 3, 4, False, engine="loop")
+    assert_close(fast[..., :2], loop[..., :2], scale=loop[..., :2].abs().max())
+
+
+@needs_cc
+def test_kernel_is_built_once_and_loaded_from_the_cache(fresh_kernel):
+    """The first load builds into the cache (one file for this source, compiler, flags and CPU); a
+    second process loads that file without compiling."""
+    assert ragged.status().startswith("C kernel ("), ragged.status()
+    built = list(fresh_kernel.glob("ragged-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    code = ("import torch\nfrom mingpt import ragged\n"
+            "def again(*args): raise SystemExit('compiled again')\n"
+            "ragged._compile = again\nprint(ragged.status())\n")
+    env = {**os.environ, "PATCH_RUN_CACHE": str(fresh_kernel), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("C kernel ("), out.stdout + out.stderr
+    assert built[0].stat().st_mtime_ns == stamp
 
 
 # ----------------------------------------------------------------------------- painter

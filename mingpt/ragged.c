@@ -1,0 +1,158 @@
+/* Causal softmax attention over ragged row groups, float32: the inner loop of mingpt/resume.py.
+ *
+ * A batch holds n slabs; each slab's rows are groups g = (pos, start, size): rows start..start+size-1
+ * are positions pos..pos+size-1 of one patched run. Row i of group g (position pos+i) attends to the
+ * base run's keys 0..pos-1 (pk, pv: one copy shared by every slab) and to its own group's rows
+ * start..start+i. Only those keys are visited, so no score is computed to be masked away.
+ *
+ * Vectors are GCC/Clang vector extensions (16 floats), lowered to whatever the compiler targets;
+ * head sizes that are not a multiple of 16 finish with scalar tails. Work is split over (slab, head)
+ * pairs between the OpenMP threads of the caller (torch's own runtime once torch is loaded).
+ * Compiled and loaded by mingpt/ragged.py; every number is checked there against torch at load and
+ * in tests/test_kernels.py.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef int64_t i64;
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4)));  /* unaligned loads and stores */
+typedef int32_t vi __attribute__((vector_size(64)));
+
+#define W 16        /* floats per vector */
+#define MAX_CHUNKS 16  /* head sizes up to 256 (GPT-2's are 64) */
+
+static inline vf load(const float* p) { return *(const vfu*)p; }
+
+static inline float sum16(vf a) {  /* tree reduction: 4 shuffles, not 15 scalar adds */
+    a += __builtin_shuffle(a, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    a += __builtin_shuffle(a, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    a += __builtin_shuffle(a, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    a += __builtin_shuffle(a, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return a[0];
+}
+
+static inline vf max2(vf a, vf b) { vi gt = a > b; return (vf)(((vi)a & gt) | ((vi)b & ~gt)); }
+
+static inline float max16(vf a) {
+    a = max2(a, __builtin_shuffle(a, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+    a = max2(a, __builtin_shuffle(a, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+    a = max2(a, __builtin_shuffle(a, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+    a = max2(a, __builtin_shuffle(a, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+    return a[0];
+}
+
+/* e^x lane-wise for x <= 0 (a score minus the row's largest): 2^k e^r with k = round(x / ln 2),
+ * |r| <= ln2 / 2 (ln 2 split in two for an exact r), e^r by its degree-6 Taylor polynomial
+ * (truncation < 2e-7 relative); x < -87 (e^x below float32's normal range) gives 0. */
+static inline vf exp_neg(vf x) {
+    const float shift = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    vf k = (x * 1.44269504088896341f + shift) - shift;
+    vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    vf p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    vi bits = (vi)p + (__builtin_convertvector(k, vi) << 23);  /* times 2^k, in the exponent field */
+    return (vf)(bits & (x >= -87.0f));
+}
+
+typedef struct {
+    i64 n, nh, hs, G, last_only;
+    const i64 *pos, *start, *size;
+    const float *q, *k, *v, *pk, *pv;
+    float* z;
+    i64 qs[3], ks[3], vs[3], pks[2], pvs[2], zs[3];  /* strides: (slab, head, row), (head, row), z (slab, row, head) */
+    float scale;
+} job;
+
+static inline float dot(const i64 C, const i64 tail, const vf* qv, const float* qt, const float* kp) {
+    vf acc = {0};
+    for (i64 c = 0; c < C; c++) acc += qv[c] * load(kp + W * c);
+    float s = C ? sum16(acc) : 0.0f;
+    for (i64 d = 0; d < tail; d++) s += qt[d] * kp[W * C + d];
+    return s;
+}
+
+/* Every query row of slab s, head h. C: whole vectors per head (a constant where inlined), tail: the
+ * rest; sc: scratch for one row's scores, padded to whole vectors. */
+static inline __attribute__((always_inline)) void slab_head(const i64 C, const job* J, i64 s, i64 h, float* sc) {
+    const i64 tail = J->hs - W * C;
+    const float* kb = J->k + s * J->ks[0] + h * J->ks[1];
+    const float* vb = J->v + s * J->vs[0] + h * J->vs[1];
+    const float* pkb = J->pk + h * J->pks[0];
+    const float* pvb = J->pv + h * J->pvs[0];
+    for (i64 g = 0; g < J->G; g++) {
+        const i64 p = J->pos[g], a = J->start[g], S = J->size[g];
+        for (i64 i = J->last_only ? S - 1 : 0; i < S; i++) {
+            const i64 row = J->last_only ? g : a + i, keys = p + i + 1, padded = (keys + W - 1) / W * W;
+            const float* qp = J->q + s * J->qs[0] + h * J->qs[1] + row * J->qs[2];
+            vf qv[MAX_CHUNKS], o[MAX_CHUNKS];
+            float qt[W], ot[W];
+            for (i64 c = 0; c < C; c++) qv[c] = load(qp + W * c) * J->scale;
+            for (i64 d = 0; d < tail; d++) qt[d] = qp[W * C + d] * J->scale;
+            for (i64 j = 0; j < p; j++) sc[j] = dot(C, tail, qv, qt, pkb + j * J->pks[1]);
+            for (i64 j = 0; j <= i; j++) sc[p + j] = dot(C, tail, qv, qt, kb + (a + j) * J->ks[2]);
+            for (i64 j = keys; j < padded; j++) sc[j] = -1e30f;  /* exp gives 0 */
+            vf m = *(vf*)sc, total = {0};
+            for (i64 j = W; j < padded; j += W) m = max2(m, *(vf*)(sc + j));
+            const float top = max16(m);
+            for (i64 j = 0; j < padded; j += W) {
+                vf e = exp_neg(*(vf*)(sc + j) - top);
+                *(vf*)(sc + j) = e;
+                total += e;
+            }
+            for (i64 c = 0; c < C; c++) o[c] = (vf){0};
+            for (i64 d = 0; d < tail; d++) ot[d] = 0.0f;
+            for (i64 j = 0; j < keys; j++) {
+                const float* vp = j < p ? pvb + j * J->pvs[1] : vb + (a + j - p) * J->vs[2];
+                const float w = sc[j];
+                for (i64 c = 0; c < C; c++) o[c] += w * load(vp + W * c);
+                for (i64 d = 0; d < tail; d++) ot[d] += w * vp[W * C + d];
+            }
+            const float inv = 1.0f / sum16(total);
+            float* zp = J->z + s * J->zs[0] + row * J->zs[1] + h * J->zs[2];
+            for (i64 c = 0; c < C; c++) *(vfu*)(zp + W * c) = o[c] * inv;
+            for (i64 d = 0; d < tail; d++) zp[W * C + d] = ot[d] * inv;
+        }
+    }
+}
+
+/* meta: n, nh, hs, G, last_only, then the strides (q 3, k 3, v 3, pk 2, pv 2, z 3); groups: pos[G],
+ * start[G], size[G]. With last_only, q and z hold one row per group (its last), indexed by g.
+ * Returns 0, or 1 if scratch memory could not be had, 2 if the head size is over 16 * MAX_CHUNKS. */
+int ragged_attend(const i64* meta, const i64* groups, const float* q, const float* k, const float* v,
+                  const float* pk, const float* pv, float* z, float scale) {
+    job J = {meta[0], meta[1], meta[2], meta[3], meta[4], groups, groups + meta[3], groups + 2 * meta[3],
+             q, k, v, pk, pv, z, {meta[5], meta[6], meta[7]}, {meta[8], meta[9], meta[10]},
+             {meta[11], meta[12], meta[13]}, {meta[14], meta[15]}, {meta[16], meta[17]},
+             {meta[18], meta[19], meta[20]}, scale};
+    const i64 C = J.hs / W;
+    if (C > MAX_CHUNKS) return 2;
+    i64 T = 1;
+    for (i64 g = 0; g < J.G; g++) T = J.pos[g] + J.size[g] > T ? J.pos[g] + J.size[g] : T;
+    const i64 padded = (T + W - 1) / W * W;
+    int failed = 0;
+#pragma omp parallel
+    {
+        int threads = 1, id = 0;
+#ifdef _OPENMP
+        threads = omp_get_num_threads();
+        id = omp_get_thread_num();
+#endif
+        i64 items = J.n * J.nh, lo = items * id / threads, hi = items * (id + 1) / threads;
+        float* sc = aligned_alloc(64, sizeof(float) * padded);
+        if (!sc) {
+            failed = 1;
+            hi = lo;
+        }
+        for (i64 it = lo; it < hi; it++) {
+            if (C == 4 && J.hs == 64)
+                slab_head(4, &J, it / J.nh, it % J.nh, sc);  /* GPT-2's head size, unrolled */
+            else
+                slab_head(C, &J, it / J.nh, it % J.nh, sc);
+        }
+        free(sc);
+    }
+    return failed;
+}

@@ -1,0 +1,177 @@
+"""Causal attention over ragged row groups in one compiled call: the inner loop of mingpt.resume.
+
+mingpt.resume runs the patched copies of a prompt's suffixes as one batch of row groups; a row of
+group (p, start, S) attends to the base run's keys before position p and to its own group's rows up
+to itself. In torch ops that is many small batched matmuls over buckets of groups, padded and masked
+(at 11 tokens over 4x the scores needed, in ~40 calls per sweep), and on a CPU it costs ~5% of a
+GPT-2-small sweep. ragged.c visits only the visible keys, for every slab, head and row, in one call.
+
+The kernel is compiled on first use with the system's C compiler (CC, else cc, gcc or clang) for
+this CPU (-march=native, OpenMP: torch's own threads once torch is loaded) into a per-user cache
+(PATCH_RUN_CACHE, else $XDG_CACHE_HOME/patch-run or ~/.cache/patch-run), one file per source,
+compiler, flags and CPU, loaded with ctypes (no Python headers needed), and checked once per process
+against torch on small cases. Where there is no compiler, or no build loads or passes the check,
+`attend` returns False and mingpt.resume computes the same attention with torch ops; `status()` says
+which runs and why. PATCH_RUN_ATTENTION=torch turns the kernel off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ragged.c")
+FLAGS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))  # tried in order
+MAX_HEAD = 256  # ragged.c's MAX_CHUNKS * 16
+
+enabled = os.environ.get("PATCH_RUN_ATTENTION", "c") != "torch"
+
+
+def status() -> str:
+    """Which attention mingpt.resume uses here, in a few words (with the reason when it is torch's)."""
+    if not enabled:
+        return "torch ops (PATCH_RUN_ATTENTION=torch)"
+    return _kernel()[1]
+
+
+def table(groups) -> ctypes.Array:
+    """The groups [(p, start, S), ...] as ragged.c reads them: all positions, all starts, all sizes."""
+    return (ctypes.c_int64 * (3 * len(groups)))(*(g[i] for i in range(3) for g in groups))
+
+
+def attend(q, k, v, prefix, groups: ctypes.Array, z, last_only: bool = False) -> bool:
+    """Write z (n, rows, nh, hs) <- softmax(q k^T / sqrt(hs)) v over each row's visible keys, with
+    q, k, v (n, nh, R, hs) and prefix the base run's (keys, values), (nh, T, hs) each; groups from
+    table(). With last_only, q and z hold each group's last row only ((n, nh, G, hs), (n, G, nh, hs)).
+    Returns False, leaving z alone, where the kernel is off or missing or the tensors are not float32
+    CPU tensors whose last dimension is contiguous: the caller then uses torch ops."""
+    if not enabled:
+        return False
+    run = _kernel()[0]
+    tensors = (q, k, v, *prefix, z)
+    if run is None or q.shape[-1] > MAX_HEAD or any(
+            t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors):
+        return False
+    n, nh, _, hs = q.shape
+    pk, pv = prefix
+    meta = (ctypes.c_int64 * 21)(n, nh, hs, len(groups) // 3, int(last_only), *q.stride()[:3], *k.stride()[:3],
+                                 *v.stride()[:3], *pk.stride()[:2], *pv.stride()[:2], *z.stride()[:3])
+    code = run(meta, groups, *(t.data_ptr() for t in tensors), 1.0 / math.sqrt(hs))
+    if code:  # 1: no scratch memory (a few KiB per thread); 2 cannot happen after the MAX_HEAD test
+        raise MemoryError(f"the attention kernel could not run (code {code})")
+    return True
+
+
+@lru_cache(maxsize=1)
+def _kernel():
+    """(the loaded ragged_attend, or None; the status line)."""
+    cc = os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+    if not cc:
+        return None, "torch ops (no C compiler found: set CC to one)"
+    code, cache, why = SOURCE.read_bytes(), _cache_dir(), "no build was tried"
+    for flags in FLAGS:
+        key = hashlib.sha256(b"\0".join([code, cc.encode(), " ".join(flags).encode(), _cpu().encode()]))
+        lib = cache / f"ragged-{key.hexdigest()[:16]}.so"
+        failed = lib.with_suffix(".failed")  # a build that failed once is not retried by every process
+        if failed.exists():
+            why = failed.read_text()
+            continue
+        if not lib.exists() and (why := _compile(cc, flags, lib)):
+            _write(failed, why)
+            continue
+        try:
+            run = ctypes.CDLL(str(lib)).ragged_attend
+        except (OSError, AttributeError) as e:
+            why = f"{lib} did not load: {e}"
+            continue
+        run.restype, run.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_float]
+        if not _agrees(run):
+            why = f"{lib} disagreed with torch"
+            continue
+        return run, f"C kernel ({Path(cc).name} {' '.join(flags)})"
+    return None, f"torch ops (no usable C kernel: {why})"
+
+
+def _compile(cc: str, flags, lib: Path) -> str | None:
+    """Build lib from SOURCE; None, or the compiler's first complaint."""
+    import subprocess  # only here: most runs load the cached build
+
+    tmp = lib.with_name(f"{lib.stem}.{os.getpid()}.tmp")  # renamed into place: concurrent builds never see half a file
+    try:
+        done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
+                              capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{cc}: {e}"
+    if done.returncode or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
+        return f"{cc} {' '.join(flags)}: {lines[0].strip()}"
+    os.replace(tmp, lib)
+    return None
+
+
+def _cache_dir() -> Path:
+    """The per-user build cache, or a fresh temporary folder where that cannot be written."""
+    base = os.environ.get("PATCH_RUN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patch-run"
+    try:
+        Path(base).mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return Path(base)
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="patch-run-"))
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError:
+        pass  # only a cache: the build is tried again next time
+
+
+def _cpu() -> str:
+    """What -march=native depends on: the CPU's feature flags (Linux), else its name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _agrees(run) -> bool:
+    """The freshly loaded kernel against torch on two small cases (a head size of whole vectors, and
+    one with a scalar tail; groups of several lengths, all rows and last rows only)."""
+    g = torch.Generator().manual_seed(0)
+    groups = [(0, 0, 5), (2, 5, 3), (4, 8, 1)]  # T = 5
+    ok = True
+    for hs in (64, 20):
+        qkv = torch.randn(2, 9, 3, 2, hs, generator=g)  # (n, R, q|k|v, nh, hs): strided views, as resume passes
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (n, nh, R, hs)
+        prefix = tuple(torch.randn(2, 5, hs, generator=g) for _ in range(2))
+        for last in (False, True):
+            rows = [start + S - 1 for _, start, S in groups] if last else list(range(9))
+            qq = q[:, :, rows]
+            z = torch.full((2, len(rows), 2, hs), float("nan"))
+            meta = (ctypes.c_int64 * 21)(2, 2, hs, 3, int(last), *qq.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                         *prefix[0].stride()[:2], *prefix[1].stride()[:2], *z.stride()[:3])
+            tensors = (qq, k, v, *prefix, z)
+            if run(meta, table(groups), *(t.data_ptr() for t in tensors), 1.0 / math.sqrt(hs)):
+                return False
+            want = torch.empty_like(z)
+            for j, r in enumerate(rows):
+                p, start, _ = next(gr for gr in groups if gr[1] <= r < gr[1] + gr[2])
+                keys = torch.cat([prefix[0][None, :, :p].expand(2, -1, -1, -1), k[:, :, start:r + 1]], dim=2)
+                vals = torch.cat([prefix[1][None, :, :p].expand(2, -1, -1, -1), v[:, :, start:r + 1]], dim=2)
+                w = torch.softmax((q[:, :, r, None] @ keys.transpose(-2, -1)) / math.sqrt(hs), dim=-1)
+                want[:, j] = (w @ vals)[:, :, 0]  # (n, nh, hs)
+            ok &= bool(((z - want).abs().max() <= 1e-5 * want.abs().max()).item())
+    return ok
