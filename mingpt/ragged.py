@@ -148,30 +148,31 @@ def _cpu() -> str:
 
 
 def _agrees(run) -> bool:
-    """The freshly loaded kernel against torch on two small cases (a head size of whole vectors, and
-    one with a scalar tail; groups of several lengths, all rows and last rows only)."""
+    """The freshly loaded kernel against torch on small cases: head sizes of whole vectors (GPT-2's
+    64) and with a scalar tail, groups of several lengths, all rows and last rows only."""
     g = torch.Generator().manual_seed(0)
-    groups = [(0, 0, 5), (2, 5, 3), (4, 8, 1)]  # T = 5
+    groups, T, R, n, nh = [(0, 0, 5), (2, 5, 3), (4, 8, 1)], 5, 9, 2, 2
+    # (R, T + R): row r of group (p, start, S) sees base keys < p and its group's rows start..r
+    sees = torch.zeros(R, T + R, dtype=torch.bool)
+    for p, start, S in groups:
+        for r in range(start, start + S):
+            sees[r, :p] = True
+            sees[r, T + start:T + r + 1] = True
     ok = True
     for hs in (64, 20):
-        qkv = torch.randn(2, 9, 3, 2, hs, generator=g)  # (n, R, q|k|v, nh, hs): strided views, as resume passes
+        qkv = torch.randn(n, R, 3, nh, hs, generator=g)  # (n, R, q|k|v, nh, hs): strided views, as resume passes
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (n, nh, R, hs)
-        prefix = tuple(torch.randn(2, 5, hs, generator=g) for _ in range(2))
+        prefix = [torch.randn(nh, T, hs, generator=g) for _ in range(2)]
+        keys, values = (torch.cat([b[None].expand(n, -1, -1, -1), own], dim=2) for b, own in zip(prefix, (k, v)))
+        w = (q @ keys.transpose(-2, -1) / math.sqrt(hs)).masked_fill(~sees, float("-inf")).softmax(-1)
+        want = (w @ values).transpose(1, 2)  # (n, R, nh, hs)
         for last in (False, True):
-            rows = [start + S - 1 for _, start, S in groups] if last else list(range(9))
-            qq = q[:, :, rows]
-            z = torch.full((2, len(rows), 2, hs), float("nan"))
-            meta = (ctypes.c_int64 * 21)(2, 2, hs, 3, int(last), *qq.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                                         *prefix[0].stride()[:2], *prefix[1].stride()[:2], *z.stride()[:3])
-            tensors = (qq, k, v, *prefix, z)
-            if run(meta, table(groups), *(t.data_ptr() for t in tensors), 1.0 / math.sqrt(hs)):
+            rows = [start + S - 1 for _, start, S in groups] if last else list(range(R))
+            qq, z = q[:, :, rows], torch.full((n, len(rows), nh, hs), float("nan"))
+            meta = (ctypes.c_int64 * 21)(n, nh, hs, len(groups), int(last), *qq.stride()[:3], *k.stride()[:3],
+                                         *v.stride()[:3], *prefix[0].stride()[:2], *prefix[1].stride()[:2],
+                                         *z.stride()[:3])
+            if run(meta, table(groups), *(t.data_ptr() for t in (qq, k, v, *prefix, z)), 1.0 / math.sqrt(hs)):
                 return False
-            want = torch.empty_like(z)
-            for j, r in enumerate(rows):
-                p, start, _ = next(gr for gr in groups if gr[1] <= r < gr[1] + gr[2])
-                keys = torch.cat([prefix[0][None, :, :p].expand(2, -1, -1, -1), k[:, :, start:r + 1]], dim=2)
-                vals = torch.cat([prefix[1][None, :, :p].expand(2, -1, -1, -1), v[:, :, start:r + 1]], dim=2)
-                w = torch.softmax((q[:, :, r, None] @ keys.transpose(-2, -1)) / math.sqrt(hs), dim=-1)
-                want[:, j] = (w @ vals)[:, :, 0]  # (n, nh, hs)
-            ok &= bool(((z - want).abs().max() <= 1e-5 * want.abs().max()).item())
+            ok &= bool(((z - want[:, rows]).abs().max() <= 1e-5 * want.abs().max()).item())
     return ok

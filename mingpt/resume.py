@@ -187,10 +187,11 @@ def _block(block, x: torch.Tensor, known: _Known, mix, room: int = 0) -> torch.T
 
 
 class _Layout:
-    """How the flat row groups share attention calls: buckets of consecutive groups of at most
-    BUCKET_ROWS rows in all (a longer group alone), as (P, start, S, members): P the largest position
-    among them, rows start..start+S-1; with each bucket's masks for all its rows and for its groups'
-    last rows (mask_rows, mask_last)."""
+    """The flat row groups as the compiled kernel reads them (table), and how torch ops share
+    attention calls among them: buckets of consecutive groups of at most BUCKET_ROWS rows in all (a
+    longer group alone), as (P, start, S, members): P the largest position among them, rows
+    start..start+S-1; with each bucket's masks for all its rows and for its groups' last rows
+    (mask_rows, mask_last, made only if torch ops run)."""
 
     def __init__(self, groups, last: torch.Tensor, device):
         self.groups, cur, rows, members = groups, [], 0, []
