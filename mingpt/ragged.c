@@ -47,14 +47,16 @@ static inline float max16(vf a) {
 
 /* e^x lane-wise for x <= 0 (a score minus the row's largest): 2^k e^r with k = round(x / ln 2),
  * |r| <= ln2 / 2 (ln 2 split in two for an exact r), e^r by its degree-6 Taylor polynomial
- * (truncation < 2e-7 relative); x < -87 (e^x below float32's normal range) gives 0. */
+ * (truncation < 2e-7 relative); x < -87 (e^x below float32's normal range) gives 0, and NaN stays
+ * NaN, as in torch, so that a damaged activation still shows in the output. */
 static inline vf exp_neg(vf x) {
     const float shift = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
     vf k = (x * 1.44269504088896341f + shift) - shift;
     vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
     vf p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
     vi bits = (vi)p + (__builtin_convertvector(k, vi) << 23);  /* times 2^k, in the exponent field */
-    return (vf)(bits & (x >= -87.0f));
+    vi nan = x != x;
+    return (vf)((bits & ~(x < -87.0f) & ~nan) | ((vi)x & nan));
 }
 
 typedef struct {

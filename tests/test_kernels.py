@@ -326,6 +326,14 @@ def test_ragged_kernel_equals_per_row_softmax_and_torch_buckets(hs, last_only, m
     assert ragged.attend(qq, k, v, prefix, ragged.table(groups), z, last_only)
     want = _per_row(q, k, v, prefix, groups, rows)
     assert_close(z, want, scale=want.abs().max(), what="kernel vs per-row softmax")
+    # a damaged key (NaN) reaches every row that sees it, as in torch, and no other
+    damaged = k.clone()
+    damaged[1, 0, 75] = float("nan")  # group 1's 6th row (position 8): its rows from there see it, no other group
+    bad = torch.full_like(z, float("nan"))
+    assert ragged.attend(qq, damaged, v, prefix, ragged.table(groups), bad, last_only)
+    want_bad = _per_row(q, damaged, v, prefix, groups, rows)
+    assert want_bad.isnan().any() and not want_bad.isnan().all()
+    assert_close(bad, want_bad, scale=want_bad.nan_to_num().abs().max(), what="kernel vs per-row softmax, a NaN key")
     # the torch buckets, as resume runs them without the kernel
     monkeypatch.setattr(ragged, "enabled", False)
     mix = resume._Groups(None, resume._Layout(groups, last, "cpu"), prefix)
