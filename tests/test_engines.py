@@ -375,11 +375,11 @@ def test_api_refuses_bf16_on_cpu(tiny_ckpt):
 @pytest.mark.parametrize("name", ["3L2H16", "4L4H32i"])
 def test_fast_on_cuda_matches_cpu_loop(name, dtype, rtol):
     cpu = random_model(name)
-    V, L, T = cpu.config.vocab_size, cpu.config.n_layer, 11
+    V, T = cpu.config.vocab_size, 11
     clean_ids, corrupt_ids = prompt_pair(V, T, [0, 4, T - 1], seed=77)
     t, f = target_foil(V, 77)
     for lse in (False, True):
-        rec_clean, rec_corrupt = engines.record(cpu, clean_ids), engines.record(cpu, corrupt_ids)
+        rec_clean = engines.record(cpu, clean_ids)
         loop = engines.loop_sweep(cpu, corrupt_ids, rec_clean, t, f, lse)
         gpu = GPT(cpu.config)
         gpu.load_state_dict(cpu.state_dict())

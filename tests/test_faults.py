@@ -31,8 +31,8 @@ from conftest import assert_close
 import patching.batch
 import patching.painter
 import patching.report
-from mingpt.errors import ConfigError, VocabularyError, WeightsError, quote
-from mingpt.model import GPT, GPTConfig
+from mingpt.errors import ConfigError, WeightsError, quote
+from mingpt.model import GPT
 from patching import cli
 from patching.api import PatchingError, Settings, load, run
 from patching.batch import Batch, Experiment, unique_names
