@@ -11,6 +11,7 @@
  * Compiled and loaded by mingpt/ragged.py; every number is checked there against torch at load and
  * in tests/test_kernels.py.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef _OPENMP
@@ -86,6 +87,7 @@ static inline __attribute__((always_inline)) void slab_head(const i64 C, const j
     const float* pvb = J->pv + h * J->pvs[0];
     for (i64 g = 0; g < J->G; g++) {
         const i64 p = J->pos[g], a = J->start[g], S = J->size[g];
+        if (S < 1) continue;  /* an empty group has no rows, and no last row */
         for (i64 i = J->last_only ? S - 1 : 0; i < S; i++) {
             const i64 row = J->last_only ? g : a + i, keys = p + i + 1, padded = (keys + W - 1) / W * W;
             const float* qp = J->q + s * J->qs[0] + h * J->qs[1] + row * J->qs[2];
@@ -95,7 +97,7 @@ static inline __attribute__((always_inline)) void slab_head(const i64 C, const j
             for (i64 d = 0; d < tail; d++) qt[d] = qp[W * C + d] * J->scale;
             for (i64 j = 0; j < p; j++) sc[j] = dot(C, tail, qv, qt, pkb + j * J->pks[1]);
             for (i64 j = 0; j <= i; j++) sc[p + j] = dot(C, tail, qv, qt, kb + (a + j) * J->ks[2]);
-            for (i64 j = keys; j < padded; j++) sc[j] = -1e30f;  /* exp gives 0 */
+            for (i64 j = keys; j < padded; j++) sc[j] = -INFINITY;  /* never the max of a real score; exp gives 0 */
             vf m = *(vf*)sc, total = {0};
             for (i64 j = W; j < padded; j += W) m = max2(m, *(vf*)(sc + j));
             const float top = max16(m);
@@ -120,7 +122,8 @@ static inline __attribute__((always_inline)) void slab_head(const i64 C, const j
     }
 }
 
-/* meta: n, nh, hs, G, last_only, then the strides (q 3, k 3, v 3, pk 2, pv 2, z 3); groups: pos[G],
+/* meta: n, nh, hs, G, last_only, then the strides (q 3, k 3, v 3, pk 2, pv 2, z 3), then the number
+ * of threads (torch's, passed in so that a second OpenMP runtime would obey it too); groups: pos[G],
  * start[G], size[G]. With last_only, q and z hold one row per group (its last), indexed by g.
  * Returns 0, or 1 if scratch memory could not be had, 2 if the head size is over 16 * MAX_CHUNKS. */
 int ragged_attend(const i64* meta, const i64* groups, const float* q, const float* k, const float* v,
@@ -135,7 +138,7 @@ int ragged_attend(const i64* meta, const i64* groups, const float* q, const floa
     for (i64 g = 0; g < J.G; g++) T = J.pos[g] + J.size[g] > T ? J.pos[g] + J.size[g] : T;
     const i64 padded = (T + W - 1) / W * W;
     int failed = 0;
-#pragma omp parallel
+#pragma omp parallel num_threads(meta[21] > 0 ? meta[21] : 1)
     {
         int threads = 1, id = 0;
 #ifdef _OPENMP

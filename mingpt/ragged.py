@@ -16,13 +16,16 @@ which runs and why. PATCH_RUN_ATTENTION=torch turns the kernel off.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,42 +54,56 @@ def attend(q, k, v, prefix, groups: ctypes.Array, z, last_only: bool = False) ->
     """Write z (n, rows, nh, hs) <- softmax(q k^T / sqrt(hs)) v over each row's visible keys, with
     q, k, v (n, nh, R, hs) and prefix the base run's (keys, values), (nh, T, hs) each; groups from
     table(). With last_only, q and z hold each group's last row only ((n, nh, G, hs), (n, G, nh, hs)).
-    Returns False, leaving z alone, where the kernel is off or missing or the tensors are not float32
-    CPU tensors whose last dimension is contiguous: the caller then uses torch ops."""
-    if not enabled:
+    Returns False where the kernel is off or missing, the tensors are not float32 CPU tensors whose
+    last dimension is contiguous, or it could not run: the caller then uses torch ops (z is rewritten)."""
+    tensors = (q, k, v, *prefix, z)
+    # checked before the kernel is built: half precision and GPUs never need it
+    if not enabled or q.shape[-1] > MAX_HEAD or any(
+            t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors):
         return False
     run = _kernel()[0]
-    tensors = (q, k, v, *prefix, z)
-    if run is None or q.shape[-1] > MAX_HEAD or any(
-            t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors):
+    if run is None:
         return False
     n, nh, _, hs = q.shape
     pk, pv = prefix
-    meta = (ctypes.c_int64 * 21)(n, nh, hs, len(groups) // 3, int(last_only), *q.stride()[:3], *k.stride()[:3],
-                                 *v.stride()[:3], *pk.stride()[:2], *pv.stride()[:2], *z.stride()[:3])
-    code = run(meta, groups, *(t.data_ptr() for t in tensors), 1.0 / math.sqrt(hs))
-    if code:  # 1: no scratch memory (a few KiB per thread); 2 cannot happen after the MAX_HEAD test
-        raise MemoryError(f"the attention kernel could not run (code {code})")
-    return True
+    meta = (ctypes.c_int64 * 22)(n, nh, hs, len(groups) // 3, int(last_only), *q.stride()[:3], *k.stride()[:3],
+                                 *v.stride()[:3], *pk.stride()[:2], *pv.stride()[:2], *z.stride()[:3],
+                                 torch.get_num_threads())
+    return run(meta, groups, *(t.data_ptr() for t in tensors), 1.0 / math.sqrt(hs)) == 0  # 1: no scratch memory
+
+
+_LOCK = threading.Lock()  # one build at a time in a process
 
 
 @lru_cache(maxsize=1)
 def _kernel():
-    """(the loaded ragged_attend, or None; the status line)."""
-    cc = os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
-    if not cc:
+    """(the loaded ragged_attend, or None; the status line). Never raises: anything that goes wrong
+    here leaves torch ops in charge, with the reason in the status."""
+    with _LOCK:
+        try:
+            return _load()
+        except Exception as e:  # noqa: BLE001 - a missing source, an odd cache, a decoding error: torch runs
+            return None, f"torch ops (no usable C kernel: {type(e).__name__}: {e})"
+
+
+def _load():
+    cc = shlex.split(os.environ.get("CC", "")) or [next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), "")]
+    if not cc[0]:
         return None, "torch ops (no C compiler found: set CC to one)"
     code, cache, why = SOURCE.read_bytes(), _cache_dir(), "no build was tried"
     for flags in FLAGS:
-        key = hashlib.sha256(b"\0".join([code, cc.encode(), " ".join(flags).encode(), _cpu().encode()]))
+        key = hashlib.sha256(b"\0".join([code, " ".join(cc).encode(), " ".join(flags).encode(), _cpu().encode()]))
         lib = cache / f"ragged-{key.hexdigest()[:16]}.so"
-        failed = lib.with_suffix(".failed")  # a build that failed once is not retried by every process
+        failed = lib.with_suffix(".failed")  # the compiler rejected it once: not retried by every process
         if failed.exists():
-            why = failed.read_text()
+            why = failed.read_text(errors="replace")
             continue
-        if not lib.exists() and (why := _compile(cc, flags, lib)):
-            _write(failed, why)
-            continue
+        if not lib.exists():
+            why, rejected = _compile(cc, flags, lib)
+            if why:
+                if rejected:
+                    _write(failed, why)
+                continue
         try:
             run = ctypes.CDLL(str(lib)).ragged_attend
         except (OSError, AttributeError) as e:
@@ -96,30 +113,34 @@ def _kernel():
         if not _agrees(run):
             why = f"{lib} disagreed with torch"
             continue
-        return run, f"C kernel ({Path(cc).name} {' '.join(flags)})"
+        return run, f"C kernel ({' '.join([Path(cc[0]).name, *cc[1:], *flags])})"
     return None, f"torch ops (no usable C kernel: {why})"
 
 
-def _compile(cc: str, flags, lib: Path) -> str | None:
-    """Build lib from SOURCE; None, or the compiler's first complaint."""
+def _compile(cc: list[str], flags, lib: Path) -> tuple[str | None, bool]:
+    """Build lib from SOURCE: (None, False), or (the first complaint, whether the compiler itself
+    rejected the build: a failure to start it or a timeout may pass and is not remembered)."""
     import subprocess  # only here: most runs load the cached build
 
-    tmp = lib.with_name(f"{lib.stem}.{os.getpid()}.tmp")  # renamed into place: concurrent builds never see half a file
+    # built under a unique name, then renamed into place: a concurrent build never sees half a file
+    handle, tmp = tempfile.mkstemp(dir=lib.parent, prefix=lib.stem + ".", suffix=".tmp")
+    os.close(handle)
     try:
-        done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                              capture_output=True, text=True, errors="replace", timeout=300)
+        if done.returncode:
+            lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
+            return f"{' '.join(cc)} {' '.join(flags)}: {lines[0].strip()}", True
+        os.replace(tmp, lib)
+        return None, False
     except (OSError, subprocess.SubprocessError) as e:
-        return f"{cc}: {e}"
-    if done.returncode or not tmp.exists():
-        tmp.unlink(missing_ok=True)
-        lines = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines() or ["?"]
-        return f"{cc} {' '.join(flags)}: {lines[0].strip()}"
-    os.replace(tmp, lib)
-    return None
+        return f"{' '.join(cc)}: {e}", False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _cache_dir() -> Path:
-    """The per-user build cache, or a fresh temporary folder where that cannot be written."""
+    """The per-user build cache, or a temporary folder (removed at exit) where that cannot be written."""
     base = os.environ.get("PATCH_RUN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patch-run"
     try:
         Path(base).mkdir(parents=True, exist_ok=True)
@@ -127,7 +148,9 @@ def _cache_dir() -> Path:
             return Path(base)
     except OSError:
         pass
-    return Path(tempfile.mkdtemp(prefix="patch-run-"))
+    folder = tempfile.mkdtemp(prefix="patch-run-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a loaded library outlives its file on POSIX
+    return Path(folder)
 
 
 def _write(path: Path, text: str) -> None:
@@ -144,7 +167,7 @@ def _cpu() -> str:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags}"
+    return f"{platform.machine()} {flags or platform.processor()}"  # processor() starts a process: only if needed
 
 
 def _agrees(run) -> bool:
@@ -169,9 +192,9 @@ def _agrees(run) -> bool:
         for last in (False, True):
             rows = [start + S - 1 for _, start, S in groups] if last else list(range(R))
             qq, z = q[:, :, rows], torch.full((n, len(rows), nh, hs), float("nan"))
-            meta = (ctypes.c_int64 * 21)(n, nh, hs, len(groups), int(last), *qq.stride()[:3], *k.stride()[:3],
+            meta = (ctypes.c_int64 * 22)(n, nh, hs, len(groups), int(last), *qq.stride()[:3], *k.stride()[:3],
                                          *v.stride()[:3], *prefix[0].stride()[:2], *prefix[1].stride()[:2],
-                                         *z.stride()[:3])
+                                         *z.stride()[:3], torch.get_num_threads())
             if run(meta, table(groups), *(t.data_ptr() for t in (qq, k, v, *prefix, z)), 1.0 / math.sqrt(hs)):
                 return False
             ok &= bool(((z - want[:, rows]).abs().max() <= 1e-5 * want.abs().max()).item())

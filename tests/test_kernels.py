@@ -277,7 +277,8 @@ def test_sweeps_with_packed_weights_equal_the_loop():
 # ----------------------------------------------------------------------------- compiled attention
 
 HAS_CC = bool(os.environ.get("CC") or any(map(shutil.which, ("cc", "gcc", "clang"))))
-needs_cc = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the kernel cannot be built here (torch ops run)")
+needs_cc = pytest.mark.skipif(not HAS_CC or not ragged.enabled,
+                              reason="no C compiler, or PATCH_RUN_ATTENTION=torch: the kernel is not built (torch ops run)")
 
 
 def _ragged_case(n, nh, hs, groups, seed):
@@ -349,7 +350,7 @@ def test_sweeps_with_the_kernel_equal_the_loop(site, monkeypatch):
     loop oracle; a head size of 16 gives the kernel whole vectors (the suite's small models have 8)."""
     calls = []
     real = ragged.attend
-    monkeypatch.setattr(ragged, "attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ragged, "attend", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
     model = random_model(seed=13, n_embd=32, n_head=2)
     clean, corrupt = _pair(24, [1, 9, 17])
     rc, rk = engines.record(model, clean, [site]), engines.record(model, corrupt, [site])
@@ -357,6 +358,20 @@ def test_sweeps_with_the_kernel_equal_the_loop(site, monkeypatch):
     loop = engines.sweep(model, corrupt, rk, rc[site][:, 0], site, 3, 4, True, engine="loop")
     assert calls and all(calls), "the sweep did not use the kernel"
     assert_close(fast[..., :2], loop[..., :2], scale=loop[..., :2].abs().max())
+
+
+@needs_cc
+@pytest.mark.parametrize("keys", [3, 16, 20])
+def test_ragged_kernel_rows_whose_scores_are_all_minus_infinity_give_nan(keys):
+    """As torch's softmax does, whether or not the row's keys fill whole vectors (the kernel pads
+    the rest of the last one)."""
+    groups = [(0, 0, keys)]
+    q, k, v, prefix = _ragged_case(1, 1, 16, groups, seed=3)
+    q, k = torch.full_like(q, float("inf")), -k.abs() - 1  # every score -inf
+    z = torch.zeros(1, keys, 1, 16)
+    assert ragged.attend(q, k, v, prefix, ragged.table(groups), z)
+    assert z.isnan().all()
+    assert _per_row(q, k, v, prefix, groups, list(range(keys))).isnan().all()
 
 
 def test_ragged_kernel_declines_what_it_cannot_compute():
@@ -376,6 +391,7 @@ def test_ragged_kernel_declines_what_it_cannot_compute():
 def fresh_kernel(monkeypatch, tmp_path):
     """ragged's build state reset, its cache in tmp_path; the real kernel is back afterwards."""
     monkeypatch.setenv("PATCH_RUN_CACHE", str(tmp_path))
+    monkeypatch.setattr(ragged, "enabled", True)
     ragged._kernel.cache_clear()
     yield tmp_path
     ragged._kernel.cache_clear()
