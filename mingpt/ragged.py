@@ -62,14 +62,18 @@ def attend(q, k, v, prefix, groups: ctypes.Array, z, last_only: bool = False) ->
             t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in tensors):
         return False
     run = _kernel()[0]
-    if run is None:
-        return False
+    return run is not None and _call(run, q, k, v, prefix, groups, z, last_only) == 0  # 1: no scratch memory
+
+
+def _call(run, q, k, v, prefix, groups: ctypes.Array, z, last_only: bool) -> int:
+    """ragged_attend's return code for attend's arguments (checked there): sizes, strides and
+    torch's thread count in one int64 array, then the groups and the tensors' data."""
     n, nh, _, hs = q.shape
     pk, pv = prefix
     meta = (ctypes.c_int64 * 22)(n, nh, hs, len(groups) // 3, int(last_only), *q.stride()[:3], *k.stride()[:3],
                                  *v.stride()[:3], *pk.stride()[:2], *pv.stride()[:2], *z.stride()[:3],
                                  torch.get_num_threads())
-    return run(meta, groups, *(t.data_ptr() for t in tensors), 1.0 / math.sqrt(hs)) == 0  # 1: no scratch memory
+    return run(meta, groups, *(t.data_ptr() for t in (q, k, v, pk, pv, z)), 1.0 / math.sqrt(hs))
 
 
 _LOCK = threading.Lock()  # one build at a time in a process
@@ -191,11 +195,8 @@ def _agrees(run) -> bool:
         want = (w @ values).transpose(1, 2)  # (n, R, nh, hs)
         for last in (False, True):
             rows = [start + S - 1 for _, start, S in groups] if last else list(range(R))
-            qq, z = q[:, :, rows], torch.full((n, len(rows), nh, hs), float("nan"))
-            meta = (ctypes.c_int64 * 22)(n, nh, hs, len(groups), int(last), *qq.stride()[:3], *k.stride()[:3],
-                                         *v.stride()[:3], *prefix[0].stride()[:2], *prefix[1].stride()[:2],
-                                         *z.stride()[:3], torch.get_num_threads())
-            if run(meta, table(groups), *(t.data_ptr() for t in (qq, k, v, *prefix, z)), 1.0 / math.sqrt(hs)):
+            z = torch.full((n, len(rows), nh, hs), float("nan"))
+            if _call(run, q[:, :, rows], k, v, prefix, table(groups), z, last):
                 return False
             ok &= bool(((z - want[:, rows]).abs().max() <= 1e-5 * want.abs().max()).item())
     return ok
