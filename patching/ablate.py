@@ -25,7 +25,7 @@ import torch
 
 from mingpt.model import Recording
 from patching import engines, toolkit
-from patching.api import PatchingError, json_floats
+from patching.api import PatchingError, json_floats, read_text
 from patching.engines import ENGINES
 
 HELP = "zero or mean ablation of every head, attention output and MLP, one at a time"
@@ -93,11 +93,7 @@ class AblateResult:
 
 def read_reference(path: str | Path) -> list[str]:
     """One prompt per non-blank line of a UTF-8 text file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PatchingError(f"cannot read --reference {path} ({getattr(exc, 'strerror', None) or exc}): "
-                            f"give a UTF-8 text file with one prompt per line.") from None
+    text = read_text(path, "--reference")
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise PatchingError(f"--reference {path} has no prompts: write one prompt per line.")

@@ -36,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DIRECTIONS = {"denoise": "clean values patched into the corrupt run (is this activation sufficient?)",
               "noise": "corrupt values patched into the clean run (is this activation necessary?)"}
 BOS = 50256  # <|endoftext|>, GPT-2's only special token
+MAX_TOP_K = 1000  # rows of a next-token table: more would only bloat results.json and the page
 
 
 class PatchingError(Exception):
@@ -43,6 +44,26 @@ class PatchingError(Exception):
 
 
 USER_ERRORS = (PatchingError, MinGPTError)  # what the CLI turns into one line
+
+
+MAX_FILE_BYTES = 1 << 20  # an input file (batch, pairs, reference prompts) larger than this is a mistake (or /dev/zero)
+
+
+def read_text(path, what: str, limit: int = MAX_FILE_BYTES) -> str:
+    """A user's input file as text: at most `limit` bytes, UTF-8 with or without a byte-order mark
+    (editors on Windows write one); every failure is one PatchingError line naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise PatchingError(f"cannot read {what} {path} ({exc.strerror or exc}).") from None
+    if len(data) > limit:
+        raise PatchingError(f"{what} {path} is larger than {limit >> 20} MiB: split it into smaller files.")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PatchingError(f"{what} {path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}): "
+                            f"save it as UTF-8.") from None
 
 
 def reject_unknown(data: dict, allowed, where: str, takes: str | None = None):
@@ -89,6 +110,8 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PatchingError(f"{name} must be a positive integer, got {quote(value)}.")
+        if self.top_k > MAX_TOP_K:  # every table is written into results.json and report.html
+            raise PatchingError(f"top_k is at most {MAX_TOP_K} (the rows of the next-token tables), got {self.top_k}.")
         if not isinstance(self.model, str) or not self.model.strip():
             raise PatchingError(f"model must be a name or folder, got {quote(self.model)}.")
         for name in ("all_positions", "prepend_bos", "qk_fix", "check"):

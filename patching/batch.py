@@ -27,11 +27,11 @@ from typing import Callable
 import yaml
 
 from mingpt.errors import quote
-from patching.api import USER_ERRORS, PatchingError, Settings, load, reject_unknown, run
+from patching.api import MAX_FILE_BYTES, USER_ERRORS, PatchingError, Settings, load, read_text, reject_unknown, run
 from patching.files import Claim, claim, expand
 from patching.report import cell_fields, experiment_files, json_text, slug, strongest
 
-MAX_BYTES = 1 << 20  # a batch file is a list of experiments; more than this is a mistake (or /dev/zero)
+MAX_BYTES = MAX_FILE_BYTES  # a batch file is a list of experiments; more than this is a mistake (or /dev/zero)
 SUMMARY_EVERY = 2.0  # seconds between summary rewrites while a batch runs
 
 
@@ -94,19 +94,7 @@ class StrictLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path):
     """At most MAX_BYTES of UTF-8 YAML through StrictLoader; every failure is one PatchingError line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
-    except OSError as exc:
-        raise PatchingError(f"cannot read batch file {path} ({exc.strerror or exc}).") from None
-    if len(data) > MAX_BYTES:
-        raise PatchingError(f"{path} is larger than {MAX_BYTES >> 20} MiB: a batch file lists experiments; "
-                            f"split it into smaller files.")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PatchingError(f"{path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}): "
-                            f"save it as UTF-8.") from None
+    text = read_text(path, "batch file", MAX_BYTES)
     try:
         return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
@@ -175,13 +163,14 @@ def reason(exc: BaseException) -> str:
 
 
 def run_batch(batch: Batch, out: Path, say: Callable[[str], None] = print, progress_for=None,
-              overwrite: bool = False) -> list[dict]:
-    """Run every experiment, writing each folder under `out` and the summary. Returns the summary rows.
+              overwrite: bool = False, fresh: bool = False) -> tuple[list[dict], Path]:
+    """Run every experiment, writing each folder under `out` and the summary. Returns the summary rows
+    and the folder (`fresh`: `out` is a default name; the first free one is taken).
 
     `out` is checked and locked before anything runs (patching.files). KeyboardInterrupt (Ctrl-C, and
     SIGTERM in the CLI) marks the rest as interrupted, writes the summary, and is re-raised."""
-    with claim(out, kind="batch", overwrite=overwrite) as dest:
-        return _run(batch, dest, say, progress_for, overwrite)
+    with claim(out, kind="batch", overwrite=overwrite, fresh=fresh) as dest:
+        return _run(batch, dest, say, progress_for, overwrite), dest.folder
 
 
 def _run(batch: Batch, dest: Claim, say, progress_for, overwrite: bool) -> list[dict]:
@@ -233,6 +222,8 @@ def _run(batch: Batch, dest: Claim, say, progress_for, overwrite: bool) -> list[
             if row["status"] == "pending":
                 row.update(status="interrupted", reason=f"not run: the batch was interrupted ({why})")
         write_summary(rows, dest)
+        done = sum(r["status"] == "ok" for r in rows)
+        exc.kept = f"the {done} finished experiments and summary.json are kept in {out}"
         raise
     finally:
         packed.close()

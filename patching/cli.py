@@ -27,7 +27,7 @@ from mingpt.sites import SITES
 from patching.attribution import METHODS, check_lines
 from patching.api import DIRECTIONS, USER_ERRORS, PatchingError, Settings, load, prepare, run
 from patching.engines import ENGINES, METRICS
-from patching.files import claim, expand, free_name
+from patching.files import claim, expand
 from patching.report import (default_folder, describe_cell, experiment_files, slug, strongest, token_table,
                              topk_table)
 
@@ -201,8 +201,9 @@ def single(args, say) -> int:
             run(*experiment, plan=_stop_after_plan(say))
         except _Planned:
             return 0
-    out = expand(args.out) if args.out else free_name(expand("outputs") / default_folder(prep, settings))
-    with claim(out, kind="experiment", overwrite=args.overwrite) as dest:  # checked and locked before the sweep
+    out = expand(args.out) if args.out else expand("outputs") / default_folder(prep, settings)
+    # checked and locked before the sweep; a default folder takes the first free name
+    with claim(out, kind="experiment", overwrite=args.overwrite, fresh=not args.out) as dest:
         result = run(*experiment, Bar("sweep"), plan=lambda p: say(p.describe()))
         folder = dest.write(experiment_files(result))
     # everything is on disk: only now print, so a closed pipe or a full terminal loses nothing
@@ -244,8 +245,8 @@ def batch(args, say) -> int:
     from patching.batch import read_batch, run_batch
     path = expand(args.batch)
     spec = read_batch(path, given_settings(args))
-    out = expand(args.out) if args.out else free_name(expand("outputs") / slug(path.stem))
-    rows = run_batch(spec, out, say=say, progress_for=Bar, overwrite=args.overwrite)
+    out = expand(args.out) if args.out else expand("outputs") / slug(path.stem)
+    rows, out = run_batch(spec, out, say=say, progress_for=Bar, overwrite=args.overwrite, fresh=not args.out)
     failed = [r for r in rows if r["status"] != "ok"]
     say.result(f"wrote {out}/summary.json and summary.md: {len(rows) - len(failed)} ok, {len(failed)} failed")
     return 1 if failed else 0
@@ -301,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as exc:
         why = getattr(exc, "signame", "Ctrl-C")
-        print(f"\npatch-run: interrupted ({why}); finished experiments are complete, nothing half-written "
-              f"was kept.", file=sys.stderr)
+        kept = getattr(exc, "kept", None) or "nothing half-written was kept"  # what is on disk, as its writer says
+        print(f"\npatch-run: interrupted ({why}); {kept}.", file=sys.stderr)
         return 143 if why == "SIGTERM" else 130
     except MemoryError:
         print("patch-run: error: ran out of memory: use a smaller model, shorter prompts or a smaller --max-rows.",

@@ -8,7 +8,12 @@ Every folder patch-run writes holds a marker, `.patch-run.json` (kind, version, 
 - A whole folder is written into a hidden staging folder beside it and moved into place, so it is
   complete or absent; the staging folder is removed on any failure or Ctrl-C.
 - A lock file beside the destination (`fcntl.flock`, removed afterwards) makes a second run into
-  the same folder fail at once instead of racing the first.
+  the same folder fail at once instead of racing the first; a default folder (`fresh=True`) takes
+  the next free name instead. Whoever holds the lock is the only writer of that folder, so staging
+  folders of it left by a killed run are stale: the holder removes them (and puts back an earlier
+  folder that a killed --overwrite had set aside).
+- Subfolders are ours when they carry a marker that lists every entry in them (a study's pairs/),
+  recursively: --overwrite removes exactly those trees, and refuses a folder holding anything else.
 - `claim()` does every check and takes the lock before any computing, so a refusal costs nothing.
 
     write_folder(Path("outputs/x"), {"a.json": text, "b.png": lambda p: fig.savefig(p)}, kind="lens")
@@ -55,12 +60,91 @@ def marker_text(kind: str, names) -> str:
                        "files": sorted(set(names))}, indent=1) + "\n"
 
 
-def free_name(base: Path) -> Path:
-    """base, or base-2, base-3, ...: the first that does not exist (default folders never collide)."""
+def free_name(base: Path, taken=()) -> Path:
+    """base, or base-2, base-3, ...: the first that does not exist and is not in `taken` (default
+    folders never collide)."""
     path, n = base, 2
-    while os.path.lexists(path):
+    while os.path.lexists(path) or path in taken:
         path, n = base.with_name(f"{base.name}-{n}"), n + 1
     return path
+
+
+def article(word: str) -> str:
+    """'a study', 'an experiment'."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def foreign(folder: Path, listed) -> list[str]:
+    """Entries under `folder` (relative paths) that patch-run did not write, given the names its marker
+    lists: unlisted names, links, and inside listed subfolders whatever their own markers do not list.
+    A listed subfolder without a marker (a study's pairs/ before pairs carried one) is ours when every
+    entry in it is a folder of ours."""
+    out = []
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        return ["."]
+    for e in entries:
+        p = folder / e
+        if e == MARKER:
+            continue
+        if e not in listed or p.is_symlink():
+            out.append(e)
+        elif p.is_dir():
+            out += [f"{e}/{x}" for x in _foreign_tree(p)]
+        elif not p.is_file():
+            out.append(e)
+    return out
+
+
+def _foreign_tree(folder: Path) -> list[str]:
+    mark = read_marker(folder)
+    if mark is not None:
+        return foreign(folder, mark["files"])
+    try:  # no marker: every entry must be a marked folder of ours
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        return ["."]
+    out = []
+    for e in entries:
+        p = folder / e
+        if p.is_symlink() or not p.is_dir() or read_marker(p) is None:
+            out.append(e)
+        else:
+            out += [f"{e}/{x}" for x in foreign(p, read_marker(p)["files"])]
+    return out
+
+
+def _remove_ours(folder: Path, listed) -> bool:
+    """Delete exactly what foreign() calls ours under `folder` (files listed, subfolders of ours), then
+    the folder if it is empty; returns whether it is gone (something else appeared: it stays)."""
+    for e in listed:
+        if not isinstance(e, str) or "/" in e or e in ("", ".", ".."):
+            continue
+        p = folder / e
+        if p.is_symlink() or not os.path.lexists(p):
+            continue
+        if p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            mark = read_marker(p)
+            names = mark["files"] if mark is not None else [x for x in os.listdir(p) if read_marker(p / x) is not None]
+            if mark is None:  # a marker-less folder of marked folders
+                for x in names:
+                    _remove_ours(p / x, read_marker(p / x)["files"])
+                _rmdir_quiet(p)
+            else:
+                _remove_ours(p, names)
+    (folder / MARKER).unlink(missing_ok=True)
+    return _rmdir_quiet(folder)
+
+
+def _rmdir_quiet(folder: Path) -> bool:
+    try:
+        folder.rmdir()
+        return True
+    except OSError:
+        return False
 
 
 def _fail(folder: Path, exc: OSError) -> PatchingError:
@@ -71,12 +155,23 @@ def _fail(folder: Path, exc: OSError) -> PatchingError:
 class Claim:
     """A checked, locked destination folder; use as a context manager (see the module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike, *, kind: str, overwrite: bool = False):
-        self.folder, self.kind, self.overwrite = expand(folder), kind, overwrite
+    def __init__(self, folder: str | os.PathLike, *, kind: str, overwrite: bool = False, fresh: bool = False):
+        self.folder, self.kind, self.overwrite, self.fresh = expand(folder), kind, overwrite, fresh
+        self._base = self.folder
+        if fresh:  # a default folder: the first free name (another run may take it first: see _lock)
+            self.folder = free_name(self.folder)
         self._lock_fd: int | None = None
-        self._lock_path = self.folder.parent / f".{self.folder.name[:200]}.patch-run.lock"
         self._made: list[Path] = []  # parent folders this claim created (removed again if nothing is written)
         self.written = False
+
+    @property
+    def _lock_path(self) -> Path:
+        return self.folder.parent / f".{self.folder.name[:200]}.patch-run.lock"
+
+    def staging(self, what: str) -> Path:
+        """A hidden folder beside the destination for this run's work in progress (`what`: partial, old,
+        pairs): named after the destination, so the next holder of its lock can find it if we are killed."""
+        return self.folder.parent / f".{self.folder.name[:200]}.{what}-{os.getpid()}-{time.monotonic_ns() % 10**9}"
 
     # ------------------------------------------------------------------ checks and lock
 
@@ -85,6 +180,7 @@ class Claim:
         self._make_parents()
         self._lock()
         try:
+            self._clear_stale()
             self.check()  # again under the lock: another run may have written it meanwhile
             if self.folder.is_dir():  # filled in place, or emptied of our old files: it must be writable
                 probe = self.folder / f".patch-run-probe-{os.getpid()}"
@@ -138,15 +234,15 @@ class Claim:
             raise PatchingError(f"--out {f} already holds files patch-run did not write ({_names(entries)}): "
                                 f"pass a new or empty folder.")
         if mark["kind"] != self.kind:
-            raise PatchingError(f"--out {f} holds patch-run's {mark['kind']} results, not a {self.kind}: "
+            raise PatchingError(f"--out {f} holds patch-run's {mark['kind']} results, not {article(self.kind)}: "
                                 f"pass another --out.")
         if not self.overwrite:
             raise PatchingError(f"--out {f} holds an earlier patch-run {self.kind}: pass --overwrite to replace "
                                 f"it, or another --out.")
         if self.kind != "batch":  # a batch folder is updated entry by entry (see put)
-            foreign = [e for e in entries if e != MARKER and e not in mark["files"]]
-            if foreign:
-                raise PatchingError(f"--out {f} holds files patch-run did not write ({_names(foreign)}): move "
+            extra = foreign(f, mark["files"])
+            if extra:
+                raise PatchingError(f"--out {f} holds files patch-run did not write ({_names(extra)}): move "
                                     f"them out of it or pass another --out; they are never deleted.")
 
     def _make_parents(self):
@@ -167,6 +263,7 @@ class Claim:
                                 f"pass a writable --out.")
 
     def _lock(self):
+        tried: set[Path] = set()
         while True:
             try:
                 fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -177,6 +274,10 @@ class Claim:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 os.close(fd)
+                if self.fresh:  # a default folder another run is writing: take the next free name
+                    tried.add(self.folder)
+                    self.folder = free_name(self._base, tried)
+                    continue
                 self.__exit__(None, None, None)
                 raise PatchingError(f"another patch-run is writing to {self.folder} right now (lock "
                                     f"{self._lock_path.name}): wait for it to finish, or pass another --out.") from None
@@ -184,10 +285,39 @@ class Claim:
                 same = os.stat(self._lock_path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
+            if same and self.fresh and os.path.lexists(self.folder):  # written meanwhile by a run that finished
+                os.close(fd)
+                tried.add(self.folder)
+                self.folder = free_name(self._base, tried)
+                continue
             if same:
                 self._lock_fd = fd
                 return
             os.close(fd)
+
+    def _clear_stale(self):
+        """Under the lock, this folder has no other writer: staging folders named after it were left by a
+        killed run. Remove them; an earlier folder a killed --overwrite set aside goes back in place if
+        the new one never arrived (else its files, which were to be deleted, are)."""
+        prefix = f".{self.folder.name[:200]}."
+        try:
+            names = [n for n in os.listdir(self.folder.parent) if n.startswith(prefix)]
+        except OSError:
+            return
+        for n in names:
+            p, what = self.folder.parent / n, n[len(prefix):].split("-", 1)[0]
+            if p.is_symlink() or not p.is_dir() or what not in ("partial", "old", "pairs"):
+                continue
+            try:
+                if what == "old" and read_marker(p) is not None:
+                    if not os.path.lexists(self.folder):
+                        os.rename(p, self.folder)
+                    elif not _remove_ours(p, read_marker(p)["files"]):
+                        os.rename(p, free_name(self.folder.with_name(self.folder.name + "-kept")))
+                elif what != "old":
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:  # cleaning up after another run must never stop this one
+                pass
 
     # ------------------------------------------------------------------ writing
 
@@ -197,7 +327,7 @@ class Claim:
             if not isinstance(name, str) or name in ("", ".", "..", MARKER) or "/" in name or "\0" in name:
                 raise PatchingError(f"cannot write a file named {name!r}: output names are plain file names.")
         self.check()
-        stage = self.folder.parent / f".patch-run-{os.getpid()}-{time.monotonic_ns() % 10**9}.partial"
+        stage = self.staging("partial")
         try:
             stage.mkdir()
             for name, content in files.items():
@@ -226,23 +356,16 @@ class Claim:
             for name in names:
                 os.rename(stage / name, dest / name)
             return
-        # our earlier folder, holding only what it lists: swap it for the new one, then delete exactly
-        # the names it listed from the old copy
-        aside = dest.parent / f".patch-run-{os.getpid()}-{time.monotonic_ns() % 10**9}.old"
+        # our earlier folder, holding only what it lists (checked): swap it for the new one, then delete
+        # exactly what it listed from the old copy, subfolders of ours included
+        aside = self.staging("old")
         os.rename(dest, aside)
         try:
             os.rename(stage, dest)
-        except OSError:
+        except BaseException:
             os.rename(aside, dest)  # put it back untouched
             raise
-        for name in [*old["files"], MARKER]:
-            if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
-                p = aside / name
-                if p.is_file() and not p.is_symlink():
-                    p.unlink()
-        try:
-            aside.rmdir()
-        except OSError:  # something we did not list appeared in it: keep it, in plain sight
+        if not _remove_ours(aside, old["files"]):  # something appeared in it meanwhile: keep it, in plain sight
             os.rename(aside, free_name(dest.with_name(dest.name + "-kept")))
 
     # ------------------------------------------------------------------ a folder filled entry by entry (batches)
@@ -303,9 +426,10 @@ def _names(entries: list[str], n: int = 3) -> str:
     return shown + (f" and {len(entries) - n} more" if len(entries) > n else "")
 
 
-def claim(folder: str | os.PathLike, *, kind: str, overwrite: bool = False) -> Claim:
-    """Check and lock a destination before computing; write it later with .write(files)."""
-    return Claim(folder, kind=kind, overwrite=overwrite)
+def claim(folder: str | os.PathLike, *, kind: str, overwrite: bool = False, fresh: bool = False) -> Claim:
+    """Check and lock a destination before computing; write it later with .write(files). fresh: `folder`
+    is a default name, and the claim takes the first free one (folder, folder-2, ...) no run holds."""
+    return Claim(folder, kind=kind, overwrite=overwrite, fresh=fresh)
 
 
 def write_folder(folder: str | os.PathLike, files: dict[str, Content], *, kind: str, overwrite: bool = False) -> Path:

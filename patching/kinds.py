@@ -26,6 +26,7 @@ prompts, target and foil); ablate's `kind` (zero|mean) is called `ablation` here
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -38,6 +39,8 @@ from patching.api import PatchingError, reject_unknown
 from patching.engines import METRICS
 
 PAIR_FIELDS = ("prompt", "clean", "corrupt", "target", "foil")  # what each pair supplies; the rest are options
+SOURCE = "reference_source"  # where a file of reference prompts came from (shown instead of its prompts)
+SHOWN_PROMPTS = 20  # reference prompts listed in a summary; the rest are counted
 RENAMED = {"ablate": {"ablation": "kind"}}  # study key -> the Options field it sets
 
 
@@ -182,9 +185,12 @@ def _ablate_options(data: dict, where: str) -> dict:
         return data
     if data.get("ablation", "zero") != "mean":
         raise PatchingError(f"{where}: reference gives the prompts of mean ablation: add ablation: mean or drop it.")
-    if isinstance(ref, str):
+    if isinstance(ref, str):  # the prompts run; the summary and pages name the file and its hash instead
         from patching.files import expand
-        data["reference"] = ablate.read_reference(expand(ref))
+        path = expand(ref)
+        data["reference"] = ablate.read_reference(path)
+        data[SOURCE] = {"file": str(path), "sha256": hashlib.sha256("\n".join(data["reference"]).encode()).hexdigest(),
+                        "n_prompts": len(data["reference"])}
     elif not isinstance(ref, list) or not all(isinstance(p, str) for p in ref):
         raise PatchingError(f"{where}: reference must be a list of prompts or the name of a text file "
                             f"with one prompt per line.")
@@ -210,7 +216,19 @@ def build(kind: str, data: dict, clean: str, corrupt: str, target: str, foil: st
     rename = RENAMED.get(kind, {})
     cls = KINDS[kind].options_class
     prompts = {"clean": clean, "corrupt": corrupt} if "clean" in {f.name for f in fields(cls)} else {"prompt": clean}
-    return cls(**prompts, target=target, foil=foil, **{rename.get(k, k): v for k, v in data.items()})
+    return cls(**prompts, target=target, foil=foil, **{rename.get(k, k): v for k, v in data.items() if k != SOURCE})
+
+
+def shown(data: dict) -> dict:
+    """The options as the summary, aggregate.json and the pages show them: reference prompts read from a
+    file by its name, hash and count (never the file itself), a long list of prompts cut short."""
+    out = {k: v for k, v in data.items() if k != SOURCE}
+    if SOURCE in data:
+        out["reference"] = data[SOURCE]
+    elif isinstance(out.get("reference"), list) and len(out["reference"]) > SHOWN_PROMPTS:
+        ref = out["reference"]
+        out["reference"] = [*ref[:SHOWN_PROMPTS], f"... and {len(ref) - SHOWN_PROMPTS} more"]
+    return out
 
 
 def run_pair(kind: str, model, tok, pair, data: dict, figures: bool, cache: dict) -> tuple[Outcome, float]:
@@ -226,6 +244,6 @@ def describe(kind: str, data: dict, n_layer: int, n_head: int) -> dict:
     """What the study's analysis is, for its summary, aggregate.json and pages."""
     k = KINDS[kind]
     metrics = list(k.metrics(data))
-    return {"kind": kind, **data, "axes": list(k.axes), "labels": k.labels(n_layer, n_head, data),
+    return {"kind": kind, **shown(data), "axes": list(k.axes), "labels": k.labels(n_layer, n_head, data),
             "metrics": metrics, "metric": metrics[0], "metric_definition": k.definition(data),
             "scalars": list(k.scalars)}

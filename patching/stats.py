@@ -176,9 +176,16 @@ def aggregate_csv(groups: list[Aggregate]) -> str:
     for g in groups:
         for i, row in enumerate(g.rows):
             for j, col in enumerate(g.columns):
-                w.writerow([len(g.columns), g.n_pairs, row, j, col,
-                            *("" if getattr(g, s) is None else repr(float(getattr(g, s)[i, j])) for s in CSV_STATS)])
+                w.writerow([len(g.columns), g.n_pairs, row, j, col, *(_cell(getattr(g, s), i, j) for s in CSV_STATS)])
     return buf.getvalue()
+
+
+def _cell(a: np.ndarray | None, i: int, j: int) -> str:
+    """A statistic as aggregate.csv writes it: exactly (repr), or empty where it is null (no recovery,
+    a not-applicable cell, the SEM of one pair)."""
+    if a is None or not math.isfinite(float(a[i, j])):
+        return ""
+    return repr(float(a[i, j]))
 
 
 TIDY_HEAD = ["pair", "name", "n_tokens", "layer", "head", "position", "token"]

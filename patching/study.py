@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -46,9 +47,9 @@ import torch
 
 from patching import attribution, engines, kinds, stats
 from patching.api import (USER_ERRORS, PatchingError, PatchResult, Settings, axes_of, finite, indistinct, load,
-                          prepare, reject_unknown, single_token, summarize, versions)
+                          prepare, read_text, reject_unknown, single_token, summarize, versions)
 from patching.engines import METRICS
-from patching.files import claim, expand, free_name, write_folder
+from patching.files import MARKER, claim, expand, marker_text, write_folder
 from patching.report import experiment_files, json_text, slug
 
 ANALYSES = ("patch", *kinds.KINDS)  # the patching sweep (api.run's, exact or attribution) and the toolkit's analyses
@@ -57,6 +58,8 @@ PATCH_ONLY = ("site", "direction", "all_positions", "metric", "prepend_bos")
 # What `analysis:` may set for a patch study: the Settings fields that choose the sweep.
 PATCH_OPTIONS = ("site", "direction", "all_positions", "prepend_bos", "metric", "engine", "max_rows", "method", "qk_fix")
 SLOT = re.compile(r"\{(\w+)\}")
+MAX_PAIRS = 100_000  # pairs a generator may draw: more is minutes of drawing before anything runs
+MAX_SHARDS = 100_000
 
 
 def _options(cls, data, where: str):
@@ -148,6 +151,9 @@ class PairSpec:
         if unused:
             raise PatchingError(f"pairs: slot {unused[0]!r} is not used by any template: remove it or use it.")
         _int(self.n, "pairs n", 1)
+        if self.n > MAX_PAIRS:
+            raise PatchingError(f"pairs: n is at most {MAX_PAIRS:,} ({self.n:,} asked for): split a larger study "
+                                f"into several files or list its pairs in a --pairs file.")
         _int(self.seed, "pairs seed", 0)
         if not isinstance(self.distinct, bool):
             raise PatchingError("pairs: distinct must be true or false.")
@@ -199,34 +205,52 @@ def pair_from_row(data, where: str) -> Pair:
 
 
 def read_pairs_file(path: Path) -> list[Pair]:
-    """--pairs FILE.jsonl (one JSON object per line) or FILE.csv (a header row), one pair per row."""
+    """--pairs FILE.jsonl (one JSON object per line) or FILE.csv (a header row), one pair per row.
+    A leading byte-order mark is accepted. JSONL lines end at '\\n' only (a raw U+2028 inside a JSON
+    string is text, not a line break); CSV fields may hold quoted newlines; a JSON object with a key
+    given twice is an invalid row (JSON parsers would keep the last silently)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PatchingError(f"cannot read pairs file {path} ({getattr(exc, 'strerror', None) or exc}).") from None
+    if path.suffix not in (".csv", ".jsonl"):
+        raise PatchingError(f"--pairs {path}: give a .jsonl or .csv file.")
+    text = read_text(path, "pairs file")
     if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        head = reader.fieldnames or []
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # csv's own parser sees quoted newlines
+        try:
+            head = reader.fieldnames or []
+            rows = list(reader)
+        except csv.Error as exc:
+            raise PatchingError(f"{path} is not a valid CSV file ({exc}): fix the file.") from None
         if not set(PAIR_KEYS) <= set(head):
             raise PatchingError(f"{path}: the header must name clean, corrupt, target, foil (and optionally name); "
-                                f"it has {', '.join(head) or 'nothing'}.")
-        return [pair_from_row(row, f"{path.name} row {i}") for i, row in enumerate(reader, 2)]
-    if path.suffix != ".jsonl":
-        raise PatchingError(f"--pairs {path}: give a .jsonl or .csv file.")
+                                f"it has {', '.join(map(repr, head)) or 'nothing'}.")
+        return [pair_from_row(row, f"{path.name} row {i}") for i, row in enumerate(rows, 2)]
     pairs = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        where = f"{path.name} line {i}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            row = None
-            pairs.append(Pair("", "", "", "", origin=f"{path.name} line {i}",
-                              error=f"{path.name} line {i} is not JSON ({exc.msg})."))
-        if row is not None:
-            pairs.append(pair_from_row(row, f"{path.name} line {i}"))
+            row = json.loads(line, object_pairs_hook=_unique_keys)
+        except (json.JSONDecodeError, _DuplicateKey) as exc:
+            why = f"gives key {exc} twice" if isinstance(exc, _DuplicateKey) else f"is not JSON ({exc.msg})"
+            pairs.append(Pair("", "", "", "", origin=where, error=f"{where} {why}."))
+            continue
+        pairs.append(pair_from_row(row, where))
     return pairs
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(items: list) -> dict:
+    """json.loads' object hook: a mapping, refusing a key given twice."""
+    out = {}
+    for k, v in items:
+        if k in out:
+            raise _DuplicateKey(repr(k)[:40])
+        out[k] = v
+    return out
 
 
 @dataclass
@@ -247,7 +271,8 @@ class Study:
         settings = {k: v for k, v in asdict(self.settings).items() if k not in ("device", "max_rows")}
         a = self.analysis  # a patch sweep's options are settings; the others' are its own
         doc = {"pairs": [[p.clean, p.corrupt, p.target, p.foil, p.name, p.error] for p in self.pairs],
-               "settings": settings, "analysis": a.kind if a.kind == "patch" else {"kind": a.kind, **a.options},
+               "settings": settings, "analysis": a.kind if a.kind == "patch" else
+               {"kind": a.kind, **{k: v for k, v in a.options.items() if k != kinds.SOURCE}},  # prompts, not paths
                "bootstrap": self.options.bootstrap, "seed": self.options.seed}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -331,9 +356,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     """'K/N' -> (K, N), 1 <= K <= N."""
     if text is None:
         return 1, 1
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
-        raise PatchingError(f"--shard {str(text)[:20]!r} must be K/N with 1 <= K <= N, e.g. --shard 2/8.")
+    m = re.fullmatch(r"\s*(\d{1,7})\s*/\s*(\d{1,7})\s*", str(text))
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)) <= MAX_SHARDS:
+        raise PatchingError(f"--shard {str(text)[:20]!r} must be K/N with 1 <= K <= N <= {MAX_SHARDS:,}, "
+                            f"e.g. --shard 2/8.")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -426,9 +452,10 @@ def shard_pairs(study: Study, shard: tuple[int, int]) -> list[tuple[int, Pair]]:
 
 
 def folder_names(study: Study) -> list[str]:
-    """Distinct folder names under pairs/: 0001-<name or clean prompt>."""
+    """Distinct folder names under pairs/: 0001-<name or clean prompt>, slugged (lowercase letters, digits
+    and dashes) as a batch's are, so a name never leads outside pairs/."""
     width = max(4, len(str(len(study.pairs))))
-    return [f"{i:0{width}d}-{p.name or slug(p.clean or 'invalid', 40)}" for i, p in enumerate(study.pairs, 1)]
+    return [f"{i:0{width}d}-{slug(p.name or p.clean or 'invalid', 40)}" for i, p in enumerate(study.pairs, 1)]
 
 
 def describe(study: Study, config) -> dict:
@@ -452,12 +479,13 @@ def title(a: dict) -> str:
 
 
 def run_study(study: Study, out: Path, *, shard: tuple[int, int] = (1, 1), say: Callable[[str], None] = print,
-              overwrite: bool = False) -> dict:
+              overwrite: bool = False, fresh: bool = False) -> tuple[dict, Path]:
     """Run the shard's pairs with the model loaded once, then write the study's files (see finish).
-    `out` is claimed (checked, locked) before the model loads; the pairs' folders are staged and the
-    whole study moves into place at the end, so it is complete or absent; Ctrl-C keeps the finished
-    pairs in a study whose summary says 'complete': false. Returns the summary document."""
-    with claim(out, kind="study", overwrite=overwrite) as dest:
+    `out` is claimed (checked, locked; `fresh`: a default name, the first free one) before the model
+    loads; the pairs' folders are staged and the whole study moves into place at the end, so it is
+    complete or absent. Ctrl-C or SIGTERM, while pairs run or during the statistics, keeps the finished
+    pairs in a study whose summary says 'complete': false. Returns the summary and the folder."""
+    with claim(out, kind="study", overwrite=overwrite, fresh=fresh) as dest:
         t_start = time.perf_counter()
         model, tok = load(study.settings)
         meta = {"kind": "study", "study": study.hash(), "shard": f"{shard[0]}/{shard[1]}",
@@ -465,20 +493,42 @@ def run_study(study: Study, out: Path, *, shard: tuple[int, int] = (1, 1), say: 
                 "analysis": describe(study, model.config), "options": asdict(study.options),
                 "model": getattr(model, "name", study.settings.model), "versions": versions()}
         load_seconds = time.perf_counter() - t_start
-        stage = dest.folder.parent / f".{dest.folder.name[:200]}.pairs-{os.getpid()}"
-        shutil.rmtree(stage, ignore_errors=True)
+        stage = dest.staging("pairs")
         stage.mkdir()
         try:
-            _run_pairs(study, shard, model, tok, meta, stage, say)
-        finally:  # also on Ctrl-C: the finished pairs and a summary that says what is missing
-            meta["timing"] = {"load_seconds": round(load_seconds, 6),
-                              "pairs_seconds": round(time.perf_counter() - t_start - load_seconds, 6)}
-            summary, files = finish(meta, meta.pop("_rows", []), meta.pop("_tidy", []), say=say)
-            files["pairs"] = lambda p: os.replace(stage, p)  # moved in with the rest, all at once
             try:
-                dest.write(files)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
+                _run_pairs(study, shard, model, tok, meta, stage, say)
+            finally:  # also on Ctrl-C: the finished pairs and a summary that says what is missing
+                meta["timing"] = {"load_seconds": round(load_seconds, 6),
+                                  "pairs_seconds": round(time.perf_counter() - t_start - load_seconds, 6)}
+                summary = _keep(dest, meta, stage, say)
+        except KeyboardInterrupt as exc:  # say truthfully what is on disk
+            exc.kept = (f"{meta.get('_ok', 0)} finished pairs are kept in {dest.folder}, whose summary says "
+                        f"\"complete\": false" if dest.written else "nothing was written")
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)  # moved into the study, or abandoned
+    return summary, dest.folder
+
+
+def _keep(dest, meta: dict, stage: Path, say) -> dict:
+    """Write the study (finish's files and the staged pairs) into the claimed folder. An interrupt during
+    the statistics still writes the pairs and the summary, without aggregate, marked incomplete."""
+    rows, tidy = meta.pop("_rows", []), meta.pop("_tidy", [])
+    stopped = None
+    try:
+        summary, files = finish(meta, rows, tidy, say=say)
+    except KeyboardInterrupt as exc:
+        meta["complete"], stopped = False, exc
+        meta["interrupted"] = "during the statistics: no aggregate was written; run the study again"
+        summary, files = finish(meta, rows, tidy, say=say, statistics=False)
+    meta["_ok"] = summary["counts"]["ok"]
+    # pairs/ lists what it holds, so that --overwrite can tell our folders from a user's files
+    (stage / MARKER).write_text(marker_text("pairs", [r["name"] for r in rows if r.get("folder")]))
+    files["pairs"] = lambda p: os.replace(stage, p)  # moved in with the rest, all at once
+    dest.write(files)
+    if stopped is not None:
+        raise stopped
     return summary
 
 
@@ -514,9 +564,9 @@ def _run_pairs(study: Study, shard, model, tok, meta: dict, stage: Path, say):
                         files, tokens, metrics, values = out.files, out.tokens, out.metrics, out.values
                         timing = {"analysis_seconds": round(seconds, 6)}
                     write_folder(stage / row["name"], files, kind="experiment")
-                except USER_ERRORS as exc:
-                    row.update(status="failed", reason=str(exc))
-                    say(f"[{n_done}/{len(rows)}] {row['name']}: failed: {exc}")
+                except Exception as exc:  # one pair's failure (or a bug of ours) is one failed row
+                    row.update(status="failed", reason=reason_text(exc))
+                    say(f"[{n_done}/{len(rows)}] {row['name']}: failed: {row['reason']}")
                     continue
                 tidy.append({"index": i, "name": row["name"], "tokens": tokens, "metrics": metrics})
                 row.update(status="ok", folder=f"pairs/{row['name']}", **values, n_tokens=len(tokens),
@@ -531,6 +581,12 @@ def _run_pairs(study: Study, shard, model, tok, meta: dict, stage: Path, say):
         meta["_rows"], meta["_tidy"] = rows, tidy  # for run_study's finally, whatever happened
 
 
+def reason_text(exc: BaseException) -> str:
+    """A failed pair's reason: our own message, or what an unexpected error was (batch.reason's rule)."""
+    from patching.batch import reason
+    return reason(exc)
+
+
 def counts(rows: list[dict]) -> dict:
     c = {s: 0 for s in ("ok", "skipped", "failed", "interrupted")}
     reasons: dict[str, int] = {}
@@ -542,9 +598,11 @@ def counts(rows: list[dict]) -> dict:
     return {**c, "reasons": reasons}
 
 
-def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], None] = print) -> tuple[dict, dict]:
+def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], None] = print,
+           statistics: bool = True) -> tuple[dict, dict]:
     """The summary and the study-level files {name: text or bytes}: summary.json/.md, results.csv (tidy),
-    aggregate.json/.csv/.png (one figure per token count), index.html. Shared by run_study and merge."""
+    aggregate.json/.csv/.png (one figure per token count), index.html. Shared by run_study and merge.
+    statistics=False leaves the aggregate out (a study interrupted while computing it)."""
     from patching import html
     t0 = time.perf_counter()
     rows = sorted(rows, key=lambda r: r["index"])
@@ -560,7 +618,7 @@ def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], 
                             np.stack([r["metrics"][metric] for r in g]), a["axes"], [r["tokens"] for r in g],
                             opts["bootstrap"], opts["seed"], labels,
                             {k: [values[r["index"]][k] for r in g] for k in a["scalars"]})
-            for g in sorted(groups.values(), key=len, reverse=True)]
+            for g in sorted(groups.values(), key=len, reverse=True)] if statistics else []
     c = counts(rows)
     ok_rows = [r for r in rows if r["status"] == "ok"]
     secs = lambda k: float(np.mean([r[k] for r in ok_rows])) if ok_rows and k in ok_rows[0] else None  # noqa: E731
@@ -623,14 +681,18 @@ def command(args, given: dict, say: Callable[[str], None] = print) -> int:
     pairs_file = expand(args.pairs) if getattr(args, "pairs", None) else None
     bootstrap = getattr(args, "bootstrap", None)
     study = read_study(path, given, pairs_file, None if bootstrap is None else _int(bootstrap, "--bootstrap", 1))
+    if shard[1] > len(study.pairs):  # some shards would hold no pair: say so before any work
+        raise PatchingError(f"--shard {shard[0]}/{shard[1]} splits a study of {len(study.pairs)} pairs into more "
+                            f"shards than pairs: use at most {len(study.pairs)} shards.")
     stem = slug((path or pairs_file).stem) + (f"-shard-{shard[0]}-of-{shard[1]}" if shard[1] > 1 else "")
-    out = expand(args.out) if args.out else free_name(expand("outputs") / stem)
+    out = expand(args.out) if args.out else expand("outputs") / stem
     n_here = len(shard_pairs(study, shard))
     s, a = study.settings, study.analysis
     what = f"patch {s.site} ({s.direction}, {s.method})" if a.kind == "patch" else f"{a.kind} of each clean prompt"
     say(f"study {study.hash()}: {len(study.pairs)} pairs, shard {shard[0]}/{shard[1]} runs {n_here}; "
         f"{what}, model {s.model}")
-    summary = run_study(study, out, shard=shard, say=say, overwrite=bool(getattr(args, "overwrite", False)))
+    summary, out = run_study(study, out, shard=shard, say=say, overwrite=bool(getattr(args, "overwrite", False)),
+                             fresh=not args.out)
     t = summary["timing"]
     if t.get("pair_seconds_mean") is not None:
         ms = lambda k: f"{t[k] * 1e3:.1f} ms"  # noqa: E731
@@ -638,7 +700,11 @@ def command(args, given: dict, say: Callable[[str], None] = print) -> int:
                else f"{a.kind} {ms('analysis_seconds_mean')}")
         say(f"model load {t['load_seconds']:.2f} s; per pair {ms('pair_seconds_mean')} "
             f"({own}, overhead {ms('overhead_seconds_mean')}); statistics and pages {t['finish_seconds']:.2f} s")
-    result = getattr(say, "result", print)
-    result(f"wrote {out}/index.html, aggregate.json, aggregate.csv, results.csv, summary.json")
     c = summary["counts"]
-    return 1 if c["failed"] or not c["ok"] else 0
+    result = getattr(say, "result", print)
+    result(f"wrote {out}/index.html, {'aggregate.json, aggregate.csv, ' if c['ok'] else ''}results.csv, summary.json: "
+           f"{c['ok']} pairs ok, {c['skipped']} skipped, {c['failed']} failed")
+    if not c["ok"]:  # an error, even under --quiet: one line on stderr
+        reasons = "; ".join(f"{k}: {v}" for k, v in c["reasons"].items())
+        raise PatchingError(f"no pair of the study ran ({reasons or 'no pairs'}): see {out}/summary.md.")
+    return 1 if c["failed"] else 0

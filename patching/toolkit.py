@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from patching.files import Claim, claim, expand, free_name
+from patching.files import Claim, claim, expand
 from patching.api import PatchingError, Settings, load, reject_unknown, single_token
 from patching.report import show, slug
 
@@ -194,5 +194,6 @@ def component_files(result, column: str, heads_figure, layers_figure) -> dict:
 
 def claim_out(args: argparse.Namespace, kind: str, name: str) -> Claim:
     """--out, or a new outputs/<kind>-<name slug>; checked and locked before the work starts."""
-    out = expand(args.out) if getattr(args, "out", None) else free_name(expand("outputs") / f"{kind}-{slug(name, 50)}")
-    return claim(out, kind=kind, overwrite=bool(getattr(args, "overwrite", False)))
+    given = getattr(args, "out", None)
+    out = expand(given) if given else expand("outputs") / f"{kind}-{slug(name, 50)}"
+    return claim(out, kind=kind, overwrite=bool(getattr(args, "overwrite", False)), fresh=not given)

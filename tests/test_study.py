@@ -530,8 +530,10 @@ def test_ablate_reference_file_and_engine_precedence(tmp_path, tiny_ckpt):
                       analysis={"kind": "ablate", "ablation": "mean", "reference": str(tmp_path / "ref.txt"),
                                 "engine": "loop"})
     study = read_study(path, {})
-    assert study.analysis.options == {"ablation": "mean", "reference": ["Mary had a little lamb.", "John ran."],
-                                      "engine": "loop"}
+    options = dict(study.analysis.options)
+    source = options.pop("reference_source")
+    assert options == {"ablation": "mean", "reference": ["Mary had a little lamb.", "John ran."], "engine": "loop"}
+    assert source["file"] == str(tmp_path / "ref.txt") and source["n_prompts"] == 2 and len(source["sha256"]) == 64
     assert read_study(path, {"engine": "fast"}).analysis.options["engine"] == "fast"
     first = study.hash()
     (tmp_path / "ref.txt").write_text("Mary had a little lamb.\n")
