@@ -28,6 +28,7 @@ from mingpt.hub import DEMO_NAMES, locate
 # then whitespace runs (a run before a word leaves its last space to that word).
 PRETOKENIZE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
+BOS = 50256  # <|endoftext|>: GPT-2's only special token, its bos and eos
 HUB_LAYOUT = ("vocab.json", "merges.txt")
 OPENAI_LAYOUT = ("encoder.json", "vocab.bpe")
 

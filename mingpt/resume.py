@@ -165,25 +165,13 @@ class _Known:
         return [y[:old * R].view(old, R, -1), new]
 
 
-def _finish(block, x: torch.Tensor, z: torch.Tensor, room: int = 0) -> torch.Tensor:
-    """The rest of a block after attention: x (n, R, C) and z (n, R, C), heads side by side -> the output,
-    (n + room, R, C) with `room` slabs left unwritten after it."""
-    h = block.attn.c_proj(z).add_(x)  # (n, R, C)
-    m = block.mlp(block.ln_2(h))
-    if not room:
-        return m.add_(h)
-    out = h.new_empty(len(h) + room, *h.shape[1:])  # (n + room, R, C)
-    torch.add(m, h, out=out[:len(h)])
-    return out
-
-
 def _block(block, x: torch.Tensor, known: _Known, mix, room: int = 0) -> torch.Tensor:
     """block(x) where some q, k, v are known (no site of this block is edited: the patch was its input)."""
     attn, z, a = block.attn, torch.empty_like(x), 0  # z: (n, R, C)
     for qkv in known.linear(attn.c_attn, block.ln_1(x), slice(None)):  # (n_part, R, 3C)
         mix.fill(z[a:a + len(qkv)].unflatten(-1, (attn.n_head, -1)), *attn.heads(qkv))  # (n_part, R, nh, hs)
         a += len(qkv)
-    return _finish(block, x, z, room)
+    return block.rest(x, z, room=room)
 
 
 class _Layout:
@@ -299,4 +287,4 @@ def _last_rows(block, x: torch.Tensor, layout: _Layout, prefix, last: torch.Tens
         k, v = (attn.split(u) for u in t.split(C, dim=-1))  # (n_part, nh, R, hs) each
         mix.fill_last(z[a:a + len(t)].unflatten(-1, (attn.n_head, -1)), q[a:a + len(t)], k, v)  # (n_part, G, nh, hs)
         a += len(t)
-    return _finish(block, x[:, last], z)
+    return block.rest(x[:, last], z)

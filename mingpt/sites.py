@@ -12,11 +12,16 @@ Every activation an analysis reads or edits has a name, as in TransformerLens, a
     resid_post (B, T, C)       output of block l = resid_mid + mlp_out
 
 The model visits each site once per block with `x = at(name, x)`. `at` belongs to one forward call:
-it keeps detached copies for a `Recording` and applies that call's `Patch`es; with neither it
-returns `x` untouched. Nothing is registered on the model, so no state outlives the call.
+it keeps detached copies for a `Recording` and applies that call's edits; with neither it returns
+`x` untouched. Nothing is registered on the model, so no state outlives the call.
+
+An edit is anything declared as an `Edit`: which site, which blocks, and `apply(x, layer)`. Three
+ship here: `Patch` (one value at one position, or per batch row), `Edits` (many cells at once, for
+mingpt.resume) and `Tap` (adds a zero leaf, so a backward gives the gradient at that site).
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -85,11 +90,27 @@ class Recording:
         return self.acts.get("v")
 
 
-# ----------------------------------------------------------------------------- patches
+# ----------------------------------------------------------------------------- edits
+
+
+class Edit(abc.ABC):
+    """What forward(patch=...) takes: a change of one site's value in some blocks of one call."""
+
+    site: str
+
+    def layers(self, n_layer: int) -> Iterable[int]:
+        """The blocks whose `site` this edit may change (their `at` calls apply it)."""
+        return (self.layer,)
+
+    @abc.abstractmethod
+    def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        """x with this edit applied if it belongs to `layer`. offset/length: the rows of the site's
+        sequence axis that x holds (mingpt.resume visits `pattern` one row group at a time; a plain
+        forward visits every site whole)."""
 
 
 @dataclass
-class Patch:
+class Patch(Edit):
     """Replace `site` of block `layer` at position `pos` (head `head` of head sites) by `value`.
 
     Residual sites take value (C,); q/k/v/z (hs,); pattern (T,), one destination row. pos=None
@@ -110,9 +131,10 @@ class Patch:
         if self.head is not None and self.site not in HEAD_SITES:
             raise InputError(f"head= is for head sites ({', '.join(HEAD_SITES)}), not {self.site}.")
 
+    def layers(self, n_layer: int) -> Iterable[int]:
+        return range(n_layer) if isinstance(self.layer, torch.Tensor) else (int(self.layer),)  # per-row: any block
+
     def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None) -> torch.Tensor:
-        """x with this patch applied if it belongs to `layer` (offset/length: see Edits; a plain
-        forward visits every site whole)."""
         if isinstance(self.layer, torch.Tensor):  # one patch per batch row
             rows = (self.layer == layer).nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -129,7 +151,7 @@ class Patch:
         return x
 
 
-class Edits:
+class Edits(Edit):
     """Many edits of one site, addressed by flat index tensors: x[batch, (head,) row] = value.
 
     The resumable forward (mingpt.resume) uses this to patch a different cell in every batch row.
@@ -153,6 +175,20 @@ class Edits:
             head = None if head is None else head[keep]
         idx = (batch, rows) if head is None else (batch, head, rows)
         return x.index_put(idx, value.to(x.dtype))
+
+
+class Tap(Edit):
+    """Adds a zero leaf to one block's site: x + 0 is x exactly, and after a backward the leaf's
+    gradient is d(output)/d(site) there. Replacing x by a leaf instead would cut the graph, so an
+    earlier block's activation would get no gradient through this one."""
+
+    def __init__(self, layer: int, site: str, like: torch.Tensor):
+        check_site(site)
+        self.layer, self.site = layer, site
+        self.zero = torch.zeros_like(like).requires_grad_()
+
+    def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        return x + self.zero.to(x.dtype) if layer == self.layer else x
 
 
 # ----------------------------------------------------------------------------- the per-call view
@@ -183,18 +219,17 @@ class At:
 NO_SITES = At(-1, None, ())
 
 
-def views(n_layer: int, record: Recording | None, patch) -> list[At]:
-    """One At per block for this call; patch is a Patch, Edits, or a list of them."""
-    patches = [] if patch is None else list(patch) if isinstance(patch, (list, tuple)) else [patch]
-    if record is None and not patches:
+def views(n_layer: int, record: Recording | None, patch: Edit | Sequence[Edit] | None) -> list[At]:
+    """One At per block for this call; patch is an Edit or a list of them."""
+    edits = [] if patch is None else list(patch) if isinstance(patch, (list, tuple)) else [patch]
+    if record is None and not edits:
         return [NO_SITES] * n_layer
     if record is not None:
         record.n_layer = n_layer
     by_layer: dict[int, list] = {}
-    for p in patches:
-        if isinstance(p.layer, torch.Tensor):  # per-row patches may touch every block
-            for l in range(n_layer):
-                by_layer.setdefault(l, []).append(p)
-        else:
-            by_layer.setdefault(int(p.layer), []).append(p)
+    for e in edits:
+        if not isinstance(e, Edit):
+            raise InputError(f"patch= takes mingpt.sites edits (Patch, Edits, Tap), got {type(e).__name__}.")
+        for l in e.layers(n_layer):
+            by_layer.setdefault(l, []).append(e)
     return [At(l, record, by_layer.get(l, ())) for l in range(n_layer)]

@@ -1,6 +1,6 @@
 """`python -m patching`: the same as the patch-run executable."""
 import sys
 
-from patching.painter import program
+from patching.main import program
 
 sys.exit(program())

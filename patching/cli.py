@@ -1,59 +1,52 @@
-"""patch-run: the command line, a thin layer over patching.api and patching.batch.
+"""patch-run: the command line, a thin layer over the analyses' registry and the study layer.
 
     patch-run [patch] --clean TEXT --corrupt TEXT --target WORD --foil WORD [--model gpt2|FOLDER] [--out DIR]
-    patch-run [patch] --batch FILE.yaml [--model ...] [--out DIR]
-    patch-run COMMAND ...          (see COMMANDS; `patch` is the default, so its flags work bare)
+    patch-run [COMMAND] --batch FILE.yaml | --pairs FILE [--shard K/N] [--bootstrap N]
+    patch-run COMMAND ...          (every registered analysis; `patch` is the default, so its flags work bare)
+    patch-run merge SHARD_DIR... --out DIR
 
-Every subcommand is a module with `HELP: str`, `add_arguments(ap)` and `command(args, say) -> int`,
-listed in COMMANDS (`register`); each also gets the shared options (--model, --device, --dtype,
---out, --overwrite, --quiet). `say(...)` prints unless --quiet; `say.result(...)` always prints
-(the paths written). User mistakes end in one line on stderr and exit status 1 (2 for bad flags
-or no arguments), never a traceback. Results are written before anything is printed, so a closed
-pipe (`patch-run ... | head`) loses nothing: output stops quietly and the exit status is the run's.
-SIGTERM is treated like Ctrl-C (exit 143 and 130).
+Every analysis's subcommand is built from its declaration (patching.analyses.base): its input flags
+(--clean/--corrupt/--target/--foil, or --prompt/--target/--foil), a flag per option field, and the
+shared options (--model, --device, --dtype, --out, --overwrite, --quiet); one generic command runs it
+once, over a YAML batch, or as a study. User mistakes end in one line on stderr and exit status 1 (2
+for bad flags or no arguments), never a traceback. Results are written before anything is printed,
+so a closed pipe (`patch-run ... | head`) loses nothing. SIGTERM is treated like Ctrl-C (exit 143, 130).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import os
 import signal
 import sys
+import threading
 import time
-from dataclasses import fields
 
-from mingpt.sites import SITES
-from patching.attribution import METHODS, check_lines
-from patching.api import DIRECTIONS, USER_ERRORS, PatchingError, Settings, load, prepare, run
-from patching.engines import ENGINES, METRICS
-from patching.files import claim, expand
-from patching.report import (default_folder, describe_cell, experiment_files, slug, strongest, token_table,
-                             topk_table)
+from patching import analyses
+from patching.analyses.base import NOTHING, PAIR, PROMPT, Analysis, Events
+from patching.core.context import ModelSpec, load
+from patching.core.errors import USER_ERRORS, PatchingError
+from patching.core.prompts import Pair, Prompt
+from patching.core.serial import slug
+from patching.io.files import claim, expand
+from patching.study import batch as batches
+from patching.study import merge, run as studies
 
-# name -> module path; a module plugs in with HELP, add_arguments(ap) and command(args, say) -> int.
-COMMANDS: dict[str, str] = {"patch": __name__}  # this module ("__main__" under python -m)
-COMMANDS.update({name: f"patching.{name}" for name in ("lens", "dla", "attention", "heads", "ablate")})  # issue 14
-COMMANDS["path"] = "patching.path"  # issue 15
-COMMANDS["merge"] = "patching.merge"  # issue 16: combine the shards of a study
-DEFAULT = "patch"
-
-HELP = "activation patching of every (layer, position) of the residual stream (the default command)"
+DEFAULT = analyses.DEFAULT
+MERGE_HELP = "combine the shard folders of one study (--shard K/N runs) into one study folder"
+INPUT_FLAGS = {PAIR: ("clean", "corrupt", "target", "foil"), PROMPT: ("prompt", "target", "foil"), NOTHING: ()}
+MANY = ("batch", "pairs", "shard", "bootstrap")  # flags that make a command run many inputs
 
 
-def register(name: str, module: str):
-    """Add a subcommand: `module` (a dotted path) defines HELP, add_arguments(ap) and command(args, say)."""
-    COMMANDS[name] = module
+def commands() -> list[str]:
+    return [*analyses.names(), "merge"]
 
 
 def shared_options() -> argparse.ArgumentParser:
     """Options every subcommand takes (a parent parser)."""
     sp = argparse.ArgumentParser(add_help=False)
     g = sp.add_argument_group("shared options")
-    g.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, demo-names, demo-induction, "
-                   "a Hub id or a local folder [gpt2]")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="[auto]")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="half precision is for GPUs [float32]")
+    ModelSpec.add_arguments(g)
     g.add_argument("--out", help="output folder (~ is expanded) [a new folder under outputs/]")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an earlier patch-run output folder at --out (never a folder patch-run did not write)")
@@ -61,63 +54,57 @@ def shared_options() -> argparse.ArgumentParser:
     return sp
 
 
-def add_arguments(ap: argparse.ArgumentParser):
-    what = ap.add_argument_group("one experiment")
-    what.add_argument("--clean", help="the clean prompt")
-    what.add_argument("--corrupt", help="the corrupted prompt (same number of tokens)")
-    what.add_argument("--target", help="the word the clean prompt predicts (looked up with a leading space; "
-                      "=TEXT takes TEXT exactly, e.g. =. for the token '.')")
-    what.add_argument("--foil", help="the word the corrupt prompt predicts (same rules as --target)")
-    ap.add_argument("--batch", metavar="FILE.yaml", help="run every experiment of a YAML file instead")
-    how = ap.add_argument_group("settings (defaults in brackets; in a batch they override its defaults)")
-    how.add_argument("--metric", choices=list(METRICS), help="what to measure at the last position [logit-diff]")
-    how.add_argument("--top-k", dest="top_k", type=int, help="rows of the next-token tables [20]")
-    how.add_argument("--engine", choices=ENGINES, help="fast (exact, batched) or loop (one forward per patch) [fast]")
-    how.add_argument("--max-rows", dest="max_rows", type=int, help="fast engine chunk size in token rows [8192]")
-    how.add_argument("--site", choices=list(SITES), help="the activation patched, named as in TransformerLens: "
-                     "resid_pre/resid_mid/resid_post, attn_out, mlp_out by (layer, position); q, k, v, z, "
-                     "pattern by (layer, head, position) [resid_post]")
-    how.add_argument("--direction", choices=list(DIRECTIONS), help="denoise: clean values into the corrupt run "
-                     "(sufficient?); noise: corrupt values into the clean run (necessary?) [denoise]")
-    how.add_argument("--all-positions", dest="all_positions", action="store_const", const=True,
-                     help="head sites: patch each head at every position at once (axes layer, head)")
-    how.add_argument("--prepend-bos", dest="prepend_bos", action="store_const", const=True,
-                     help="put <|endoftext|> before both prompts as position 0 (TransformerLens's default) [off]")
-    how.add_argument("--method", choices=list(METHODS), help="exact: patch every cell; attribution: estimate every "
-                     "cell from one backward pass, (source - base) . gradient [exact]")
-    how.add_argument("--no-qk-fix", dest="qk_fix", action="store_const", const=False,
-                     help="attribution at q/k: linearise through the softmax too (AtP*'s fix is on by default)")
-    how.add_argument("--check", action="store_const", const=True, help="attribution: also run the exact sweep and "
-                     "report correlation, largest error and top-10 recall, with a scatter plot")
-    ap.add_argument("--dry-run", action="store_true", help="print the sweep's plan (patches, chunks, memory) and stop")
-    study = ap.add_argument_group("studies (patching/study.py): many pairs, statistics, shards")
-    study.add_argument("--pairs", metavar="FILE.jsonl|.csv", help="run a study of these pairs (clean, corrupt, target, "
-                       "foil per row)")
-    study.add_argument("--shard", metavar="K/N", help="run the K-th of N deterministic slices of a study; "
-                       "combine the shards with patch-run merge")
-    study.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples of a study's 95%% intervals [1000]")
+def add_arguments(ap: argparse.ArgumentParser, analysis: Analysis):
+    """An analysis's flags: its input, its options, --dry-run where it plans, batches and studies."""
+    what = ap.add_argument_group("one run")
+    if analysis.takes == PAIR:
+        what.add_argument("--clean", help="the clean prompt")
+        what.add_argument("--corrupt", help="the corrupted prompt (same number of tokens)")
+        what.add_argument("--target", help="the word the clean prompt predicts (looked up with a leading space; "
+                          "=TEXT takes TEXT exactly, e.g. =. for the token '.')")
+        what.add_argument("--foil", help="the word the corrupt prompt predicts (same rules as --target)")
+    elif analysis.takes != NOTHING:
+        need = " (required)" if analysis.answer else " (give --foil too)"
+        what.add_argument("--prompt", help="the text to analyse")
+        what.add_argument("--target", help=f"the word the model should predict{need}")
+        what.add_argument("--foil", help=f"the competing word{need if analysis.answer else ' (give --target too)'}")
+    analysis.Options.add_arguments(ap.add_argument_group("options (defaults in brackets; in a batch or study they "
+                                                         "override its file's)"))
+    if analysis.plans:
+        ap.add_argument("--dry-run", action="store_true", help="print the plan (patches, chunks, memory) and stop")
+    many = ap.add_argument_group("many runs: batches and studies (docs/batches.md, docs/studies.md)")
+    many.add_argument("--batch", metavar="FILE.yaml", help="run every experiment of a YAML file (a study if it has "
+                      "pairs, analysis or study)")
+    if analysis.studyable:
+        many.add_argument("--pairs", metavar="FILE.jsonl|.csv", help="run a study of these pairs (clean, corrupt, "
+                          "target, foil per row)")
+        many.add_argument("--shard", metavar="K/N", help="run the K-th of N deterministic slices of a study; "
+                          "combine the shards with patch-run merge")
+        many.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples of a study's 95%% intervals "
+                          "[1000]")
 
 
-def plugin(name: str):
-    return importlib.import_module(COMMANDS[name])
+def subparser(subs, name: str, shared: argparse.ArgumentParser):
+    if name == "merge":
+        ap = subs.add_parser(name, parents=[shared], help=MERGE_HELP, description=MERGE_HELP)
+        ap.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="folders written by --shard K/N runs of one study")
+        return
+    analysis = analyses.get(name)
+    add_arguments(subs.add_parser(name, parents=[shared], help=analysis.help, description=analysis.help), analysis)
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or (`only`) just one subcommand's, which imports only that analysis."""
     ap = argparse.ArgumentParser(
-        prog="patch-run", description="Activation patching for GPT-2: which (layer, position) of the clean run "
-        "makes the model predict TARGET rather than FOIL?",
+        prog="patch-run", description="Activation patching and the analyses around it, for GPT-2: which part of "
+        "the model makes it predict TARGET rather than FOIL, and how?",
         epilog=f"Without a command, {DEFAULT} runs: `patch-run --clean ...` is `patch-run {DEFAULT} --clean ...`. "
         "`patch-run COMMAND --help` lists a command's options.")
     subs = ap.add_subparsers(dest="command", metavar="COMMAND")
     shared = shared_options()
-    for name in COMMANDS:
-        mod = plugin(name)
-        mod.add_arguments(subs.add_parser(name, parents=[shared], help=mod.HELP, description=mod.HELP))
+    for name in ([only] if only else commands()):
+        subparser(subs, name, shared)
     return ap
-
-
-def given_settings(args) -> dict:
-    return {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
 
 
 # ----------------------------------------------------------------------------- terminal output
@@ -162,76 +149,74 @@ class Bar:
             width = 30
             fill = int(width * done / max(total, 1))
             try:
-                sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} patches "
+                sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} "
                                  f"{time.perf_counter() - self.t0:.1f}s")
                 if done >= total:
                     sys.stderr.write("\n")
                 sys.stderr.flush()
-            except OSError:  # a closed terminal must not stop the sweep
+            except OSError:  # a closed terminal must not stop the work
                 self.on = False
 
 
-# ----------------------------------------------------------------------------- the patch command
+# ----------------------------------------------------------------------------- the generic command
 
 
-def command(args, say) -> int:
-    if args.batch or args.pairs or args.shard or args.bootstrap is not None:
-        from patching import study  # only where a file is read: a single run never imports YAML
-        if study.wanted(args):
-            return study.command(args, given_settings(args), say)
+def given(args, analysis: Analysis) -> dict:
+    """The settings typed on the command line: what to load and the analysis's options."""
+    return {**ModelSpec.given(args), **analysis.Options.given(args)}
+
+
+def input_of(args, analysis: Analysis):
+    """The run's input from its flags (a Pair, a Prompt or None), or the sentence saying what is missing."""
+    flags = INPUT_FLAGS[analysis.takes]
+    required = [f for f in flags if not (analysis.takes != PAIR and f in ("target", "foil"))]
+    missing = [f"--{f}" for f in required if getattr(args, f, None) is None]
+    if missing:
+        names = ", ".join(f"--{f}" for f in required)
+        raise PatchingError(f"missing {', '.join(missing)}: give {names}, or --batch FILE.")
+    values = [getattr(args, f) for f in flags]
+    return Pair(*values) if analysis.takes == PAIR else Prompt(*values) if flags else None
+
+
+def command(args, say, analysis: Analysis, named: bool) -> int:
+    """One run, a batch or a study of `analysis`; `named`: the subcommand was typed (not the default)."""
+    if any(getattr(args, k, None) is not None for k in MANY) and studies.wanted(args):
+        clash = [f"--{k}" for k in INPUT_FLAGS[PAIR] + ("prompt",) if getattr(args, k, None) is not None]
+        if clash:
+            raise PatchingError(f"a study runs the pairs of its files: drop {', '.join(clash)}.")
+        return studies.command(args, given(args, analysis), say, analysis.name if named else None)
     if args.batch:
-        clash = [f"--{k}" for k in ("clean", "corrupt", "target", "foil") if getattr(args, k) is not None]
+        clash = [f"--{k}" for k in INPUT_FLAGS[PAIR] + ("prompt",) if getattr(args, k, None) is not None]
         if clash:
             raise PatchingError(f"--batch runs the experiments of its file: drop {', '.join(clash)}.")
-        return batch(args, say)
-    return single(args, say)
+        return batch(args, say, analysis)
+    return single(args, say, analysis)
 
 
-def single(args, say) -> int:
-    missing = [f"--{k}" for k in ("clean", "corrupt", "target", "foil") if getattr(args, k) is None]
-    if missing:
-        raise PatchingError(f"missing {', '.join(missing)}: give --clean, --corrupt, --target and --foil, or --batch FILE.")
-    settings = Settings(**given_settings(args))
-    model, tok = load(settings)
-    prep = prepare(tok, args.clean, args.corrupt, args.target, args.foil, model.config.block_size,
-                   model.config.vocab_size, settings.prepend_bos)
-    experiment = (model, tok, args.clean, args.corrupt, args.target, args.foil, settings)
-    if args.dry_run:
+def single(args, say, analysis: Analysis) -> int:
+    input = analysis.check_input(input_of(args, analysis))  # before the model loads: a mistake costs nothing
+    spec, options = analysis.settings(given(args, analysis), "the command line")
+    ctx = load(spec)
+    if getattr(args, "dry_run", False):
         try:
-            run(*experiment, plan=_stop_after_plan(say))
+            analysis.run(ctx, input, options, Events(plan=_stop_after_plan(say)))
         except _Planned:
             return 0
-    out = expand(args.out) if args.out else expand("outputs") / default_folder(prep, settings)
-    # checked and locked before the sweep; a default folder takes the first free name
-    with claim(out, kind="experiment", overwrite=args.overwrite, fresh=not args.out) as dest:
-        result = run(*experiment, Bar("sweep"), plan=lambda p: say(p.describe()))
-        folder = dest.write(experiment_files(result))
+    out = expand(args.out) if args.out else expand("outputs") / analysis.folder_name(ctx, input, options)
+    # checked and locked before the work; a default folder takes the first free name
+    with claim(out, kind=analysis.kind, overwrite=args.overwrite, fresh=not args.out) as dest:
+        result = analysis.run(ctx, input, options, Events(progress=Bar(analysis.name), plan=lambda p: say(p.describe())))
+        files = analysis.files(result)
+        folder = dest.write(files)
     # everything is on disk: only now print, so a closed pipe or a full terminal loses nothing
-    say(f"model {model.name}: {model.config.n_layer} layers, {len(prep.clean_ids)} tokens"
-        f"{' (position 0 is the <|endoftext|> added by --prepend-bos)' if settings.prepend_bos else ''}; "
-        f"positions that differ: {', '.join(map(str, prep.differing))}")
-    say(token_table(prep))
-    say("")
-    say(topk_table("clean run: next token after the last position", result.clean, prep))
-    say("")
-    say(topk_table("corrupt run: next token after the last position", result.corrupt, prep))
-    say("")
-    say(f"{settings.metric} = {METRICS[settings.metric]}: clean {result.clean.value:.4f}, "
-        f"corrupt {result.corrupt.value:.4f}; sweep of {result.timing['patches']} patches at {settings.site} "
-        f"({settings.direction}: {DIRECTIONS[settings.direction]}) took {result.timing['sweep_seconds']:.3f} s "
-        f"({'attribution estimate' if settings.method == 'attribution' else f'{settings.engine} engine'}, "
-        f"{result.timing['device']})")
-    for entry in strongest(result):
-        say(f"  strongest: {describe_cell(result, entry)}: {entry[-1]:.4f}")
-    for line in check_lines(result):
+    for line in analysis.lines(result):
         say(line)
-    say.result(f"wrote {folder}/results.json, results.csv, heatmap.png, "
-               f"{'exact.csv, exact-heatmap.png, scatter.png, ' if result.check else ''}report.html")
+    say.result(f"wrote {folder}/{analysis.written(result, list(files))}")
     return 0
 
 
 class _Planned(Exception):
-    """--dry-run: the plan is printed; stop before the sweep."""
+    """--dry-run: the plan is printed; stop before the work."""
 
 
 def _stop_after_plan(say):
@@ -241,12 +226,11 @@ def _stop_after_plan(say):
     return stop
 
 
-def batch(args, say) -> int:
-    from patching.batch import read_batch, run_batch
+def batch(args, say, analysis: Analysis) -> int:
     path = expand(args.batch)
-    spec = read_batch(path, given_settings(args))
+    spec = batches.read_batch(path, given(args, analysis), analysis)
     out = expand(args.out) if args.out else expand("outputs") / slug(path.stem)
-    rows, out = run_batch(spec, out, say=say, progress_for=Bar, overwrite=args.overwrite, fresh=not args.out)
+    rows, out = batches.run_batch(spec, out, say=say, progress_for=Bar, overwrite=args.overwrite, fresh=not args.out)
     failed = [r for r in rows if r["status"] != "ok"]
     say.result(f"wrote {out}/summary.json and summary.md: {len(rows) - len(failed)} ok, {len(failed)} failed")
     return 1 if failed else 0
@@ -271,23 +255,24 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     if not argv:
-        parser().print_usage(sys.stderr)
+        parser(DEFAULT).print_usage(sys.stderr)
         print("patch-run: error: no arguments: give --clean, --corrupt, --target and --foil, or --batch FILE "
               "(patch-run --help lists everything).", file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help"):  # the commands, then the default command's own options
         default = argparse.ArgumentParser(prog=f"patch-run [{DEFAULT}]", parents=[shared_options()])
-        plugin(DEFAULT).add_arguments(default)
+        add_arguments(default, analyses.get(DEFAULT))
         Say().result(parser().format_help() + "\n" + default.format_help())
         return 0
-    if argv[0] not in COMMANDS and not argv[0].startswith("-"):  # a word where a command goes
-        print(f"patch-run: error: unknown command {argv[0][:40]!r}: use one of {', '.join(COMMANDS)} "
+    if argv[0] not in commands() and not argv[0].startswith("-"):  # a word where a command goes
+        print(f"patch-run: error: unknown command {argv[0][:40]!r}: use one of {', '.join(commands())} "
               f"(or flags alone for {DEFAULT}).", file=sys.stderr)
         return 2
-    if argv[0] not in COMMANDS:
+    named = argv[0] in commands()
+    if not named:
         argv = [DEFAULT, *argv]
     try:
-        args = parser().parse_args(argv)
+        args = parser(argv[0]).parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage and the error (or the help)
         return exc.code if isinstance(exc.code, int) else 2
     except BrokenPipeError:  # `patch-run patch --help | head`
@@ -296,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     say = Say(args.quiet)
     term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        return plugin(args.command).command(args, say)
+        if args.command == "merge":
+            return merge.command(args.shards, args.out, say, overwrite=args.overwrite)
+        return command(args, say, analyses.get(args.command), named)
     except USER_ERRORS as exc:
         print(f"patch-run: error: {exc}", file=sys.stderr)
         return 1
@@ -321,15 +308,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_thread() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 
 def program() -> int:
-    """The `patch-run` executable: main() with the garbage collector kept off torch's objects. Every
-    collection of the oldest generation walks the million objects importing torch made, and the
-    interpreter's last one at exit costs ~0.7 s on a 2-core CPU; frozen objects are skipped (they
-    live until exit anyway). Not in main(): callers in Python keep their GC as it is."""
+    """main() with the garbage collector kept off torch's objects. Every collection of the oldest
+    generation walks the million objects importing torch made, and the interpreter's last one at exit
+    costs ~0.7 s on a 2-core CPU; frozen objects are skipped (they live until exit anyway). Not in
+    main(): callers in Python keep their GC as it is."""
     gc.freeze()  # what the imports made so far
     code = main()
     gc.freeze()  # and what the run made (matplotlib's modules, the model), before the exit

@@ -56,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 from mingpt import ragged  # noqa: E402
 from mingpt.bpe import gpt2_vocabulary  # noqa: E402
 from mingpt.model import GPT, GPTConfig, Linear, dense  # noqa: E402
-from patching import engines  # noqa: E402
+from patching.core import engines  # noqa: E402
+from patching.core.metrics import metric_values  # noqa: E402
 
 MICHELLE = ("Michelle Jones was a top-notch student. Michelle", "Michelle Smith was a top-notch student. Michelle",
             "Jones", "Smith")
@@ -312,8 +313,8 @@ def sweep_bench(args):
         floor = floor_flops(model.config, T, positions) / 1e9
         loop, s_loop, loop_est = (None, float("nan"), False) if args.fast_only else \
             sample_loop(model, corrupt, rc, TARGET, FOIL, device, args.loop_budget)
-        fast_m = engines.metric_values("logit-diff", fast, fast[0, 0], fast[0, 0]).cpu().double()
-        diff_loop = (engines.metric_values("logit-diff", loop, loop[0, 0], loop[0, 0]).double() - fast_m).abs().max().item() \
+        fast_m = metric_values("logit-diff", fast, fast[0, 0], fast[0, 0]).cpu().double()
+        diff_loop = (metric_values("logit-diff", loop, loop[0, 0], loop[0, 0]).double() - fast_m).abs().max().item() \
             if loop is not None else None
         rows.append(dict(n=T, fast_s=s_fast, first_s=fast_times[0], single_s=min(single), loop_s=s_loop, loop_extrapolated=loop_est, fast_peak_mb=mem_rise,
                          process_peak_mb=process_peak, useful_gflop=useful, floor_gflop=floor,

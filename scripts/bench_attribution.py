@@ -23,7 +23,9 @@ import bench  # noqa: E402  (sets HF_HUB_OFFLINE, puts the repository on sys.pat
 import torch  # noqa: E402
 
 from mingpt.model import GPT  # noqa: E402
-from patching import attribution, engines  # noqa: E402
+from patching.analyses.patch import attribution  # noqa: E402
+from patching.core import engines  # noqa: E402
+from patching.core.metrics import readout  # noqa: E402
 
 
 def best(fn, repeats: int) -> tuple[float, object]:
@@ -55,7 +57,7 @@ def main():
         for site in args.sites:
             sites = [site] + attribution.needed_sites(site, True)
             rc, rx = engines.record(model, clean, sites), engines.record(model, corrupt, sites)
-            r_c, r_x = (engines.readout(r.last_logits[0], bench.TARGET, bench.FOIL, True) for r in (rc, rx))
+            r_c, r_x = (readout(r.last_logits[0], bench.TARGET, bench.FOIL, True) for r in (rc, rx))
             src = rc[site][:, 0]
             t_exact, got = best(lambda: engines.sweep(model, corrupt, rx, src, site, bench.TARGET, bench.FOIL, False),
                                 args.repeats)

@@ -5,10 +5,9 @@
 Prints {"wall": seconds per stage (with the run's own record and sweep seconds), "cpu": CPU seconds
 per stage, all threads (the run's inner stages have wall figures only)}. Run by
 `scripts/bench.py --startup` in a fresh process per measurement, so every stage, imports included,
-costs what it costs in a real run. The steps mirror patching.cli.single; nothing is imported before
+costs what it costs in a real run. The steps mirror the CLI's single run; nothing is imported before
 the clock starts but the standard library.
 """
-import inspect
 import json
 import shutil
 import sys
@@ -29,28 +28,29 @@ def mark(name: str):
 def main(model_name: str, out: str, clean: str, corrupt: str, target: str, foil: str):
     import torch  # noqa: F401  (the baseline that nothing can remove)
     mark("import torch")
+    import gc
     from pathlib import Path
 
     from mingpt.bpe import BPETokenizer
     from mingpt.model import GPT
-    from patching import api, cli, report
-    if hasattr(cli, "program"):  # as the patch-run executable does (older checkouts, --src, did not)
-        import gc
-        gc.freeze()
+    from patching import analyses, cli  # noqa: F401  (cli: what the executable imports)
+    from patching.core.context import DTYPES, Context, ModelSpec, resolve_device
+    from patching.core.prompts import Pair, prepare
+    gc.freeze()  # as the patch-run executable does
     mark("other imports")
 
-    settings = cli.Settings(model=model_name)
-    device = api.resolve_device(settings.device)
-    model = GPT.from_pretrained(settings.model).to(device=device, dtype=api.DTYPES[settings.dtype])
+    spec = ModelSpec(model=model_name)
+    device = resolve_device(spec.device)
+    model = GPT.from_pretrained(spec.model).to(device=device, dtype=DTYPES[spec.dtype])
     mark("model load")
-    tok = BPETokenizer(settings.model)
-    sizes = (model.config.block_size, model.config.vocab_size)
-    n_sizes = len(inspect.signature(api.prepare).parameters) - 5  # older checkouts (--src) take block_size only
-    prep = api.prepare(tok, clean, corrupt, target, foil, *sizes[:n_sizes])
+    tok = BPETokenizer(spec.model)
+    pair = Pair(clean, corrupt, target, foil)
+    prepare(tok, pair, model.config.block_size, model.config.vocab_size)
     mark("vocabulary + tokenize")
 
+    patch = analyses.get(analyses.DEFAULT)
     t = time.perf_counter()
-    result = api.run(model, tok, clean, corrupt, target, foil, settings)
+    result = patch.run(Context(model, tok, spec), pair, patch.Options())
     whole = time.perf_counter() - t
     mark("run")
     record, sweep = result.timing["record_seconds"], result.timing["sweep_seconds"]
@@ -62,19 +62,10 @@ def main(model_name: str, out: str, clean: str, corrupt: str, target: str, foil:
     folder = Path(out) / "files"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    if hasattr(report, "experiment_files"):  # the files the CLI writes, in its order (the heatmap's apart)
-        for name, content in report.experiment_files(result).items():
-            content(folder / name) if callable(content) else (folder / name).write_text(content)
-            mark("heatmap" if name == "heatmap.png" else "files")
-    else:  # an older checkout (--src)
-        report.heatmap(result, folder / "heatmap.png")
-        mark("heatmap")
-        report.write_experiment(result, folder / "rest", png=False)
-        mark("files")
-    report.token_table(prep)  # --quiet still builds the tables it does not print
-    report.topk_table("clean", result.clean, prep)
-    report.topk_table("corrupt", result.corrupt, prep)
-    report.strongest(result)
+    for name, content in patch.files(result).items():  # the files the CLI writes, in its order (the heatmap's apart)
+        content(folder / name) if callable(content) else (folder / name).write_text(content)
+        mark("heatmap" if name == "heatmap.png" else "files")
+    patch.lines(result)  # --quiet still builds the tables it does not print
     mark("tables")
     print(json.dumps({"wall": marks, "cpu": cpu}))
 

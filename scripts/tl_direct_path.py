@@ -4,7 +4,7 @@
 
 Builds a random-weight GPT-2 checkpoint (Hub layout), runs TL's direct path patching from every
 sender head into every later head's q, k and v in TL's own venv (a subprocess, `--child`), and the
-same paths with patch-run's `patching.path` with --freeze-mlps (TL adds the sender's write to one
+same paths with patch-run's path patching (patching/analyses/path.py) with --freeze-mlps (TL adds the sender's write to one
 head's own pre-LayerNorm input: every other head and every MLP sees the base run, which is our
 frozen-MLP path) and without it (MLPs recomputed: the IOI definition, paths through MLPs included).
 Prints, per component, the largest difference from TL in each case.
@@ -56,7 +56,9 @@ def main():
     from conftest import make_checkpoint
     from mingpt.bpe import BPETokenizer
     from mingpt.model import GPT
-    from patching.path import PathOptions, path
+    from patching.analyses.path import PathOptions, path
+    from patching.core.context import Context, ModelSpec
+    from patching.core.prompts import Pair
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_checkpoint(Path(tmp), n_layer=args.layers, n_head=args.heads, n_embd=args.width,
@@ -75,8 +77,8 @@ def main():
                 diffs = []
                 for dl in range(1, L):
                     for dh in range(H):
-                        r = path(model, tok, PathOptions(CLEAN, CORRUPT, "Jones", "Smith", "all", [f"{dl}.{dh}:{comp}"],
-                                                         freeze))
+                        r = path(Context(model, tok, ModelSpec(model=str(folder))), Pair(CLEAN, CORRUPT, "Jones", "Smith"),
+                                 PathOptions("all", [f"{dl}.{dh}:{comp}"], freeze))
                         for sl in range(dl):
                             for sh in range(H):
                                 diffs.append((abs(r.matrix[sl, sh] - tl[comp][sl, sh, dl, dh]),

@@ -23,7 +23,9 @@ import torch.nn as nn
 from conftest import large_init
 from mingpt.model import GPT, GPTConfig
 from mingpt.sites import HEAD_SITES, SITES, Patch, Recording
-from patching import attribution, engines
+from patching.analyses.patch import attribution
+from patching.core import engines
+from patching.core.metrics import METRICS, readout
 from patching.cli import main
 
 T, TARGET, FOIL = 7, 3, 5
@@ -73,7 +75,7 @@ def runs(model, site, direction="denoise", seed=1):
 
 def estimate(model, site, metric="logit-diff", direction="denoise", every=False, qk_fix=False):
     base_ids, base, src = runs(model, site, direction)
-    r = lambda rec: engines.readout(rec.last_logits[0], TARGET, FOIL, True)  # noqa: E731
+    r = lambda rec: readout(rec.last_logits[0], TARGET, FOIL, True)  # noqa: E731
     est = attribution.estimate(model, base_ids, base, src[site][:, 0], site, metric, TARGET, FOIL, r(src), r(base),
                                every, qk_fix)
     return est, base_ids, base, src
@@ -125,7 +127,7 @@ def test_estimate_equals_finite_differences_every_site(site):
     check_fd(random_model(), site)
 
 
-@pytest.mark.parametrize("metric", list(engines.METRICS))
+@pytest.mark.parametrize("metric", list(METRICS))
 @pytest.mark.parametrize("site", ["resid_mid", "z"])
 def test_estimate_equals_finite_differences_every_metric(metric, site):
     check_fd(random_model(), site, metric)
@@ -333,8 +335,7 @@ def test_attribution_plan_is_its_own(tiny_ckpt, tmp_path, monkeypatch):
     mib = lambda text: float(text.split("estimated peak memory ")[1].split(" MiB")[0])  # noqa: E731
     lo, hi = sorted([mib(exact_out), mib(attr_out)])
     assert lo < hi
-    from patching import api
-    monkeypatch.setattr(api, "available_memory", lambda device: int((lo + hi) / 2 * 2**20))
+    monkeypatch.setattr(engines, "available_memory", lambda device: int((lo + hi) / 2 * 2**20))
     results = {}
     for method in ("exact", "attribution"):
         rc, _, err = cli([*PAIR, "--model", str(tiny_ckpt), "--site", "pattern", "--method", method,

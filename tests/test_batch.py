@@ -1,4 +1,4 @@
-"""Tests of YAML batches (patching.batch through the patch-run CLI), offline on the tiny checkpoint.
+"""Tests of YAML batches (patching.study.batch through the patch-run CLI), offline on the tiny checkpoint.
 
 The batch main() runs in-process so the model loader and the pipeline can be wrapped or made to
 raise Ctrl-C; the mixed good/bad batch runs once per module.
@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import yaml
 
-import patching.batch
-import patching.report
+import patching.analyses.patch.report
+import patching.study.batch
 from conftest import assert_close, openai_vocab_dir
 from mingpt.bpe import BPETokenizer
-from patching.batch import Experiment, read_batch
+from patching import analyses
+from patching.analyses.patch import Patching
+from patching.study.batch import Experiment, read_batch
 from patching.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,14 +83,14 @@ def mixed(tiny_ckpt, tmp_path_factory):
     out = base / "a" / "b" / "out"  # deep enough that '../../evil' would land inside base
     before = tree(base)
     loads = []
-    real_load = patching.batch.load
+    real_load = patching.study.batch.load
 
-    def counting_load(settings):
-        loads.append(settings.model)
-        return real_load(settings)
+    def counting_load(spec):
+        loads.append(spec.model)
+        return real_load(spec)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(patching.batch, "load", counting_load)
+        mp.setattr(patching.study.batch, "load", counting_load)
         result = run_main(["--batch", str(spec), "--out", str(out)])
     after = tree(base)
     summary = json.loads((out / "summary.json").read_text())
@@ -184,12 +186,12 @@ def test_mixed_summary_md(mixed):
     assert len(body) == len(EXPERIMENTS)
     for line, row in zip(body, mixed["rows"]):
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # split on unescaped pipes
-        assert len(cells) == 5, line  # a reason holding '|' must not add columns
+        assert len(cells) == 3, line  # a reason holding '|' must not add columns
         assert cells[0] == row["name"] and cells[1] == row["status"]
-        if row["status"] == "ok":
-            assert float(cells[2]) == pytest.approx(row["clean_value"], abs=1e-3)
+        if row["status"] == "ok":  # the analysis's headline: the patch analysis leads with the clean value
+            assert float(cells[2].split(",")[0].removeprefix("clean ")) == pytest.approx(row["clean_value"], abs=1e-3)
         else:
-            assert cells[4] == row["reason"].replace("|", "\\|")
+            assert cells[2] == row["reason"].replace("|", "\\|")
 
 
 # ----------------------------------------------------------------------------- errors in the file itself
@@ -226,8 +228,9 @@ def test_unknown_keys_in_file(tmp_path, doc, key):
 def test_command_line_model_overrides_defaults(tiny_ckpt, tmp_path):
     spec = write_yaml(tmp_path / "one.yaml", {"defaults": {"model": str(tmp_path / "no-such-model"), "top_k": 2},
                                               "experiments": [{"name": "m", **MICHELLE}]})
-    assert read_batch(spec, {"model": str(tiny_ckpt)}).defaults.model == str(tiny_ckpt)
-    assert read_batch(spec, {}).defaults.model == str(tmp_path / "no-such-model")
+    patch = analyses.get("patch")
+    assert read_batch(spec, {"model": str(tiny_ckpt)}, patch).defaults["model"] == str(tiny_ckpt)
+    assert read_batch(spec, {}, patch).defaults["model"] == str(tmp_path / "no-such-model")
     r = run_main(["--batch", str(spec), "--model", str(tiny_ckpt), "--out", str(tmp_path / "out")])
     assert r["rc"] == 0, r
     res = json_of(tmp_path / "out" / "m")
@@ -253,7 +256,8 @@ def test_ctrl_c_during_batch(tiny_ckpt, tmp_path, monkeypatch, where):
     """Ctrl-C in the 2nd experiment: while computing (run) or half-way through writing its files (heatmap)."""
     spec = write_yaml(tmp_path / "three.yaml", {"defaults": {"model": str(tiny_ckpt), "top_k": 3}, "experiments": [
         {"name": "first", **MICHELLE}, {"name": "second", **JESSICA}, {"name": "third", **MICHELLE}]})
-    module, real = (patching.batch, patching.batch.run) if where == "run" else (patching.report, patching.report.heatmap)
+    module, real = (Patching, Patching.run) if where == "run" else \
+        (patching.analyses.patch.report, patching.analyses.patch.report.heatmap)
     calls = []
 
     def interrupt_second(*args, **kwargs):
@@ -288,23 +292,24 @@ EXAMPLE = REPO / "examples" / "pairs.yaml"
 
 
 def test_example_batch_parses():
-    batch = read_batch(EXAMPLE, {})
-    assert batch.defaults.model == "demo-names"
+    batch = read_batch(EXAMPLE, {}, analyses.get("patch"))
+    assert batch.defaults["model"] == "demo-names"
     assert len(batch.experiments) >= 3
     assert all(isinstance(e, Experiment) for e in batch.experiments), batch.experiments
     for e in batch.experiments:
-        batch.defaults.merged(e.overrides, e.name)  # overrides are valid settings
+        batch.analysis.settings({**batch.defaults, **e.overrides}, e.name)  # overrides are valid settings
 
 
 def test_example_prompts_fit():
     tok = BPETokenizer(openai_vocab_dir())
-    for e in read_batch(EXAMPLE, {}).experiments:
-        a, b = tok.encode(e.clean), tok.encode(e.corrupt)
+    for e in read_batch(EXAMPLE, {}, analyses.get("patch")).experiments:
+        pair = e.input
+        a, b = tok.encode(pair.clean), tok.encode(pair.corrupt)
         assert len(a) == len(b), e.name
         assert a != b, e.name
-        for word in (e.target, e.foil):
+        for word in (pair.target, pair.foil):
             assert len(tok.encode(" " + word)) == 1, word
-        assert tok.encode(" " + e.target) != tok.encode(" " + e.foil)
+        assert tok.encode(" " + pair.target) != tok.encode(" " + pair.foil)
 
 
 def test_example_batch_runs(tiny_ckpt, tmp_path):
@@ -312,9 +317,9 @@ def test_example_batch_runs(tiny_ckpt, tmp_path):
     r = run_main(["--batch", str(EXAMPLE), "--model", str(tiny_ckpt), "--quiet", "--out", str(out)])
     assert r["rc"] == 0, r
     rows = json.loads((out / "summary.json").read_text())["experiments"]
-    names = [e.name for e in read_batch(EXAMPLE, {}).experiments]
+    names = [e.name for e in read_batch(EXAMPLE, {}, analyses.get("patch")).experiments]
     assert [x["name"] for x in rows] == names and {x["status"] for x in rows} == {"ok"}
-    for x, e in zip(rows, read_batch(EXAMPLE, {}).experiments):
+    for x, e in zip(rows, read_batch(EXAMPLE, {}, analyses.get("patch")).experiments):
         res = json_of(out / x["name"])
         assert res["metric"] == e.overrides.get("metric", "logit-diff")
         assert len(res["topk"]["clean"]) == 10

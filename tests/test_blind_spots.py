@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from conftest import assert_close, hf_model, tol
-from patching import files as files_mod
-from patching import stats
-from patching.api import PatchingError, Settings, load
+from patching.api import ModelSpec, Pair, PatchingError, Prompt, load, run
 from patching.cli import main
-from patching.files import MARKER, claim, read_marker, write_folder
+from patching.io import files as files_mod
+from patching.io.files import MARKER, claim, read_marker, write_folder
+from patching.study import stats
 
 torch.set_num_threads(1)
 
@@ -46,8 +46,7 @@ def cli(argv: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt):
-    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
-    return model, tok
+    return load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
 
 
 # ----------------------------------------------------------------------------- 1. share above one half
@@ -85,12 +84,12 @@ def test_share_above_half_of_a_head_grid_with_not_applicable_cells():
 
 
 def test_path_cli_freeze_mlps_equals_the_python_call(tiny_ckpt, tiny, tmp_path):
-    from patching.path import PathOptions, path
-    model, tok = tiny
+    model = tiny.model
     common = ["path", "--clean", CLEAN, "--corrupt", CORRUPT, "--target", "Jones", "--foil", "Smith",
               "--model", str(tiny_ckpt), "--device", "cpu", "--sender", "all", "--receiver", "logits"]
-    frozen = path(model, tok, PathOptions(CLEAN, CORRUPT, "Jones", "Smith", "all", ["logits"], freeze_mlps=True))
-    free = path(model, tok, PathOptions(CLEAN, CORRUPT, "Jones", "Smith", "all", ["logits"], freeze_mlps=False))
+    pair = Pair(CLEAN, CORRUPT, "Jones", "Smith")
+    frozen = run("path", tiny, pair, sender="all", receivers=["logits"], freeze_mlps=True)
+    free = run("path", tiny, pair, sender="all", receivers=["logits"], freeze_mlps=False)
     with torch.no_grad():
         logits = model(torch.tensor([frozen.prepared.corrupt_ids]))[0][0, -1]
     scale = float(logits.abs().max())
@@ -153,14 +152,13 @@ def lens_by_hand(ref, mode: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["frozen", "recompute"])
 def test_lens_equals_float64_arithmetic_with_the_final_layernorm_bias(tiny_ckpt, tiny, mode):
-    from patching.lens import LensOptions, lens
     ref = float64_reference(tiny_ckpt, CLEAN)
     want = lens_by_hand(ref, mode)
     scale = float(want.abs().max())
     # the test means something only if ln_f's bias moves the logit difference by far more than the tolerance
     bias_term = float(ref["b"] @ (ref["w_e"][SMITH] - ref["w_e"][JONES]))
     assert abs(bias_term) > 100 * tol(scale), "the checkpoint's ln_f bias must matter (conftest.draw_biases)"
-    r = lens(*tiny, LensOptions(CLEAN, "Jones", "Smith", ln=mode))
+    r = run("lens", tiny, Prompt(CLEAN, "Jones", "Smith"), ln=mode)
     assert_close(r.matrix, want[..., SMITH] - want[..., JONES], scale=scale, what=f"lens {mode}")
     assert_close(r.top_probs, want.softmax(-1).max(-1).values, scale=scale, what=f"lens {mode} top-1 probability")
     assert_close(r.matrix[-1], ref["logits"][:, SMITH] - ref["logits"][:, JONES], scale=scale, what="last row")
@@ -169,7 +167,6 @@ def test_lens_equals_float64_arithmetic_with_the_final_layernorm_bias(tiny_ckpt,
 @torch.no_grad()
 def test_dla_terms_equal_float64_arithmetic_with_centred_biases(tiny_ckpt, tiny):
     """Every DLA term is (component - its mean) . (ln_f weight * d) / s; the attention bias too."""
-    from patching.dla import DLAOptions, dla
     ref = float64_reference(tiny_ckpt, CLEAN)
     hf = ref["hf"]
     d = ref["w_e"][SMITH] - ref["w_e"][JONES]
@@ -181,7 +178,7 @@ def test_dla_terms_equal_float64_arithmetic_with_centred_biases(tiny_ckpt, tiny)
     uncentred = np.array([float(b.attn.c_proj.bias @ g) for b in hf.transformer.h])
     scale = float(ref["logits"][-1].abs().max())
     assert np.abs(biases - uncentred).max() > 100 * tol(scale), "centring must matter for this test to mean anything"
-    r = dla(*tiny, DLAOptions(CLEAN, "Jones", "Smith"))
+    r = run("dla", tiny, Prompt(CLEAN, "Jones", "Smith"))
     assert_close(r.attn_bias, biases, scale=scale, what="attention bias terms")
     assert_close(r.final_ln_bias, float(ref["b"] @ d), scale=scale, what="final LN bias term")
     assert_close(r.mlp, [float(centre(m[-1]) @ g) for m in ref["mlp"]], scale=scale, what="mlp terms")
@@ -228,8 +225,8 @@ class Page(HTMLParser):
 
 
 def test_study_index_escapes_markup_in_names_and_prompts(tmp_path, tiny_ckpt):
-    from patching.api import prepare
     from mingpt.bpe import BPETokenizer
+    from patching.core.prompts import prepare
     first = f"{MARKUP} {QUOTES} "
     pairs = [{"name": f"n {MARKUP} {QUOTES}", "clean": first + CLEAN, "corrupt": first + CORRUPT,
               "target": "Jones", "foil": "Smith"},
@@ -237,7 +234,7 @@ def test_study_index_escapes_markup_in_names_and_prompts(tmp_path, tiny_ckpt):
               "corrupt": f"Jessica Jones was a top-notch student {QUOTES}. Jessica", "target": "Smith", "foil": "Jones"}]
     tok = BPETokenizer(str(tiny_ckpt))
     for p in pairs:  # the markup prompts still make a runnable pair (equal token counts)
-        prepare(tok, p["clean"], p["corrupt"], p["target"], p["foil"], 128, 50257, False)
+        prepare(tok, Pair(p["clean"], p["corrupt"], p["target"], p["foil"]), 128, 50257, False)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     got = cli(["--pairs", str(tmp_path / "p.jsonl"), "--model", str(tiny_ckpt), "--device", "cpu",
                "--bootstrap", "20", "--out", str(tmp_path / "out")])

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import assert_close, hf_model, make_checkpoint
-from patching import ablate, attention, dla, heads, lens
-from patching.api import USER_ERRORS, Settings, load
+from patching.analyses import ablate, attention, dla, heads, lens
+from patching.api import USER_ERRORS, ModelSpec, Prompt, load, run
 from patching.cli import main
 
 PROMPT = "Michelle Jones was a top-notch student. Michelle"
@@ -71,19 +71,19 @@ def hf_capture(model, ids: torch.Tensor) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt):
-    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
     hf = hf_model(tiny_ckpt)
-    return {"model": model, "tok": tok, "hf": hf, "ref": hf_capture(hf, ids_of(PROMPT)), "ckpt": tiny_ckpt}
+    return {"ctx": ctx, "model": ctx.model, "tok": ctx.tok, "hf": hf, "ref": hf_capture(hf, ids_of(PROMPT)), "ckpt": tiny_ckpt}
 
 
 @pytest.fixture(scope="module")
 def demo_names():
-    return load(Settings(model="demo-names", device="cpu"))
+    return load(ModelSpec(model="demo-names", device="cpu"))
 
 
 @pytest.fixture(scope="module")
 def demo_induction():
-    return load(Settings(model="demo-induction", device="cpu"))
+    return load(ModelSpec(model="demo-induction", device="cpu"))
 
 
 # ----------------------------------------------------------------------------- lens
@@ -105,7 +105,7 @@ def hf_lens_logits(hf, ref, mode: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", lens.MODES)
 def test_lens_equals_transformers(tiny, mode):
-    r = lens.lens(tiny["model"], tiny["tok"], lens.LensOptions(PROMPT, "Jones", "Smith", ln=mode))
+    r = run("lens", tiny["ctx"], Prompt(PROMPT, "Jones", "Smith"), ln=mode)
     want = hf_lens_logits(tiny["hf"], tiny["ref"], mode)
     L = tiny["model"].config.n_layer
     assert r.matrix.shape == (L + 1, ids_of(PROMPT).shape[1])
@@ -123,7 +123,7 @@ def test_lens_equals_transformers(tiny, mode):
 
 @pytest.mark.parametrize("mode", lens.MODES)
 def test_lens_last_row_is_the_model_output(tiny, mode):
-    r = lens.lens(tiny["model"], tiny["tok"], lens.LensOptions(PROMPT, "Jones", "Smith", ln=mode))
+    r = run("lens", tiny["ctx"], Prompt(PROMPT, "Jones", "Smith"), ln=mode)
     logits = tiny["ref"]["logits"]
     scale = float(logits.abs().max())
     assert_close(r.matrix[-1], logits[:, SMITH] - logits[:, JONES], scale=scale, what="last row")
@@ -131,20 +131,20 @@ def test_lens_last_row_is_the_model_output(tiny, mode):
 
 
 def test_lens_modes_differ_before_the_last_row(tiny):
-    a = lens.lens(tiny["model"], tiny["tok"], lens.LensOptions(PROMPT, "Jones", "Smith"))
-    b = lens.lens(tiny["model"], tiny["tok"], lens.LensOptions(PROMPT, "Jones", "Smith", ln="frozen"))
+    a = run("lens", tiny["ctx"], Prompt(PROMPT, "Jones", "Smith"))
+    b = run("lens", tiny["ctx"], Prompt(PROMPT, "Jones", "Smith"), ln="frozen")
     assert np.abs(a.matrix[:-1] - b.matrix[:-1]).max() > 1e-2
     assert_close(a.matrix[-1], b.matrix[-1], scale=float(tiny["ref"]["logits"].abs().max()), what="last row")
 
 
 def test_lens_without_words_colours_by_top_probability(tiny):
-    r = lens.lens(tiny["model"], tiny["tok"], lens.LensOptions(PROMPT))
+    r = run("lens", tiny["ctx"], Prompt(PROMPT))
     np.testing.assert_array_equal(r.matrix, r.top_probs)
     assert r.to_json()["target"] is None and r.value == "top-1 probability"
 
 
 def test_lens_on_demo_names_finds_jones_after_block_1(demo_names):
-    r = lens.lens(*demo_names, lens.LensOptions(PROMPT, "Jones", "Smith"))
+    r = run("lens", demo_names, Prompt(PROMPT, "Jones", "Smith"))
     last = [row[-1] for row in r.top_tokens]
     assert last[-1] == " Jones" and " Jones" not in last[:-1]  # rows: embed, block 0, block 1
     assert r.matrix[-1, -1] < -10 < r.matrix[-2, -1]
@@ -175,7 +175,7 @@ def hf_dla(hf, ref, target: int, foil: int) -> dict:
 
 
 def test_dla_terms_equal_transformers(tiny):
-    r = dla.dla(tiny["model"], tiny["tok"], dla.DLAOptions(PROMPT, "Jones", "Smith"))
+    r = run("dla", tiny["ctx"], Prompt(PROMPT, "Jones", "Smith"))
     want = hf_dla(tiny["hf"], tiny["ref"], JONES, SMITH)
     scale = float(tiny["ref"]["logits"][-1].abs().max())  # every term is a share of these logits
     for key in ("heads", "attn_bias", "mlp", "embed", "final_ln_bias", "metric"):
@@ -188,8 +188,7 @@ def test_dla_terms_equal_transformers(tiny):
 def test_dla_components_sum_to_the_logit_difference(tmp_path, seed, shape):
     n_layer, n_head, n_embd = shape
     ckpt = make_checkpoint(tmp_path / "m", n_layer=n_layer, n_head=n_head, n_embd=n_embd, seed=seed, init_std=0.3)
-    model, tok = load(Settings(model=str(ckpt), device="cpu"))
-    r = dla.dla(model, tok, dla.DLAOptions(PROMPT, "Jones", "Smith"))
+    r = run("dla", load(ModelSpec(model=str(ckpt), device="cpu")), Prompt(PROMPT, "Jones", "Smith"))
     hf_logits = hf_model(ckpt)(ids_of(PROMPT)).logits[0, -1].double()
     scale = float(hf_logits.abs().max())
     assert_close(r.total, r.metric, scale=scale, what="sum of components vs our logits")
@@ -198,7 +197,7 @@ def test_dla_components_sum_to_the_logit_difference(tmp_path, seed, shape):
 
 
 def test_dla_on_demo_names_puts_the_answer_on_block_1s_head(demo_names):
-    r = dla.dla(*demo_names, dla.DLAOptions(PROMPT, "Jones", "Smith"))
+    r = run("dla", demo_names, Prompt(PROMPT, "Jones", "Smith"))
     name, value = r.components()[0]
     assert name == "L1H0" and value < 0.9 * r.metric < 0  # the head alone carries > 90 % of the answer
     assert_close(r.total, r.metric, what="sum of components")
@@ -208,7 +207,7 @@ def test_dla_on_demo_names_puts_the_answer_on_block_1s_head(demo_names):
 
 
 def test_attention_equals_transformers_output_attentions(tiny):
-    r = attention.attention(tiny["model"], tiny["tok"], attention.AttentionOptions(PROMPT))
+    r = run("attention", tiny["ctx"], Prompt(PROMPT))
     assert r.patterns.dtype == np.float32 and r.patterns.shape == tuple(tiny["ref"]["attentions"].shape)
     np.testing.assert_allclose(r.patterns, tiny["ref"]["attentions"].numpy(), rtol=0, atol=1e-5)
     assert r.patterns.max() > 0.5  # sharp patterns somewhere: not a near-uniform triviality
@@ -234,7 +233,7 @@ def test_attention_files(attention_run, tiny):
 
 
 def test_attention_many_heads_get_one_png_per_layer(tiny, tmp_path):
-    r = attention.attention(tiny["model"], tiny["tok"], attention.AttentionOptions("a b c", layers=(1,)))
+    r = run("attention", tiny["ctx"], Prompt("a b c"), layers=(1,))
     r.patterns = np.repeat(r.patterns, 5, axis=1)  # pretend 20 heads per layer
     assert sorted(k for k in attention.files(r) if k.endswith(".png")) == ["attention_layer01.png"]
 
@@ -325,7 +324,7 @@ def hf_reference_scores(att: torch.Tensor, ids: torch.Tensor) -> dict[str, np.nd
 @torch.no_grad()
 def test_heads_scores_and_loss_equal_transformers(tiny, bos):
     options = heads.HeadsOptions(seq_len=9, n_seqs=5, seed=3, prepend_bos=bos)
-    r = heads.heads(tiny["model"], tiny["tok"], options)
+    r = run("heads", tiny["ctx"], None, options)
     ids = heads.repeated_tokens(options)
     assert ids.shape == (5, 18 + bos) and torch.equal(ids[:, bos:bos + 9], ids[:, bos + 9:])
     assert bool((ids[:, 0] == heads.BOS).all()) == bos
@@ -344,14 +343,13 @@ def test_heads_scores_and_loss_equal_transformers(tiny, bos):
 
 def test_heads_on_random_weights_score_low(tmp_path_factory):
     ckpt = make_checkpoint(tmp_path_factory.mktemp("random02"), n_layer=2, n_head=4, n_embd=32, seed=7)
-    model, tok = load(Settings(model=str(ckpt), device="cpu"))
-    r = heads.heads(model, tok, heads.HeadsOptions(n_seqs=10))
+    r = run("heads", load(ModelSpec(model=str(ckpt), device="cpu")), n_seqs=10)
     assert max(float(s.max()) for s in r.scores.values()) < 0.2
     assert abs(r.loss_first_copy - r.loss_second_copy) < 0.5  # nothing is copied
 
 
 def test_heads_on_demo_induction(demo_induction):
-    r = heads.heads(*demo_induction, heads.HeadsOptions())  # the defaults: 50 x 2 x 25, seed 0
+    r = run("heads", demo_induction)  # the defaults: 50 x 2 x 25, seed 0
     ind = r.scores["induction"]
     assert ind.shape == (2, 1) and int(np.argmax(ind[:, 0])) == 1 and ind[1, 0] >= 0.9
     assert r.scores["previous_token"][0, 0] >= 0.9  # block 0 supplies the previous token
@@ -412,7 +410,7 @@ def hf_ablation_table(hf, kind: str, prompts: list[str]) -> dict[str, np.ndarray
 
 @pytest.mark.parametrize("kind,reference", [("zero", None), ("mean", None), ("mean", REFERENCE)])
 def test_ablate_equals_transformers(tiny, kind, reference):
-    r = ablate.ablate(tiny["model"], tiny["tok"], ablate.AblateOptions(PROMPT, "Jones", "Smith", kind, reference))
+    r = run("ablate", tiny["ctx"], Prompt(PROMPT, "Jones", "Smith"), ablation=kind, reference=reference)
     scale = float(tiny["ref"]["logits"][-1].abs().max())  # changes of logit differences of this size
     want = hf_ablation_table(tiny["hf"], kind, reference or [PROMPT])
     for key in ("heads", "attn", "mlp"):
@@ -423,15 +421,15 @@ def test_ablate_equals_transformers(tiny, kind, reference):
 
 
 def test_ablate_fast_engine_equals_the_loop_oracle(tiny):
-    args = (PROMPT, "Jones", "Smith", "mean", REFERENCE)
-    fast = ablate.ablate(tiny["model"], tiny["tok"], ablate.AblateOptions(*args, engine="fast"))
-    loop = ablate.ablate(tiny["model"], tiny["tok"], ablate.AblateOptions(*args, engine="loop"))
+    prompt = Prompt(PROMPT, "Jones", "Smith")
+    fast = run("ablate", tiny["ctx"], prompt, ablation="mean", reference=REFERENCE, engine="fast")
+    loop = run("ablate", tiny["ctx"], prompt, ablation="mean", reference=REFERENCE, engine="loop")
     for key in ("heads", "attn", "mlp"):
         assert_close(getattr(fast, key), getattr(loop, key), scale=float(tiny["ref"]["logits"][-1].abs().max()), what=key)
 
 
 def test_ablate_on_demo_names_destroys_the_answer_with_block_1s_head(demo_names):
-    r = ablate.ablate(*demo_names, ablate.AblateOptions(PROMPT, "Jones", "Smith", "zero"))
+    r = run("ablate", demo_names, Prompt(PROMPT, "Jones", "Smith"), ablation="zero")
     assert r.base_value < -10 and r.base_value + r.heads[1, 0] > 0  # Smith now beats Jones
     assert np.abs(r.heads).argmax() == 1  # (layer 1, head 0) of the (2, 1) table
 
@@ -506,6 +504,6 @@ def test_bad_input_is_one_line_and_nonzero_exit(tiny, tmp_path, module, argv, sa
 
 def test_options_refuse_unknown_keys():
     with pytest.raises(USER_ERRORS, match="unknown key 'colour'"):
-        lens.LensOptions.from_dict({"prompt": "x", "colour": "red"})
-    with pytest.raises(USER_ERRORS, match="--seq-len"):
+        lens.LensOptions.from_mapping({"ln": "frozen", "colour": "red"})
+    with pytest.raises(USER_ERRORS, match="seq_len must be an integer at least 2"):
         heads.HeadsOptions(seq_len=1)

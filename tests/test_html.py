@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from patching.api import Settings, load, run
+from patching.analyses.patch.report import experiment_page
+from patching.api import ModelSpec, Pair, load, run
 from patching.cli import main
-from patching.html import experiment_page
 
 torch.set_num_threads(1)
 
@@ -59,10 +59,9 @@ def dla_study(tmp_path_factory, tiny_ckpt) -> Path:
 
 
 def test_experiment_page_is_self_contained_and_escaped(tiny_ckpt):
-    settings = Settings(model=str(tiny_ckpt), device="cpu", top_k=5)
-    model, tok = load(settings)
-    result = run(model, tok, "<b>Michelle</b> Jones was a student. Michelle",
-                 "<b>Michelle</b> Smith was a student. Michelle", "Jones", "Smith", settings)
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
+    result = run("patch", ctx, Pair("<b>Michelle</b> Jones was a student. Michelle",
+                                    "<b>Michelle</b> Smith was a student. Michelle", "Jones", "Smith"), top_k=5)
     page = experiment_page(result, b"\x89PNG fake")
     assert "<b>Michelle" not in page and "&lt;b&gt;Michelle" in page  # prompts are text, never markup
     assert 'src="data:image/png;base64,iVBORyBmYWtl"' in page

@@ -24,7 +24,7 @@ import torch
 from conftest import assert_close
 from mingpt import ragged
 from mingpt.model import GPT, GPTConfig
-from patching import engines
+from patching.core import engines
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CC = bool(os.environ.get("CC") or any(map(shutil.which, ("cc", "gcc", "clang"))))

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close
+from mingpt import linear as linear_module
 from mingpt import model as model_module
 from mingpt import ragged, resume
 from mingpt.model import ACTIVATIONS, GPT, GPTConfig, Recording, dense
-from patching import engines, painter
+from patching.core import engines, painter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,7 +186,7 @@ def test_first_block_saving_in_one_call_or_two(T, positions):
 
 # ----------------------------------------------------------------------------- packed weights
 
-needs_packing = pytest.mark.skipif(model_module._REORDER is None, reason="this torch has no oneDNN weight packing")
+needs_packing = pytest.mark.skipif(linear_module._REORDER is None, reason="this torch has no oneDNN weight packing")
 
 
 @needs_packing
@@ -193,7 +194,7 @@ needs_packing = pytest.mark.skipif(model_module._REORDER is None, reason="this t
 @pytest.mark.parametrize("rows", [slice(None), slice(16, None), slice(None, 16)])
 def test_packed_linear_equals_plain(act, rows):
     torch.manual_seed(9)
-    lin = model_module.Linear(16, 48)
+    lin = linear_module.Linear(16, 48)
     x = torch.randn(3, 7, 16)
     with torch.no_grad():
         plain = lin(x, act, rows=rows)
@@ -216,7 +217,7 @@ def test_packed_linear_equals_plain(act, rows):
 def test_packed_weight_follows_changes_of_the_weight():
     """An in-place edit (its version counter moves) or a new tensor is seen: the pack is made again."""
     torch.manual_seed(10)
-    lin, x = model_module.Linear(16, 32), torch.randn(5, 16)
+    lin, x = linear_module.Linear(16, 32), torch.randn(5, 16)
     lin.keep_packed = True
     with torch.no_grad():
         before = lin(x)
@@ -234,23 +235,23 @@ def test_packed_context_nests_frees_and_stays_out_of_copies(monkeypatch):
     import pickle
     model = random_model(seed=11)
     idx = torch.randint(0, 53, (1, 9), generator=torch.Generator().manual_seed(1))
-    linears = [m for m in model.modules() if isinstance(m, model_module.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, linear_module.Linear)]
     with torch.no_grad():
         plain, _ = model(idx)
         with model.packed():
             with model.packed():
                 inner, _ = model(idx)
             assert all(m.keep_packed for m in linears), "leaving the inner context must keep packing on"
-            if model_module._REORDER is not None:
+            if linear_module._REORDER is not None:
                 assert all(getattr(m, "_packs", None) for m in linears)
             twin = copy.deepcopy(model)
             pickle.loads(pickle.dumps(model))
             assert not any(hasattr(m, "_packs") for m in twin.modules())
         assert not any(m.keep_packed or hasattr(m, "_packs") for m in linears), "the outer context frees"
-        monkeypatch.setattr(model_module, "free_memory", lambda: 10**12)
+        monkeypatch.setattr(linear_module, "free_memory", lambda: 10**12)
         with model.packed(reserve=10**12 - 1000):  # the caller needs nearly all of it
             assert not any(m.keep_packed for m in linears)
-        monkeypatch.setattr(model_module, "free_memory", lambda: 1000)  # too little room for a copy
+        monkeypatch.setattr(linear_module, "free_memory", lambda: 1000)  # too little room for a copy
         with model.packed():
             starved, _ = model(idx)
             assert not any(m.keep_packed or hasattr(m, "_packs") for m in linears)
@@ -267,7 +268,7 @@ def test_sweeps_with_packed_weights_equal_the_loop():
     one = engines.sweep(model, corrupt, rk, rc["z"][:, 0], "z", 3, 4, False, max_rows=40)
     with model.packed():
         engines.sweep(model, corrupt, rk, rc["z"][:, 0], "z", 3, 4, False)
-        if model_module._REORDER is not None:
+        if linear_module._REORDER is not None:
             assert model.transformer.h[2].mlp.c_fc._packs, "the sweep did not use packed weights"
         two = engines.sweep(model, corrupt, rk, rc["z"][:, 0], "z", 3, 4, False)
     for got in (one, two):
@@ -453,7 +454,7 @@ def test_helper_draws_the_same_png_as_this_process(tmp_path):
     """The helper is forked in a fresh interpreter (before torch's import, as the executable does)."""
     script = (
         "import pickle, sys\n"
-        "from patching import painter\n"
+        "from patching.core import painter\n"
         "painter.start()\n"
         "assert painter._helper is not None\n"
         "spec = pickle.load(open(sys.argv[1], 'rb'))\n"
@@ -490,7 +491,8 @@ def test_helper_starts_only_before_torch():
     ([], False), (["--help"], False), (["lens", "--prompt", "a"], False), (["--batch", "f.yaml"], False),
     (["--batch=f.yaml"], False), (["--clean", "a", "--dry-run"], False), (["merge", "a"], False)])
 def test_which_arguments_start_a_helper(argv, starts):
-    assert painter._draws_one_heatmap(argv) is starts
+    from patching.main import draws_one_heatmap
+    assert draws_one_heatmap(argv) is starts
 
 
 def test_python_dash_m_patching_runs_the_cli(tmp_path):
@@ -505,11 +507,9 @@ def test_python_dash_m_patching_runs_the_cli(tmp_path):
     assert proc.stderr == ""
     png = (out / "heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    from patching.report import heatmap_spec
-    from patching.api import Settings, load, run
-    settings = Settings(model="demo-names")
-    model, tok = load(settings)
-    result = run(model, tok, "Michelle Jones was a top-notch student. Michelle",
-                 "Michelle Smith was a top-notch student. Michelle", "Jones", "Smith", settings)
+    from patching.analyses.patch.report import heatmap_spec
+    from patching.api import Pair, load, run
+    result = run("patch", load("demo-names"), Pair("Michelle Jones was a top-notch student. Michelle",
+                                                   "Michelle Smith was a top-notch student. Michelle", "Jones", "Smith"))
     painter.draw_heatmap(heatmap_spec(result), str(tmp_path / "here.png"))
     assert (tmp_path / "here.png").read_bytes() == png

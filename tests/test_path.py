@@ -20,9 +20,11 @@ import torch
 from conftest import assert_close, hf_model, make_checkpoint
 from mingpt.bpe import BPETokenizer
 from mingpt.model import GPT
-from patching import engines
+from patching.core import engines
 from patching.cli import main
-from patching.path import PathOptions, Receiver, path
+from patching.analyses.path import PathOptions, Receiver, path
+from patching.core.context import Context, ModelSpec
+from patching.core.prompts import Pair
 
 CLEAN, CORRUPT = "Michelle Jones was a top-notch student. Michelle", "Michelle Smith was a top-notch student. Michelle"
 JONES, SMITH = 5437, 4176
@@ -101,7 +103,12 @@ def oracle(hf, base_ids, src_ids, sender, receivers: list[Receiver], freeze_mlps
 
 
 def options(sender, receivers, freeze=False, direction="denoise", metric="logit-diff"):
-    return PathOptions(CLEAN, CORRUPT, "Jones", "Smith", sender, receivers, freeze, metric, direction)
+    return PathOptions(sender, receivers, freeze, metric, direction)
+
+
+def run_path(model, tok, options):
+    """patching's path patching of the Michelle pair on this model."""
+    return path(Context(model, tok, ModelSpec(model="test")), Pair(CLEAN, CORRUPT, "Jones", "Smith"), options)
 
 
 CASES = [(["logits"], False), (["logits"], True), (["1.2:q"], False), (["2.0:k"], False), (["2.3:v"], True),
@@ -112,7 +119,7 @@ CASES = [(["logits"], False), (["logits"], True), (["1.2:q"], False), (["2.0:k"]
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_every_sender_equals_the_transformers_hooks_oracle(three, receivers, freeze, direction):
     folder, model, tok, hf = three
-    r = path(model, tok, options("all", receivers, freeze, direction))
+    r = run_path(model, tok, options("all", receivers, freeze, direction))
     ids = [torch.tensor([r.prepared.clean_ids]), torch.tensor([r.prepared.corrupt_ids])]
     base_ids, src_ids = ids[::-1] if direction == "denoise" else ids
     first = min(3 if x == "logits" else int(x[0]) for x in receivers)
@@ -126,7 +133,7 @@ def test_every_sender_equals_the_transformers_hooks_oracle(three, receivers, fre
         logits = hf(base_ids).logits[0, -1]
     assert_close(r.matrix, want, scale=float(logits.abs().max()), what=f"path {receivers}")
     assert float(np.nanstd(r.matrix)) > 1e-3, "the senders must differ for the test to mean anything"
-    one = path(model, tok, options("0.1", receivers, freeze, direction))  # one sender = its cell of the matrix
+    one = run_path(model, tok, options("0.1", receivers, freeze, direction))  # one sender = its cell of the matrix
     assert_close(one.value, r.matrix[0, 1], scale=float(logits.abs().max()))
 
 
@@ -137,10 +144,10 @@ def test_a_sender_that_writes_nothing_gives_exactly_the_base_value(tiny_ckpt, fr
     with torch.no_grad():
         model.transformer.h[0].attn.c_proj.weight[:, 2 * hs:3 * hs] = 0  # head 0.2's slice of c_proj
     for receivers in (["logits"], ["1.0:q", "1.1:k", "1.3:v"]):
-        r = path(model, tok, options("0.2", receivers, freeze))
+        r = run_path(model, tok, options("0.2", receivers, freeze))
         assert r.value == r.base_value
         assert r.source_value != r.base_value
-        other = path(model, tok, options("0.1", receivers, freeze))
+        other = run_path(model, tok, options("0.1", receivers, freeze))
         assert other.value != r.base_value  # a head that does write moves it
 
 
@@ -152,7 +159,7 @@ def test_frozen_zero_mlps_sender_to_logits_is_the_z_patch(tmp_path):
         for block in model.transformer.h:
             block.mlp.c_proj.weight.zero_()
             block.mlp.c_proj.bias.zero_()
-    r = path(model, tok, options("all", ["logits"], freeze=True))
+    r = run_path(model, tok, options("all", ["logits"], freeze=True))
     clean, corrupt = torch.tensor([r.prepared.clean_ids]), torch.tensor([r.prepared.corrupt_ids])
     rc, rx = engines.record(model, clean, ["z"]), engines.record(model, corrupt, ["z"])
     got = engines.sweep(model, corrupt, rx, rc["z"][:, 0], "z", JONES, SMITH, False, all_positions=True)

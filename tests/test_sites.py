@@ -9,7 +9,7 @@ import torch
 
 from mingpt.model import GPT, GPTConfig
 from mingpt.sites import HEAD_SITES, SITES, Patch, Recording
-from patching import engines
+from patching.core import engines
 from conftest import assert_close, hf_model, large_init
 
 CONFIGS = {  # name: (GPTConfig kwargs, seed)
@@ -295,8 +295,7 @@ def test_bad_site_flags_are_one_line(tiny_ckpt, tmp_path, args, message):
 
 
 def test_pattern_sweep_that_cannot_fit_is_refused(tiny_ckpt, tmp_path, monkeypatch):
-    from patching import api
-    monkeypatch.setattr(api, "available_memory", lambda device: 2**12)  # a machine with 4 KiB free
+    monkeypatch.setattr(engines, "available_memory", lambda device: 2**12)  # a machine with 4 KiB free
     rc, _, stderr, _ = cli(["--model", str(tiny_ckpt), *MICHELLE, "--site", "pattern"], tmp_path)
     assert rc == 1 and "pattern sweep needs about" in stderr and "shorten the prompt" in stderr
     assert len(stderr.strip().splitlines()) == 1

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from mingpt.model import GPT, GPTConfig, read_weights
+from mingpt.checkpoint import read_weights
+from mingpt.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NEVER_ON_START = ("matplotlib.pyplot", "huggingface_hub", "yaml", "transformers", "torch._dynamo")

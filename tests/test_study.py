@@ -1,4 +1,4 @@
-"""Studies (patching.study, patching.stats, patching.merge), offline on the tiny random checkpoint.
+"""Studies (patching.study: run, stats, merge), offline on the tiny random checkpoint.
 
 References: a plain-loop bootstrap over the same draws, the textbook SEM and the normal interval for
 the statistics; api.run (one metric per call) for every metric of a study's per-pair sweep; the
@@ -20,11 +20,12 @@ import yaml
 
 from conftest import assert_close
 
-from patching import stats
-from patching.api import PatchingError, Settings, load, run
+from patching.api import ModelSpec, Pair, PatchingError, Prompt, load, run
 from patching.cli import main
-from patching.engines import METRICS
-from patching.study import PairSpec, parse_shard, read_pairs_file, read_study
+from patching.core.metrics import METRICS
+from patching.study import stats
+from patching.study.pairs import PairSpec, read_pairs_file
+from patching.study.run import parse_shard, read_study
 
 torch.set_num_threads(1)
 
@@ -41,7 +42,8 @@ def cli(argv: list[str]) -> dict:
 
 
 def study_yaml(path: Path, model: Path, **extra) -> Path:
-    doc = {"defaults": {"model": str(model), "device": "cpu", "top_k": 5}, **extra}
+    patch = (extra.get("analysis") or {}).get("kind", "patch") == "patch"  # top_k is the patch analysis's option
+    doc = {"defaults": {"model": str(model), "device": "cpu", **({"top_k": 5} if patch else {})}, **extra}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -181,14 +183,12 @@ def metric_scale(res, metric: str) -> float:
 def test_every_metric_of_a_study_pair_equals_api_run(tmp_path, tiny_ckpt):
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE], study={"figures": True})
     assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
-    from patching.stats import read_tidy
-    metrics, (row,) = read_tidy((tmp_path / "out" / "results.csv").read_text(), ["layer", "position"])
+    metrics, (row,) = stats.read_tidy((tmp_path / "out" / "results.csv").read_text(), ["layer", "position"])
     assert metrics == list(METRICS)
-    settings = Settings(model=str(tiny_ckpt), device="cpu")
-    model, tok = load(settings)
-    base = run(model, tok, **MICHELLE, settings=settings)
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
+    base = run("patch", ctx, Pair(**MICHELLE))
     for m in METRICS:
-        ref = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu", metric=m)).matrix
+        ref = run("patch", ctx, Pair(**MICHELLE), metric=m).matrix
         assert_close(row["metrics"][m], ref, scale=metric_scale(base, m), what=m)
     (pair,) = (tmp_path / "out" / "pairs").glob("0001-michelle-jones-*")
     assert {p.name for p in pair.iterdir()} >= {"results.json", "results.csv", "heatmap.png", "report.html"}
@@ -198,12 +198,12 @@ def test_identical_pairs_aggregate_to_the_single_run_with_zero_spread(tmp_path, 
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[dict(MICHELLE) for _ in range(5)], study={"bootstrap": 300})
     assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
     agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
-    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
-    rec = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu", metric="recovery")).matrix
-    raw = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu")).matrix
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
+    rec = run("patch", ctx, Pair(**MICHELLE), metric="recovery").matrix
+    raw = run("patch", ctx, Pair(**MICHELLE)).matrix
     assert agg["n_pairs"] == 5 and agg["bootstrap"] == 300 and agg["other_groups"] == []
     assert agg["axes"]["token"][1] == " Jones"
-    base = run(model, tok, **MICHELLE, settings=Settings(model=str(tiny_ckpt), device="cpu"))
+    base = run("patch", ctx, Pair(**MICHELLE))
     for key in ("mean", "ci_low", "ci_high"):
         assert_close(agg[key], rec, scale=metric_scale(base, "recovery"), what=key)
     assert_close(agg["raw_mean"], raw, scale=metric_scale(base, "logit-diff"), what="raw_mean")
@@ -307,13 +307,14 @@ def test_a_study_at_another_site_and_direction_matches_one_forward_per_cell(tmp_
     """analysis: {site: attn_out, direction: noise}: the clean run with one attention output set to the
     corrupt run's; the oracle is a plain forward with that one Patch, cell by cell."""
     from mingpt.model import Patch
-    from patching.engines import readout, record
-    from patching.stats import read_tidy
+    from patching.core.engines import record
+    from patching.core.metrics import readout
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE],
                       analysis={"kind": "patch", "site": "attn_out", "direction": "noise"}, study={"bootstrap": 10})
     assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
-    _, (row,) = read_tidy((tmp_path / "out" / "results.csv").read_text(), ["layer", "position"])
-    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    _, (row,) = stats.read_tidy((tmp_path / "out" / "results.csv").read_text(), ["layer", "position"])
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
+    model, tok = ctx.model, ctx.tok
     clean, corrupt = (torch.tensor([tok.encode(MICHELLE[k])]) for k in ("clean", "corrupt"))
     t, f = tok.encode(" Jones")[0], tok.encode(" Smith")[0]
     src = record(model, corrupt, sites=("attn_out",))["attn_out"]
@@ -329,15 +330,15 @@ def test_a_study_at_another_site_and_direction_matches_one_forward_per_cell(tmp_
 
 
 def test_an_interrupted_study_keeps_its_finished_pairs_and_cannot_be_merged(tmp_path, tiny_ckpt, monkeypatch):
-    import patching.study
-    real, calls = patching.study.patch_pair, []
+    from patching.analyses.patch import Patching
+    real, calls = Patching.run, []
 
     def second_is_ctrl_c(*args):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args)
-    monkeypatch.setattr(patching.study, "patch_pair", second_is_ctrl_c)
+    monkeypatch.setattr(Patching, "run", second_is_ctrl_c)
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, pairs=generator(n=4), study={"bootstrap": 10})
     got = cli(["--batch", str(path), "--shard", "1/1", "--out", str(tmp_path / "out")])
     assert got["rc"] == 130
@@ -353,18 +354,15 @@ def test_an_interrupted_study_keeps_its_finished_pairs_and_cannot_be_merged(tmp_
 @pytest.mark.parametrize("options, rows, columns", [({"site": "z"}, 8, 11), ({"site": "v", "all_positions": True}, 2, 4)])
 def test_head_site_studies_aggregate_the_grid_api_run_gives(tmp_path, tiny_ckpt, options, rows, columns):
     """Head sites: rows are layer.head by position, or layers by head with all_positions (2 layers, 4 heads)."""
-    from patching.stats import read_tidy
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[dict(MICHELLE), dict(MICHELLE)],
                       analysis={"kind": "patch", **options}, study={"bootstrap": 20})
     assert cli(["--batch", str(path), "--out", str(tmp_path / "out")])["rc"] == 0
     agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
     assert np.array(agg["mean"]).shape == (rows, columns)
-    settings = Settings(model=str(tiny_ckpt), device="cpu", **options)
-    model, tok = load(settings)
-    ref = run(model, tok, **MICHELLE, settings=settings)
+    ref = run("patch", load(ModelSpec(model=str(tiny_ckpt), device="cpu")), Pair(**MICHELLE), **options)
     axes = agg["analysis"]["axes"]
     assert axes == ref.axes
-    _, tidy = read_tidy((tmp_path / "out" / "results.csv").read_text(), axes)
+    _, tidy = stats.read_tidy((tmp_path / "out" / "results.csv").read_text(), axes)
     scale = max(1.0, float(np.abs(ref.matrix).max()))
     np.testing.assert_allclose(tidy[0]["metrics"]["logit-diff"], ref.matrix, rtol=0, atol=1e-5 * scale)
     np.testing.assert_allclose(agg["raw_mean"], ref.matrix.reshape(rows, columns), rtol=0, atol=1e-5 * scale)
@@ -380,23 +378,23 @@ JESSICA = {"clean": "Jessica Brown was a top-notch student. Jessica",
 def single(tiny_ckpt, which: str, pair: dict, **options):
     """The analysis's own single-prompt result on the pair's clean prompt: (grid as the study lays it
     out, per-pair numbers). The study machinery is not involved."""
-    from patching import ablate, dla, lens
-    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
-    words = (pair["clean"], pair["target"], pair["foil"])
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
+    prompt = Prompt(pair["clean"], pair["target"], pair["foil"])
     if which == "lens":
-        r = lens.lens(model, tok, lens.LensOptions(*words, **options))
+        r = run("lens", ctx, prompt, **options)
         return {"logit-diff": r.matrix, "top1-prob": r.top_probs}, {"clean_value": r.matrix[-1, -1]}
     if which == "dla":
-        r = dla.dla(model, tok, dla.DLAOptions(*words))
+        r = run("dla", ctx, prompt)
         grid = np.column_stack([r.heads, r.attn_bias, r.mlp])
         return {"contribution": grid}, {"clean_value": r.metric, "embed": r.embed, "final_ln_bias": r.final_ln_bias}
-    r = ablate.ablate(model, tok, ablate.AblateOptions(*words, **options))
+    r = run("ablate", ctx, prompt, **options)
     return {"ablated-minus-base": np.column_stack([r.heads, r.attn, r.mlp])}, {"clean_value": r.base_value}
 
 
 def model_logit_diff(tiny_ckpt, pair: dict) -> float:
     """The model's own logit(foil) - logit(target) after the clean prompt: one plain forward."""
-    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
+    model, tok = ctx.model, ctx.tok
     with torch.no_grad():
         logits, _ = model(torch.tensor([tok.encode(pair["clean"])]))
     t, f = tok.encode(" " + pair["target"])[0], tok.encode(" " + pair["foil"])[0]
@@ -405,7 +403,7 @@ def model_logit_diff(tiny_ckpt, pair: dict) -> float:
 
 KIND_CASES = [("lens", {}, {}), ("lens", {"ln": "frozen"}, {"ln": "frozen"}), ("dla", {}, {}),
               ("ablate", {}, {}), ("ablate", {"ablation": "mean", "reference": ["Mary had a little lamb.", "John ran."]},
-                                  {"kind": "mean", "reference": ["Mary had a little lamb.", "John ran."]}),
+                                  {"ablation": "mean", "reference": ["Mary had a little lamb.", "John ran."]}),
               ("ablate", {"engine": "loop"}, {"engine": "loop"})]
 
 
@@ -501,18 +499,18 @@ def test_a_one_prompt_study_reads_only_the_clean_prompt(tmp_path, tiny_ckpt):
     ({"kind": "ablate", "reference": ["x"]}, {}, "reference gives the prompts of mean ablation"),
     ({"kind": "ablate", "ablation": "mean", "reference": [1]}, {}, "reference must be a list of prompts"),
     ({"kind": "ablate", "engine": "warp"}, {}, "engine 'warp' is not one of"),
-    ({"kind": "lens"}, {"site": "z"}, "a lens study runs on each pair's clean prompt, so site does not apply"),
-    ({"kind": "dla"}, {"prepend_bos": True}, "so prepend_bos does not apply"),
+    ({"kind": "lens"}, {"site": "z"}, "unknown key 'site'; a lens run takes model, device, dtype, ln"),
+    ({"kind": "dla"}, {"prepend_bos": True}, "unknown key 'prepend_bos'"),
     ({"kind": "attribution"}, {}, "write {kind: patch, method: attribution}"),
-    ({"kind": "path"}, {}, "a path analysis needs sender: 'LAYER.HEAD' in quotes"),
+    ({"kind": "path"}, {}, "sender is required (the sending head LAYER.HEAD, or all"),
     ({"kind": "path", "sender": 1.1}, {}, "a path analysis needs sender"),
     ({"kind": "path", "sender": "0.1", "receivers": ["1.0:x"]}, {}, "does not name the input it reads"),
     ({"kind": "path", "sender": "1.1", "receivers": ["1.0:q"]}, {}, "a head reaches only later layers"),
     ({"kind": "path", "sender": "0.9"}, {}, "sender 0.9 does not exist"),
     ({"kind": "path", "sender": "all", "ln": "frozen"}, {}, "unknown key 'ln'; a path analysis takes kind, sender"),
     ({"kind": "lens", "method": "attribution"}, {}, "unknown key 'method'"),
-    ({"kind": "lens"}, {"method": "attribution"}, "a lens study does not take it"),
-    ({"kind": "patch", "method": "attribution", "check": True}, {}, "unknown key 'check'"),
+    ({"kind": "lens"}, {"method": "attribution"}, "unknown key 'method'; a lens run takes"),
+    ({"kind": "patch", "method": "attribution", "check": True}, {}, "check applies to single experiments"),
 ])
 def test_toolkit_analysis_options_are_checked(tmp_path, tiny_ckpt, analysis, defaults, words):
     doc = {"defaults": {"model": str(tiny_ckpt), "device": "cpu", **defaults}, "experiments": [MICHELLE],
@@ -530,11 +528,11 @@ def test_ablate_reference_file_and_engine_precedence(tmp_path, tiny_ckpt):
                       analysis={"kind": "ablate", "ablation": "mean", "reference": str(tmp_path / "ref.txt"),
                                 "engine": "loop"})
     study = read_study(path, {})
-    options = dict(study.analysis.options)
-    source = options.pop("reference_source")
-    assert options == {"ablation": "mean", "reference": ["Mary had a little lamb.", "John ran."], "engine": "loop"}
-    assert source["file"] == str(tmp_path / "ref.txt") and source["n_prompts"] == 2 and len(source["sha256"]) == 64
-    assert read_study(path, {"engine": "fast"}).analysis.options["engine"] == "fast"
+    o = study.options
+    assert (o.ablation, tuple(o.reference), o.engine) == ("mean", ("Mary had a little lamb.", "John ran."), "loop")
+    shown = o.shown()["reference"]
+    assert shown["file"] == str(tmp_path / "ref.txt") and shown["n_prompts"] == 2 and len(shown["sha256"]) == 64
+    assert read_study(path, {"engine": "fast"}).options.engine == "fast"
     first = study.hash()
     (tmp_path / "ref.txt").write_text("Mary had a little lamb.\n")
     assert read_study(path, {}).hash() != first
@@ -567,14 +565,13 @@ def test_an_attribution_study_holds_api_runs_estimate_for_every_metric(tmp_path,
     agg = json.loads((tmp_path / "out" / "aggregate.json").read_text())
     assert agg["analysis"]["method"] == "attribution" and agg["analysis"]["qk_fix"] == options.get("qk_fix", True)
     _, tidy = stats.read_tidy((tmp_path / "out" / "results.csv").read_text(), agg["analysis"]["axes"])
-    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
     for row, pair in zip(tidy, (MICHELLE, JESSICA)):
         for m in METRICS:
-            ref = run(model, tok, **pair, settings=Settings(model=str(tiny_ckpt), device="cpu", method="attribution",
-                                                            metric=m, **options)).matrix
+            ref = run("patch", ctx, Pair(**pair), method="attribution", metric=m, **options).matrix
             scale = max(1.0, float(np.abs(ref).max()))
             np.testing.assert_allclose(row["metrics"][m], ref, rtol=0, atol=1e-5 * scale, err_msg=m)
-        exact = run(model, tok, **pair, settings=Settings(model=str(tiny_ckpt), device="cpu", **options)).matrix
+        exact = run("patch", ctx, Pair(**pair), **options).matrix
         assert np.abs(row["metrics"]["logit-diff"] - exact).max() > 1e-3 * max(1.0, float(np.abs(exact).max()))
     rec = np.stack([r["metrics"]["recovery"] for r in tidy]).reshape(2, *np.array(agg["mean"]).shape)
     np.testing.assert_allclose(agg["mean"], rec.mean(0), rtol=0, atol=1e-9 * max(1.0, float(np.abs(rec).max())))
@@ -587,7 +584,6 @@ def test_a_path_study_holds_path_patchings_own_result_for_each_pair(tmp_path, ti
     """Each pair's cells are patching.path's own result on the pair's prompts (NaN where no path exists,
     the same cells in every pair), recovery is path patching's own recovery metric, and not-applicable
     cells have null statistics while the others are the mean over the pairs."""
-    from patching import path as path_patching
     path = study_yaml(tmp_path / "s.yaml", tiny_ckpt, experiments=[MICHELLE, JESSICA],
                       analysis={"kind": "path", **options}, study={"bootstrap": 50, "figures": True})
     got = cli(["--batch", str(path), "--out", str(tmp_path / "out")])
@@ -597,15 +593,15 @@ def test_a_path_study_holds_path_patchings_own_result_for_each_pair(tmp_path, ti
     a = summary["analysis"]
     assert a["metrics"] == ["logit-diff", "recovery"] and a["axes"] == ["layer", "head"]
     _, tidy = stats.read_tidy((out / "results.csv").read_text(), a["axes"], a["labels"])
-    model, tok = load(Settings(model=str(tiny_ckpt), device="cpu"))
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu"))
     own = {**options, "receivers": [options["receivers"]] if isinstance(options.get("receivers"), str)
            else options.get("receivers", ["logits"])}
     raws = []
     for row, pair, srow in zip(tidy, (MICHELLE, JESSICA), summary["pairs"]):
-        r = path_patching.path(model, tok, path_patching.PathOptions(**pair, **own))
+        r = run("path", ctx, Pair(**pair), **own)
         grid = r.matrix if r.single is None else r.matrix[r.single].reshape(1, 1)
         np.testing.assert_array_equal(row["metrics"]["logit-diff"], grid)  # NaN where it is NaN, the rest exactly
-        rec = path_patching.path(model, tok, path_patching.PathOptions(**pair, **own, metric="recovery")).matrix
+        rec = run("path", ctx, Pair(**pair), **own, metric="recovery").matrix
         rec = rec if r.single is None else rec[r.single].reshape(1, 1)
         np.testing.assert_allclose(row["metrics"]["recovery"], rec, rtol=0, atol=1e-5 * max(1.0, np.nanmax(np.abs(rec))))
         for role in ("clean", "corrupt"):  # the model's own output on each prompt

@@ -1,0 +1,252 @@
+"""Sweep engines: patch every cell of a site of the base run with a source's value, and read it out.
+
+Both engines return, for each patch, a *readout* of the base run's last position (patching.core.metrics:
+the target's logit, the foil's logit and the log-sum-exp of all logits), from which every metric is
+computed in one place.
+
+- `loop`: the oracle. One full forward per patch, exactly the seed exercise's double loop.
+- `fast`: the same numbers from `GPT.forward_patched`, which resumes from the corrupt run's recording
+  at block l+1, recomputes only positions >= p and unembeds only the two wanted columns; patches are
+  batched in chunks whose row count is bounded, so memory stays bounded for any prompt length.
+  Columns where the clean and corrupt residuals are identical at every layer (positions before the
+  first differing token) are no-ops: their value is the corrupt run's, with no forward at all.
+
+Only the record/patch seam of mingpt.model is used here: forward(record=..., patch=...) and
+forward_patched(...).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from mingpt.model import GPT
+from mingpt.resume import forward_cells
+from mingpt.sites import SITES, Patch, Recording
+from patching.core.context import available_memory
+from patching.core.errors import PatchingError
+from patching.core.metrics import readout
+
+ENGINES = ("fast", "loop")
+Progress = Callable[[int, int], None]  # (patches done, patches in all)
+
+
+MAX_ROWS = 4096  # suffix rows per chunk: bounds memory; larger chunks gain nothing (their big tensors are
+# mapped afresh from the OS on every allocation)
+BASE_SITES = ("resid_pre", "resid_post", "q", "k", "v")  # what the fast engine resumes from
+
+
+@torch.no_grad()
+def record(model: GPT, ids: torch.Tensor, sites=()) -> Recording:
+    """One plain forward that keeps what a sweep needs (block inputs and outputs, keys, values,
+    and the given sites) and the last logits."""
+    rec = Recording(sites=set(sites) | set(BASE_SITES))
+    model(ids, record=rec, last_only=True)
+    return rec
+
+
+def axes_of(site: str, all_positions: bool) -> list[str]:
+    """The axes of a sweep's matrix: layer, then head for head sites, then position (unless a head is
+    patched at every position at once)."""
+    return ["layer"] + (["head"] if SITES[site] != "btc" else []) + ([] if all_positions else ["position"])
+
+
+def cells(site: str, source: torch.Tensor, all_positions: bool) -> tuple[list[tuple[int, int | None]], tuple]:
+    """The slabs (layer, head) of a sweep over `site` and the shape of its readouts (without the 3).
+    source: (L, T, C) for residual sites, (L, H, T, ...) for head sites."""
+    if SITES[site] == "btc":
+        L, T = source.shape[:2]
+        return [(l, None) for l in range(L)], ((L,) if all_positions else (L, T))
+    L, H, T = source.shape[:3]
+    return [(l, h) for l in range(L) for h in range(H)], ((L, H) if all_positions else (L, H, T))
+
+
+def sweep(model: GPT, base_ids: torch.Tensor, base: Recording, source: torch.Tensor, site: str, target_id: int,
+          foil_id: int, lse: bool, all_positions: bool = False, engine: str = "fast", max_rows: int = MAX_ROWS,
+          progress: Progress | None = None) -> torch.Tensor:
+    """Readouts (..., 3) of the base run with every cell of `site` replaced by `source`'s value.
+
+    base: record(model, base_ids) of the run being patched (B = 1); source: the value of every
+    cell, batch axis dropped — another run's recording `rec[site][:, 0]` (patching), or zeros or
+    means (ablation). Axes: layer, (head,) position; the position axis is gone with all_positions.
+    """
+    slabs, shape = cells(site, source, all_positions)
+    if engine == "loop":
+        out = _loop(model, base_ids, site, slabs, source, target_id, foil_id, lse, all_positions, progress)
+    else:
+        out = _fast(model, base, site, slabs, source, target_id, foil_id, lse, all_positions, max_rows, progress)
+    return out.view(*shape, 3)
+
+
+@torch.no_grad()
+def _loop(model, ids, site, slabs, source, target_id, foil_id, lse, every, progress) -> torch.Tensor:
+    """The oracle: one plain forward with one Patch per cell."""
+    T, src = ids.shape[1], _per_slab(source, site)
+    positions = [None] if every else list(range(T))
+    out = torch.empty(len(slabs), len(positions), 3)
+    for i, (l, h) in enumerate(slabs):
+        for j, p in enumerate(positions):
+            value = src[i] if p is None else src[i, p]
+            logits, _ = model(ids, patch=Patch(l, p, value, site=site, head=h), last_only=True)
+            out[i, j] = readout(logits[0, -1], target_id, foil_id, lse).cpu()
+            if progress:
+                progress(i * len(positions) + j + 1, len(slabs) * len(positions))
+    return out
+
+
+def _per_slab(values: torch.Tensor, site: str) -> torch.Tensor:
+    """(L, T, ...) or (L, H, T, ...) -> (n_slabs, T, ...), slabs in cells()' order."""
+    return values if SITES[site] == "btc" else values.flatten(0, 1)
+
+
+def noop_cells(base: Recording, source: torch.Tensor, site: str, every: bool) -> torch.Tensor:
+    """(n_slabs, T) — or (n_slabs, 1) with every — True where the patch puts back the base run's own
+    value: exactly a no-op, so its readout is the base run's with no forward at all."""
+    noop = (_per_slab(source, site) == _per_slab(base[site][:, 0], site)).flatten(2).all(-1)  # (n_slabs, T)
+    return noop.all(1, keepdim=True) if every else noop
+
+
+def _chunks(noop: torch.Tensor, T: int, every: bool, max_rows: int, lse: bool) -> list[tuple[list[int], list[int]]]:
+    """(slab indices, positions) chunks covering every live cell in at most max_rows suffix rows."""
+    live = [i for i in range(noop.shape[0]) if not bool(noop[i].all())]
+    if every:
+        step = max(1, max_rows // T)
+        return [(live[a:a + step], [0]) for a in range(0, len(live), step)]
+    positions = [p for p in range(T) if live and not bool(noop[live, p].all())]
+    return [([live[i] for i in rows], pos) for rows, pos in
+            plan_chunks(len(live), T, positions, max_rows, max_patches=512 if lse else None)]
+
+
+@dataclass
+class Plan:
+    """What a sweep will do, known before it runs: cells, the live ones, chunks, estimated peak memory;
+    method "attribution" (patching.attribution.plan): one backward estimates every cell, and with
+    check the exact sweep's live cells and chunks follow."""
+
+    site: str
+    cells: int
+    live: int
+    chunks: int
+    peak_bytes: int
+    method: str = "exact"
+    check: bool = False
+
+    def describe(self) -> str:
+        chunks = f"{self.chunks} chunk{'s' * (self.chunks != 1)}"
+        memory = f"estimated peak memory {self.peak_bytes / 2**20:.1f} MiB"
+        if self.method == "exact":
+            return (f"plan: {self.cells} patches at {self.site} ({self.live} to compute, the rest are no-ops), "
+                    f"{chunks}, {memory}")
+        check = f", then the exact sweep to check it: {self.live} to compute in {chunks}" if self.check else ""
+        return (f"plan: {self.cells} patches at {self.site} estimated by attribution patching: one forward and "
+                f"one backward{check}; {memory}")
+
+
+def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop: torch.Tensor | None) -> Plan:
+    """The sweep's plan; noop from noop_cells (None before recording: every cell counted live).
+    Memory: two recordings, plus the largest chunk's activations (MLP width, attention rows,
+    the full pattern of its first block for `pattern`, full-vocabulary logits when lse)."""
+    L, H = config.n_layer, config.n_head
+    n_slabs = L * H if SITES[site] != "btc" else L
+    if noop is None:
+        noop = torch.zeros(n_slabs, 1 if every else T, dtype=torch.bool)
+    chunks = _chunks(noop, T, every, max_rows, lse)
+    cells = int(noop.numel())
+    return Plan(site, cells, cells - int(noop.sum()), len(chunks),
+                recording_bytes(config, T, site) + chunk_bytes(config, T, site, every, lse, chunks))
+
+
+def recording_bytes(config, T: int, site: str) -> int:
+    """Estimated bytes of the two recordings (see plan): block inputs and outputs, keys, values, the site."""
+    L, H, C = config.n_layer, config.n_head, config.n_embd
+    f = 4  # bytes of float32; half precision halves this, which the estimate leaves as a margin
+    site_size = {"btc": T * C, "bhtd": T * C, "bhts": H * T * T}[SITES[site]]
+    return 2 * L * (4 * T * C + site_size + C) * f
+
+
+def chunk_bytes(config, T: int, site: str, every: bool, lse: bool, chunks) -> int:
+    """Estimated bytes of the largest chunk's activations (see plan)."""
+    C, f = config.n_embd, 4  # bytes of float32, as in plan
+    width = config.n_inner + 8 * C + (config.n_head * T if site == "pattern" else 0)
+    return max(((len(rows) * (T if every else sum(T - p for p in pos)) * width
+                 + len(rows) * len(pos) * (config.vocab_size if lse else 2)) * f for rows, pos in chunks), default=0)
+
+
+@torch.no_grad()
+def _fast(model, base, site, slabs, source, target_id, foil_id, lse, every, max_rows, progress) -> torch.Tensor:
+    """The same readouts from mingpt.resume, in chunks of at most max_rows suffix rows; no-op cells
+    keep the base readout."""
+    T, src = base.resid.shape[2], _per_slab(source, site)
+    noop = noop_cells(base, source, site, every)
+    out = readout(base.last_logits[0], target_id, foil_id, lse).cpu().repeat(len(slabs), noop.shape[1], 1)
+    ids = None if lse else torch.tensor([target_id, foil_id])
+    chunks = _chunks(noop, T, every, max_rows, lse)
+    done, total = 0, sum(len(rows) * len(pos) for rows, pos in chunks)
+    # weights used more than once (several chunks) are worth reordering for oneDNN once, if memory allows
+    # beside the largest chunk; a run of many sweeps (batch, study) holds model.packed() around them all
+    several = len(chunks) > 1
+    with model.packed(reserve=chunk_bytes(model.config, T, site, every, lse, chunks)) if several else contextlib.nullcontext():
+        for rows, pos in chunks:
+            values = src[rows] if every else src[rows][:, pos]  # (n, T or nP, ...)
+            got = forward_cells(model, base, site, [slabs[i] for i in rows], None if every else pos, values, ids)
+            r = readout(got, 0, 1, False) if ids is not None else readout(got, target_id, foil_id, True)
+            out[torch.tensor(rows)[:, None], torch.tensor(pos)[None, :]] = r.cpu()
+            done += len(rows) * len(pos)
+            if progress:
+                progress(done, total)
+    return out
+
+
+def loop_sweep(model: GPT, corrupt_ids: torch.Tensor, clean: Recording, target_id: int, foil_id: int,
+               lse: bool, progress: Progress | None = None) -> torch.Tensor:
+    """The oracle for block outputs: (n_layer, T, 3) readouts from one forward per patch."""
+    return _loop(model, corrupt_ids, "resid_post", [(l, None) for l in range(clean.resid.shape[0])],
+                 clean.resid[:, 0], target_id, foil_id, lse, False, progress)
+
+
+def plan_chunks(n_layer: int, T: int, positions: list[int], max_rows: int,
+                max_patches: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Split the (all layers) x positions grid into (layers, positions) chunks of at most max_rows
+    suffix rows (and max_patches patches); a position whose suffix alone is too big for all layers
+    gets chunks of fewer layers."""
+    chunks, cur, rows = [], [], 0
+    per_patch_cap = max_patches or n_layer * T
+    for p in positions:
+        S = T - p
+        fits_rows = (rows + S) * n_layer <= max_rows
+        fits_count = (len(cur) + 1) * n_layer <= per_patch_cap
+        if cur and not (fits_rows and fits_count):
+            chunks.append((list(range(n_layer)), cur))
+            cur, rows = [], 0
+        if S * n_layer > max_rows or n_layer > per_patch_cap:  # too big for one chunk of all layers
+            step = max(1, min(max_rows // S, per_patch_cap))
+            chunks += [(list(range(a, min(a + step, n_layer))), [p]) for a in range(0, n_layer, step)]
+            continue
+        cur.append(p)
+        rows += S
+    if cur:
+        chunks.append((list(range(n_layer)), cur))
+    return chunks
+
+
+def fast_sweep(model: GPT, corrupt: Recording, clean: Recording, target_id: int, foil_id: int, lse: bool,
+               max_rows: int = MAX_ROWS, progress: Progress | None = None) -> torch.Tensor:
+    """(n_layer, T, 3) readouts of block-output patches, equal to loop_sweep's."""
+    return _fast(model, corrupt, "resid_post", [(l, None) for l in range(clean.resid.shape[0])], clean.resid[:, 0],
+                 target_id, foil_id, lse, False, max_rows, progress)
+
+
+def check_memory(plan: Plan, device: torch.device):
+    """Refuse, before recording anything, a sweep (or attribution estimate) whose estimate exceeds the
+    free memory."""
+    free = available_memory(device)
+    if free is not None and plan.peak_bytes > free:
+        chunked = plan.site != "pattern" and plan.method == "exact"  # --max-rows bounds its chunks
+        fix = "lower --max-rows, shorten the prompt or use a smaller model" if chunked else \
+            "shorten the prompt or use a smaller model"
+        size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        what = "sweep" if plan.method == "exact" else "attribution estimate"
+        raise PatchingError(f"this {plan.site} {what} needs about {size(plan.peak_bytes)} but {device.type} has "
+                            f"{size(free)} free: {fix}.")
