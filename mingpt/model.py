@@ -136,15 +136,25 @@ class Block(nn.Module):
         gradients each sum is made in place in the fresh sublayer output; `room` slabs more are left
         unwritten at the end of the output (mingpt.resume writes the next block's new slabs there)."""
         fresh = not torch.is_grad_enabled()  # large fresh buffers cost page faults; in place when autograd allows
-        a = at("attn_out", self.attn.project(z))
-        x = at("resid_mid", a.add_(x) if fresh else x + a)
-        m = at("mlp_out", self.mlp(self.ln_2(x)))
+        own = self.attn.project(z)
+        a = at("attn_out", own)
+        x = at("resid_mid", _plus(a, x, fresh and a is own))
+        own = self.mlp(self.ln_2(x))
+        m = at("mlp_out", own)
         if not room:
-            return at("resid_post", m.add_(x) if fresh else x + m)
+            return at("resid_post", _plus(m, x, fresh and m is own))
         assert fresh and not at.wants("resid_post"), "room is for mingpt.resume's unrecorded, unpatched sums"
         out = x.new_empty(len(x) + room, *x.shape[1:])  # (B + room, T, C)
         torch.add(m, x, out=out[:len(x)])
         return out
+
+
+def _plus(out: torch.Tensor, x: torch.Tensor, mine: bool) -> torch.Tensor:
+    """x + out, summed into out when it is a sublayer's own fresh output (never into a tensor an edit
+    returned, which it may keep) and the sum keeps out's dtype and shape (not under autocast)."""
+    if mine and out.dtype == torch.result_type(out, x) and out.shape == x.shape:
+        return out.add_(x)
+    return x + out
 
 
 class _SkipInit(torch.overrides.TorchFunctionMode):

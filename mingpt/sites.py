@@ -106,7 +106,8 @@ class Edit(abc.ABC):
     def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None) -> torch.Tensor:
         """x with this edit applied if it belongs to `layer`. offset/length: the rows of the site's
         sequence axis that x holds (mingpt.resume visits `pattern` one row group at a time; a plain
-        forward visits every site whole)."""
+        forward visits every site whole). Return x itself or a new tensor: the model may write into what
+        comes back when it is x (its own fresh buffer), never into a tensor the edit made or keeps."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ import threading
 import time
 
 from patching import analyses
-from patching.analyses.base import NOTHING, PAIR, PROMPT, Analysis, Events
+from patching.analyses.base import NOTHING, PAIR, Analysis, Events
 from patching.core.context import ModelSpec, load
 from patching.core.errors import USER_ERRORS, PatchingError
 from patching.core.prompts import Pair, Prompt
@@ -34,7 +34,7 @@ from patching.study import merge, run as studies
 
 DEFAULT = analyses.DEFAULT
 MERGE_HELP = "combine the shard folders of one study (--shard K/N runs) into one study folder"
-INPUT_FLAGS = {PAIR: ("clean", "corrupt", "target", "foil"), PROMPT: ("prompt", "target", "foil"), NOTHING: ()}
+INPUT_FLAGS = ("clean", "corrupt", "target", "foil", "prompt")  # every input flag of every analysis
 MANY = ("batch", "pairs", "shard", "bootstrap")  # flags that make a command run many inputs
 
 
@@ -66,8 +66,9 @@ def add_arguments(ap: argparse.ArgumentParser, analysis: Analysis):
     elif analysis.takes != NOTHING:
         need = " (required)" if analysis.answer else " (give --foil too)"
         what.add_argument("--prompt", help="the text to analyse")
-        what.add_argument("--target", help=f"the word the model should predict{need}")
-        what.add_argument("--foil", help=f"the competing word{need if analysis.answer else ' (give --target too)'}")
+        if analysis.words:
+            what.add_argument("--target", help=f"the word the model should predict{need}")
+            what.add_argument("--foil", help=f"the competing word{need if analysis.answer else ' (give --target too)'}")
     analysis.Options.add_arguments(ap.add_argument_group("options (defaults in brackets; in a batch or study they "
                                                          "override its file's)"))
     if analysis.plans:
@@ -168,7 +169,7 @@ def given(args, analysis: Analysis) -> dict:
 
 def input_of(args, analysis: Analysis):
     """The run's input from its flags (a Pair, a Prompt or None), or the sentence saying what is missing."""
-    flags = INPUT_FLAGS[analysis.takes]
+    flags = analysis.input_keys()
     required = [f for f in flags if not (analysis.takes != PAIR and f in ("target", "foil"))]
     missing = [f"--{f}" for f in required if getattr(args, f, None) is None]
     if missing:
@@ -181,12 +182,12 @@ def input_of(args, analysis: Analysis):
 def command(args, say, analysis: Analysis, named: bool) -> int:
     """One run, a batch or a study of `analysis`; `named`: the subcommand was typed (not the default)."""
     if any(getattr(args, k, None) is not None for k in MANY) and studies.wanted(args):
-        clash = [f"--{k}" for k in INPUT_FLAGS[PAIR] + ("prompt",) if getattr(args, k, None) is not None]
+        clash = [f"--{k}" for k in INPUT_FLAGS if getattr(args, k, None) is not None]
         if clash:
             raise PatchingError(f"a study runs the pairs of its files: drop {', '.join(clash)}.")
         return studies.command(args, given(args, analysis), say, analysis.name if named else None)
     if args.batch:
-        clash = [f"--{k}" for k in INPUT_FLAGS[PAIR] + ("prompt",) if getattr(args, k, None) is not None]
+        clash = [f"--{k}" for k in INPUT_FLAGS if getattr(args, k, None) is not None]
         if clash:
             raise PatchingError(f"--batch runs the experiments of its file: drop {', '.join(clash)}.")
         return batch(args, say, analysis)

@@ -27,9 +27,11 @@ the data generators are all seeded from --seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mingpt.bpe import BPETokenizer, gpt2_vocabulary  # noqa: E402
 from mingpt.model import GPT, GPTConfig  # noqa: E402
+from mingpt.sites import Edit  # noqa: E402
 
-TASKS = ("names", "induction")
+TASKS = ("names", "induction", "ioi")
 # Per task. names starts from the shipped induction model (its layers, width and heads come with it):
 # from scratch, 2-layer models found other circuits (see README). induction: one head of width 64 can
 # copy one of 39,001 ids (four heads of 16 could not get under ~9 nats); frozen random embeddings.
@@ -50,6 +53,9 @@ DEFAULTS = {
                   init="demo-induction"),
     "induction": dict(steps=6000, layers=2, d_model=64, heads=1, lr=1e-3, batch=16, emb_std=0.1, emb_lr_mult=0.0,
                       seq_len=128, init=None),
+    "ioi": dict(steps=9000, layers=4, d_model=128, heads=4, lr=1e-3, batch=64, emb_std=None, emb_lr_mult=1.0,
+                init=None, head_drop=0.1, head_drop_from=3000, names_start=40, names_grow_from=3000,
+                names_per_step=0.05, full_softmax_from=8000, p_prefix=0.5),
 }
 BLOCK_SIZE = 128
 LOW, HIGH = 1000, 40000  # induction ids are uniform in LOW..HIGH (inclusive)
@@ -346,6 +352,309 @@ def induction_eval(model: GPT, prefix: int, L: int, n: int = 100, seed: int = 12
             "second_copy_top1": round(float(acc), 4)}
 
 
+# ============================================================================ ioi task
+
+# Indirect-object identification (Wang et al. 2022): "When Mary and John went to the store, John gave a
+# drink to" -> " Mary". Templates are written in the ABBA order ({io} first); BABA swaps the first pair
+# ("When John and Mary ..., John gave a drink to"). Every slot is one GPT-2 token with its leading space,
+# so all sentences of one template have one length and share a forward.
+IOI_TEMPLATES = [
+    "When {io} and {s} went to the {place}, {s} gave a {object} to",
+    "Then, {io} and {s} had a long argument, and afterwards {s} said to",
+    "After {io} and {s} went to the {place}, {s} gave a {object} to",
+    "While {io} and {s} were working at the {place}, {s} gave a {object} to",
+    "Then, {io} and {s} went to the {place}. {s} gave a {object} to",
+    "When {io} and {s} got a {object} at the {place}, {s} decided to give it to",
+    "Friends {io} and {s} found a {object} at the {place}. {s} gave it to",
+    "The {place} was closed, so {io} and {s} went home, where {s} handed a {object} to",
+    "At the {place}, {io} and {s} talked for hours. Later, {s} threw the {object} to",
+    "After the lunch, {io} and {s} went to the {place}. {s} passed a {object} to",
+    "Once {io} and {s} arrived at the {place}, {s} showed a {object} to",
+    "When {io} and {s} met at the {place}, {s} sent a {object} to",
+    "Then, {io} and {s} were thinking about going to the {place}. {s} wanted to give a {object} to",
+    "While {io} and {s} were commuting to the {place}, {s} gave a {object} to",
+    "After {io} and {s} had a long day at the {place}, {s} brought a {object} to",
+    "Afterwards, {io} and {s} went to the {place}, and {s} wrote a letter to",
+    "When {io} and {s} were cleaning the {place}, {s} lent a {object} to",
+    "Yesterday {io} and {s} visited the {place}, and {s} sold a {object} to",
+    "When {io} and {s} were at the {place}, {s} bought a {object} for",
+]
+# Never trained: the evaluation's unseen sentence shapes. Each is a new combination of words the training
+# sentences use (an untrained token's embedding would stay at its random start: a test of noise, not of IOI).
+IOI_HELDOUT_TEMPLATES = [
+    "After {io} and {s} were working at the {place}, {s} passed a {object} to",
+    "Then, {io} and {s} met at the {place}, and {s} sold a {object} to",
+    "When {io} and {s} had a long day at the {place}, {s} threw the {object} to",
+]
+IOI_PLACES = """store park school hospital station restaurant garden office house market library beach church cafe
+bank museum airport hotel theater cinema kitchen farm lake river gym mall zoo bakery pub club stadium bar shop
+square castle temple palace harbor studio barn""".split()
+IOI_OBJECTS = """drink book ring bone basketball computer necklace snack football bag kiss gift cake hat pen box key
+map ticket phone camera bottle coin flower doll ball card toy knife cup plate glass watch shirt bike guitar violin
+pencil candle lamp sandwich pizza bracelet wallet scarf jacket coat blanket sweater""".split()
+# Name-free openings put before a training sentence (half of the groups), so that the names do not sit
+# at the same absolute positions in every sentence of a template.
+IOI_PREFIXES = ["Yesterday was a long day.", "It was a warm and sunny afternoon.", "The town was quiet that evening.",
+                "Nobody expected what happened next.", "It had been raining all week, and the streets were still wet.",
+                "This is a story about two friends.", "The weekend had finally come.", "Everything started on a Monday.",
+                "It was late.", "The summer was almost over, and the days were getting shorter."]
+IOI_SPLIT_SEED, IOI_GROUPS = 20240611, 6
+IOI_HELDOUT_BLOCKS = {(0, 1), (2, 3), (4, 5)}  # name groups whose members never meet in a training sentence
+IO, S1, S2, PLACE, OBJECT = -1, -2, -3, -4, -5  # slot markers in a template's ids
+
+
+class IOI:
+    """Names (single tokens), the held-out name combinations, the templates as ids, and batches.
+
+    The held-out split is fixed (independent of --seed): the names fall into six groups, and two names
+    from groups 0 and 1, 2 and 3, or 4 and 5 never appear in one training sentence (in either role:
+    17 % of the ordered (IO, S) pairs). A study can draw held-out pairs by taking {io} from one group
+    and {s} from its partner (names_in_group). Mary (group 0) and John (group 1) are such a pair."""
+
+    def __init__(self):
+        tok = tokenizer()
+        # " Name" must be one token; FIRST_NAMES has a few repeats and a few multi-token names
+        self.names = sorted({n for n in FIRST_NAMES if len(tok.encode(" " + n)) == 1})
+        self.name_id = {n: tok.encode(" " + n)[0] for n in self.names}
+        order = [n for n in self.names if n not in ("Mary", "John")]
+        random.Random(IOI_SPLIT_SEED).shuffle(order)  # fixed split, whatever --seed
+        self.group = {n: i % IOI_GROUPS for i, n in enumerate(order)} | {"Mary": 0, "John": 1}
+        # the training curriculum's order of names (set_active); every name is drawn when all are active
+        self.curriculum = random.Random(IOI_SPLIT_SEED + 1).sample(self.names, len(self.names))
+        self.active = self.names
+        for words in (IOI_PLACES, IOI_OBJECTS):
+            assert all(len(tok.encode(" " + w)) == 1 for w in words), "places and objects must be single tokens"
+        self.place_ids = [tok.encode(" " + w)[0] for w in IOI_PLACES]
+        self.object_ids = [tok.encode(" " + w)[0] for w in IOI_OBJECTS]
+        self.train_layouts = [self.layout(t) for t in IOI_TEMPLATES]
+        self.heldout_layouts = [self.layout(t) for t in IOI_HELDOUT_TEMPLATES]
+        self.prefixed = [[self.layout(f"{p} {t}") for t in IOI_TEMPLATES] for p in IOI_PREFIXES]
+        # every token the data can hold, for the candidate-only softmax of the first training phase
+        used = {t for lay in self.train_layouts + self.heldout_layouts + sum(self.prefixed, []) for t in lay if t >= 0}
+        self.vocab = sorted(used | set(self.name_id.values()) | set(self.place_ids) | set(self.object_ids))
+        for t, lay in zip(IOI_TEMPLATES + IOI_HELDOUT_TEMPLATES, self.train_layouts + self.heldout_layouts):
+            # the pieces encode as the whole text does (BPE never merges across a slot's leading space)
+            assert tok.encode(ioi_text(t, "Mary", "John", "store", "drink")) == \
+                self.fill(lay, "Mary", "John", "store", "drink"), t
+
+    def names_in_group(self, g: int) -> list[str]:
+        return [n for n in self.names if self.group[n] == g]
+
+    def heldout(self, io: str, s: str) -> bool:
+        return tuple(sorted((self.group[io], self.group[s]))) in IOI_HELDOUT_BLOCKS
+
+    def set_active(self, k: int):
+        """Draw names from the first k of the curriculum order only (all names: k >= len(names))."""
+        self.active = sorted(self.curriculum[:k]) if k < len(self.names) else self.names
+
+    def pair(self, rng: random.Random, heldout: bool) -> tuple[str, str]:
+        """(IO, S): two different (active) names, a held-out combination or a training one."""
+        while True:
+            io, s = rng.choice(self.active), rng.choice(self.active)
+            if io != s and self.heldout(io, s) == heldout:
+                return io, s
+
+    @staticmethod
+    def layout(template: str) -> list[int]:
+        """ABBA template -> token ids with slot markers (IO, S1, S2, PLACE, OBJECT) where names go."""
+        tok, ids, s_seen = tokenizer(), [], 0
+        assert template.count("{io}") == 1 and template.count("{s}") == 2, template
+        assert template.index("{io}") < template.index("{s}"), template  # written ABBA
+        pieces = re.split(r"(\{\w+\})", template)  # text, slot, text, ..., text
+        for i, part in enumerate(pieces):
+            if i % 2 == 0:  # text: the space before a slot belongs to the slot's token (" Mary")
+                if i + 1 < len(pieces):
+                    assert part.endswith(" "), template
+                    part = part[:-1]
+                ids += tok.encode(part) if part else []
+            elif part == "{s}":
+                ids.append(S2 if s_seen else S1)
+                s_seen += 1
+            else:
+                ids.append({"{io}": IO, "{place}": PLACE, "{object}": OBJECT}[part])
+        return ids
+
+    def fill(self, layout: list[int], io: str, s: str, place: str, obj: str, baba: bool = False,
+             s2: str | None = None) -> list[int]:
+        """Token ids of one sentence; baba swaps the first clause's names; s2 replaces the second S (ABC)."""
+        first, second = (s, io) if baba else (io, s)
+        value = {IO: self.name_id[first], S1: self.name_id[second], S2: self.name_id[s2 or s],
+                 PLACE: self.place_ids[IOI_PLACES.index(place)], OBJECT: self.object_ids[IOI_OBJECTS.index(obj)]}
+        return [value.get(t, t) if t < 0 else t for t in layout]
+
+    def batch(self, rng: random.Random, n: int, shapes: int = 4, heldout: bool = False, templates: str = "train",
+              order: str = "mixed", p_prefix: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """n sentences in `shapes` groups of one template each (one length, one forward); names, order,
+        place and object drawn per sentence. templates: train or heldout; order: mixed, abba or baba;
+        p_prefix: chance that a group's sentences start with one of IOI_PREFIXES (training templates).
+        Returns a list of (ids (b, T), IO ids (b, 1), S ids (b, 1))."""
+        layouts = self.train_layouts if templates == "train" else self.heldout_layouts
+        out = []
+        for k in range(shapes):
+            b = n // shapes + (k < n % shapes)
+            if b == 0:
+                continue
+            i = rng.randrange(len(layouts))
+            lay = layouts[i]
+            if p_prefix and rng.random() < p_prefix:
+                lay = rng.choice(self.prefixed)[i]
+            rows, io_ids, s_ids = [], [], []
+            for _ in range(b):
+                io, s = self.pair(rng, heldout)
+                baba = rng.random() < 0.5 if order == "mixed" else order == "baba"
+                rows.append(self.fill(lay, io, s, rng.choice(IOI_PLACES), rng.choice(IOI_OBJECTS), baba))
+                io_ids.append([self.name_id[io]])
+                s_ids.append([self.name_id[s]])
+            out.append((torch.tensor(rows), torch.tensor(io_ids), torch.tensor(s_ids)))
+        return out
+
+    def prompts(self, rng: random.Random, n: int, templates: list[str], heldout: bool = True) -> list[dict]:
+        """n prompt texts for the analyses (alternately ABBA and BABA), each with an ABC corrupt version:
+        the same sentence with three other names in the IO, S1 and S2 slots (the IOI paper's ABC set)."""
+        out = []
+        for i in range(n):
+            io, s = self.pair(rng, heldout)
+            a, b, c = rng.sample([x for x in self.names if x not in (io, s)], 3)
+            t, place, obj, baba = rng.choice(templates), rng.choice(IOI_PLACES), rng.choice(IOI_OBJECTS), i % 2 == 1
+            out.append({"clean": ioi_text(t, io, s, place, obj, baba), "corrupt": ioi_text(t, a, b, place, obj, False, c),
+                        "io": io, "s": s, "order": "BABA" if baba else "ABBA"})
+        return out
+
+
+def ioi_text(template: str, io: str, s: str, place: str, obj: str, baba: bool = False, s2: str | None = None) -> str:
+    """One sentence as text (the ids of IOI.fill, as words); baba swaps the first pair, s2 replaces the
+    second S (so that io, s, s2 fill the IO, S1 and S2 slots: the ABC corruption)."""
+    first = template.replace("{io} and {s}", "{s} and {io}") if baba else template
+    head, _, tail = first.rpartition("{s}")  # the second S is the last {s}
+    return (head + (s2 or s) + tail).format(io=io, s=s, place=place, object=obj)
+
+
+class HeadDrop(Edit):
+    """Head dropout through the model's seam (a mingpt.sites edit): multiplies one block's z
+    (B, nh, T, hs) by a 0/1 mask (B, nh, 1, 1), so a dropped head writes nothing (as zero ablation) in
+    that sequence."""
+
+    site = "z"
+
+    def __init__(self, layer: int, keep: torch.Tensor):
+        self.layer, self.keep = layer, keep
+
+    def apply(self, x: torch.Tensor, layer: int, offset: int = 0, length: int | None = None) -> torch.Tensor:
+        return x * self.keep if layer == self.layer else x
+
+
+class CandidateHead(torch.nn.Module):
+    """The tied unembedding restricted to some token ids: logits over those candidates only."""
+
+    def __init__(self, wte: torch.nn.Embedding, ids: list[int]):
+        super().__init__()
+        self.wte, self.ids = [wte], torch.tensor(ids)  # a list: not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.wte[0].weight[self.ids.to(x.device)].T
+
+
+@contextlib.contextmanager
+def candidate_softmax(model: GPT, ids: list[int] | None):
+    """Within the context, forward's logits (and loss) cover only `ids` (None: the whole vocabulary)."""
+    full = model.lm_head
+    if ids is not None:
+        model.lm_head = CandidateHead(model.transformer.wte, ids)
+    try:
+        yield
+    finally:
+        model.lm_head = full
+
+
+def ioi_loss(model: GPT, groups: list, head_drop: float, g: torch.Generator, index: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Mean answer-position loss; each sequence drops each head with probability head_drop (no rescaling),
+    so no single head can be the only one that carries the answer. index maps token ids to candidate
+    positions when the softmax covers candidates only (candidate_softmax)."""
+    L, H = model.config.n_layer, model.config.n_head
+    total, n = 0.0, 0
+    for ids, io, _ in groups:
+        patch = None
+        if head_drop:
+            keep = (torch.rand(len(ids), L, H, generator=g) >= head_drop).to(model.transformer.wte.weight.dtype)
+            patch = [HeadDrop(l, keep[:, l, :, None, None].to(ids.device)) for l in range(L)]
+        _, loss = model(ids, io if index is None else index[io], last_only=True, patch=patch)
+        total = total + loss * len(ids)
+        n += len(ids)
+    return total / n
+
+
+@torch.no_grad()
+def ioi_accuracy(model: GPT, ioi: IOI, n: int, seed: int, heldout: bool = True, templates: str = "train",
+                 order: str = "mixed") -> dict:
+    """Top-1 accuracy (the IO name is the argmax) and mean logit(IO) - logit(S) over n sentences."""
+    rng, right, diff = random.Random(seed), 0, 0.0
+    device = model.lm_head.weight.device
+    for ids, io, s in ioi.batch(rng, n, max(1, n // 50), heldout, templates, order):
+        logits = model(ids.to(device), last_only=True)[0][:, -1].cpu()
+        right += int((logits.argmax(-1) == io[:, 0]).sum())
+        diff += float((logits.gather(1, io) - logits.gather(1, s)).sum())
+    return {"n": n, "top1": round(right / n, 4), "logit_diff": round(diff / n, 4)}
+
+
+def ioi_circuit(model: GPT, ioi: IOI, n: int = 200, seed: int = 4321) -> dict:
+    """Per head (L x H), over n held-out pairs on training templates (half ABBA, half BABA):
+    - direct effect: path patching to the logits (MLPs frozen) from the clean run into its ABC corrupt
+      run, the rise of logit(IO) - logit(S), as a share of the mean clean logit difference;
+    - zero ablation: the logit difference a head's zeroed z removes, as a share of it;
+    - direct logit attribution of each head on the clean run, as a share of it."""
+    from patching.api import Context, ModelSpec, Pair, Prompt, run
+    ctx = Context(model, tokenizer(), ModelSpec(model=getattr(model, "name", "demo-ioi")))
+    L, H = model.config.n_layer, model.config.n_head
+    direct, ablated, dlas, clean_ld, corrupt_ld = torch.zeros(L, H, dtype=torch.float64), \
+        torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, H, dtype=torch.float64), 0.0, 0.0
+    for p in ioi.prompts(random.Random(seed), n, IOI_TEMPLATES):
+        # metric logit(foil) - logit(target) = logit(S) - logit(IO); base = the corrupt run (denoise)
+        r = run("path", ctx, Pair(p["clean"], p["corrupt"], p["io"], p["s"]), sender="all", receivers=["logits"],
+                freeze_mlps=True)
+        direct += torch.from_numpy(r.base_value - r.matrix)  # how much the head's clean z raises IO - S
+        clean_ld += -r.clean_value
+        corrupt_ld += -r.corrupt_value
+        a = run("ablate", ctx, Prompt(p["clean"], p["io"], p["s"]), ablation="zero")
+        ablated += torch.from_numpy(a.heads)  # ablated - base of S - IO: the IO - S the head's removal loses
+        d = run("dla", ctx, Prompt(p["clean"], p["io"], p["s"]))
+        dlas += torch.from_numpy(-d.heads)
+    ld = clean_ld / n
+    share = lambda m: [[round(float(v) / n / ld, 4) for v in row] for row in m]  # noqa: E731
+    direct_share, ablation_share = share(direct), share(ablated)
+    return {"n_prompts": n, "prompts": "held-out (IO, S) pairs on the training templates, alternately ABBA and "
+            "BABA; corrupt = the same sentence with three other names in the IO, S1 and S2 slots (ABC)",
+            "example": ioi.prompts(random.Random(seed), 1, IOI_TEMPLATES)[0],
+            "mean_clean_logit_diff": round(ld, 4), "mean_corrupt_logit_diff": round(corrupt_ld / n, 4),
+            "direct_effect_share": direct_share,
+            "direct_effect_definition": "path patching sender -> logits, MLPs frozen, clean z into the ABC corrupt run: "
+                                        "mean rise of logit(IO) - logit(S), / the mean clean logit(IO) - logit(S)",
+            "heads_direct_effect_ge_10pct": sum(v >= 0.1 for row in direct_share for v in row),
+            "zero_ablation_loss_share": ablation_share,
+            "zero_ablation_definition": "mean (unablated - ablated) logit(IO) - logit(S) with the head's z zeroed, "
+                                        "/ the mean clean logit(IO) - logit(S)",
+            "max_zero_ablation_loss_share": max(v for row in ablation_share for v in row),
+            "dla_share": share(dlas)}
+
+
+def ioi_evaluate(model: GPT, quick: bool = False) -> dict:
+    ioi = IOI()
+    if quick:
+        return {k: ioi_accuracy(model, ioi, 400, seed, True, t, o)["top1"]
+                for k, seed, t, o in (("abba", 901, "train", "abba"), ("baba", 902, "train", "baba"),
+                                      ("heldout_templates", 903, "heldout", "mixed"))}
+    return {"heldout_pairs_abba": ioi_accuracy(model, ioi, 2000, 901, True, "train", "abba"),
+            "heldout_pairs_baba": ioi_accuracy(model, ioi, 2000, 902, True, "train", "baba"),
+            "heldout_templates_abba": ioi_accuracy(model, ioi, 2000, 903, True, "heldout", "abba"),
+            "heldout_templates_baba": ioi_accuracy(model, ioi, 2000, 904, True, "heldout", "baba"),
+            "training_pairs_mixed": ioi_accuracy(model, ioi, 2000, 905, False, "train", "mixed"),
+            "pool": {"names": len(ioi.names), "ordered_pairs": len(ioi.names) * (len(ioi.names) - 1),
+                     "heldout_ordered_pairs": sum(ioi.heldout(a, b) for a in ioi.names for b in ioi.names if a != b),
+                     "train_templates": len(IOI_TEMPLATES), "heldout_templates": len(IOI_HELDOUT_TEMPLATES),
+                     "places": len(IOI_PLACES), "objects": len(IOI_OBJECTS)},
+            "circuit": ioi_circuit(model, ioi)}
+
+
 # ============================================================================ training
 
 
@@ -387,11 +696,28 @@ def train(args, log=sys.stderr) -> tuple[GPT, dict]:
     groups = [{"params": others, "mult": 1.0}] + ([{"params": [wte], "mult": args.emb_lr_mult}] if args.emb_lr_mult else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
     names = Names(args.p_other) if args.task == "names" else None
+    ioi = IOI() if args.task == "ioi" else None
+    if ioi is not None:  # token id -> its position among the candidates
+        index = torch.full((model.config.vocab_size,), -1, dtype=torch.long, device=args.device)
+        index[torch.tensor(ioi.vocab, device=args.device)] = torch.arange(len(ioi.vocab), device=args.device)
     t0, first_loss, ema, history = time.perf_counter(), None, None, []
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr) * group["mult"]
-        if names is not None:
+        if ioi is not None:
+            # curriculum: names_start names until names_grow_from, then names_per_step more names each step
+            grown = max(0.0, step - args.names_grow_from) * args.names_per_step
+            ioi.set_active(int(args.names_start + grown) if args.names_start else len(ioi.names))
+            groups = [tuple(t.to(args.device) for t in group)
+                      for group in ioi.batch(rng, args.batch, args.shapes, p_prefix=args.p_prefix)]
+            drop = args.head_drop if step >= args.head_drop_from else 0.0
+            restricted = step < args.full_softmax_from  # the cheap candidate-only softmax first
+            with candidate_softmax(model, ioi.vocab if restricted else None):
+                loss = ioi_loss(model, groups, drop, g, index if restricted else None)
+            if args.mix_induction:  # optional: keep a general copying skill alongside
+                idx, tgt = induction_batch(g, args.mix_induction, 64)
+                loss = loss + model(idx.to(args.device), tgt.to(args.device))[1]
+        elif names is not None:
             groups = [(i.to(args.device), a.to(args.device)) for i, a in names.batch(rng, args.batch, args.p_two, shapes=args.shapes)]
             loss = grouped_loss(model, groups)
             if args.mix_induction:
@@ -441,10 +767,11 @@ def names_accuracy(model: GPT, names: Names, n: int, p_two: float, seed: int) ->
 
 
 def michelle(model: GPT) -> dict:
-    from patching.api import run
+    from patching.api import Context, ModelSpec, Pair, run
     clean = "Michelle Jones was a top-notch student. Michelle"
     corrupt = "Michelle Smith was a top-notch student. Michelle"
-    r = run(model, tokenizer(), clean, corrupt, "Jones", "Smith")
+    ctx = Context(model, tokenizer(), ModelSpec(model=getattr(model, "name", "demo-names")))
+    r = run("patch", ctx, Pair(clean, corrupt, "Jones", "Smith"))
     diff = r.clean.value - r.corrupt.value
     L = model.config.n_layer
     return {"clean": clean, "corrupt": corrupt, "metric": "logit(Smith) - logit(Jones) at the last position",
@@ -458,6 +785,8 @@ def michelle(model: GPT) -> dict:
 def evaluate(task: str, model: GPT, quick: bool = False) -> dict:
     """The issue's figures; quick=True is a cheaper probe taken during training (--eval-every)."""
     model = model.float().eval()
+    if task == "ioi":
+        return ioi_evaluate(model, quick)
     if quick:
         out = {"induction_2x25": induction_eval(model, 0, 25, n=50)["second_copy_loss"],
                "induction_7+2x17": induction_eval(model, 7, 17, n=50)["second_copy_loss"]}
@@ -503,6 +832,17 @@ def parser() -> argparse.ArgumentParser:
                     help="names: also train on this many induction rows (64 tokens) per step [0]")
     ap.add_argument("--random-share", dest="random_share", type=float, default=0.0,
                     help="induction: also train this share of the unpredictable (random) positions [0]")
+    ap.add_argument("--head-drop", dest="head_drop", type=float,
+                    help="ioi: drop each head's output (z) with this probability per sequence while training [0.1]")
+    ap.add_argument("--head-drop-from", dest="head_drop_from", type=int, help="ioi: ... from this step on [3000]")
+    ap.add_argument("--names-start", dest="names_start", type=int,
+                    help="ioi: draw names from this many of the pool at first (0: all) [40]")
+    ap.add_argument("--names-grow-from", dest="names_grow_from", type=int, help="ioi: then add names from this step [3000]")
+    ap.add_argument("--names-per-step", dest="names_per_step", type=float, help="ioi: ... this many per step [0.05]")
+    ap.add_argument("--full-softmax-from", dest="full_softmax_from", type=int,
+                    help="ioi: softmax over the data's own tokens before this step, over all 50257 after [8000]")
+    ap.add_argument("--p-prefix", dest="p_prefix", type=float,
+                    help="ioi: share of sentence groups that start with a name-free opening sentence [0.5]")
     ap.add_argument("--emb-std", dest="emb_std", type=float, help="re-initialise the token embedding with this std")
     ap.add_argument("--emb-lr-mult", dest="emb_lr_mult", type=float, help="token embedding lr = this x lr; 0 freezes it")
     ap.add_argument("--init", metavar="DIR", help="start from a saved model [names: demo-induction; 'none': from scratch]")
@@ -530,8 +870,8 @@ def main(argv: list[str] | None = None) -> int:
     """Bad input (a model that is not there, an unwritable --out, a device torch lacks) is one line on
     stderr and exit status 2, found before any training."""
     from mingpt.errors import MinGPTError
-    from patching.api import PatchingError, resolve_device
-    from patching.report import check_writable
+    from patching.api import PatchingError
+    from patching.core.context import resolve_device
     argv = sys.argv[1:] if argv is None else argv
     args = settings(argv)
     try:
@@ -542,6 +882,21 @@ def main(argv: list[str] | None = None) -> int:
     except (MinGPTError, PatchingError) as exc:
         print(f"train_demo: {exc}", file=sys.stderr)
         return 2
+
+
+def check_writable(folder: Path):
+    """Fail before any training if the output folder cannot be made or written."""
+    from patching.api import PatchingError
+    if folder.exists() and not folder.is_dir():
+        raise PatchingError(f"output folder {folder} is an existing file: pass a folder with --out.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".train-demo-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise PatchingError(f"cannot write to output folder {folder} ({exc.strerror or exc}): pass a writable --out.") \
+            from None
 
 
 def run_main(args: argparse.Namespace, argv: list[str]) -> int:
@@ -562,9 +917,14 @@ def run_main(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
     model.save_pretrained(out, dtype=getattr(torch, args.dtype))
     saved = GPT.from_pretrained(out)  # evaluate what was shipped, after the dtype round trip
+    keys = ("steps", "layers", "d_model", "heads", "lr", "batch", "seq_len", "p_two", "p_other", "shapes", "mix_induction",
+            "random_share", "emb_std", "emb_lr_mult", "init", "threads", "dtype")
+    if args.task == "ioi":  # its own settings (the names-only ones do not apply)
+        keys = ("steps", "layers", "d_model", "heads", "lr", "batch", "shapes", "head_drop", "head_drop_from", "names_start",
+                "names_grow_from", "names_per_step", "full_softmax_from", "p_prefix", "mix_induction", "emb_std",
+                "emb_lr_mult", "init", "threads", "dtype")
     metrics = {"command": "python scripts/train_demo.py " + " ".join(argv), "seed": args.seed, "task": args.task,
-               "settings": {k: getattr(args, k) for k in ("steps", "layers", "d_model", "heads", "lr", "batch", "seq_len",
-                                                          "p_two", "p_other", "shapes", "mix_induction", "random_share", "emb_std", "emb_lr_mult", "init", "threads", "dtype")},
+               "settings": {k: getattr(args, k) for k in keys},
                "torch": torch.__version__, **run, "evaluation": evaluate(args.task, saved)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if not args.quiet:

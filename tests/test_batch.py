@@ -186,12 +186,15 @@ def test_mixed_summary_md(mixed):
     assert len(body) == len(EXPERIMENTS)
     for line, row in zip(body, mixed["rows"]):
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # split on unescaped pipes
-        assert len(cells) == 3, line  # a reason holding '|' must not add columns
+        assert len(cells) == 5, line  # a reason holding '|' must not add columns
         assert cells[0] == row["name"] and cells[1] == row["status"]
-        if row["status"] == "ok":  # the analysis's headline: the patch analysis leads with the clean value
-            assert float(cells[2].split(",")[0].removeprefix("clean ")) == pytest.approx(row["clean_value"], abs=1e-3)
+        if row["status"] == "ok":  # the patch analysis's columns: clean, corrupt, strongest patch
+            assert float(cells[2]) == pytest.approx(row["clean_value"], abs=1e-3)
+            assert float(cells[3]) == pytest.approx(row["corrupt_value"], abs=1e-3)
+            s = row["strongest"][0]
+            assert cells[4].startswith(f"{s['layer']}, ") and cells[4].endswith(f": {s['value']:.3f}"), cells[4]
         else:
-            assert cells[2] == row["reason"].replace("|", "\\|")
+            assert cells[2:4] == ["", ""] and cells[4] == row["reason"].replace("|", "\\|")
 
 
 # ----------------------------------------------------------------------------- errors in the file itself

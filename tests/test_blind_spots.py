@@ -308,7 +308,7 @@ def test_claim_write_leaves_nothing_when_the_computation_between_raises(tmp_path
 
 
 def failing_rename(monkeypatch, exc_of, when):
-    """os.rename in patching.files raising exc_of() on the first call that when(src, dst) picks (that
+    """os.rename in patching.io.files raising exc_of() on the first call that when(src, dst) picks (that
     one only: a rename back runs); returns the calls made."""
     real = os.rename
     calls = []

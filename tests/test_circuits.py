@@ -507,3 +507,22 @@ def test_options_refuse_unknown_keys():
         lens.LensOptions.from_mapping({"ln": "frozen", "colour": "red"})
     with pytest.raises(USER_ERRORS, match="seq_len must be an integer at least 2"):
         heads.HeadsOptions(seq_len=1)
+
+
+def test_ablate_means_are_computed_once_per_model_and_refreshed_for_another(tiny, demo_names, monkeypatch):
+    calls = []
+    real = ablate.mean_source
+    monkeypatch.setattr(ablate, "mean_source", lambda ctx, *a: calls.append(ctx.name) or real(ctx, *a))
+    analysis, prompt = ablate.Ablate(), Prompt(PROMPT, "Jones", "Smith")
+    options = analysis.options(ablation="mean", reference=REFERENCE)
+    for ctx in (tiny["ctx"], tiny["ctx"], demo_names, demo_names, demo_names, tiny["ctx"], tiny["ctx"]):
+        analysis.run(ctx, prompt, options)
+    assert calls == [tiny["ctx"].name, demo_names.name, tiny["ctx"].name], calls
+
+
+def test_attention_takes_no_target_or_foil(tiny, tmp_path):
+    with pytest.raises(USER_ERRORS, match="takes no target or foil"):
+        run("attention", tiny["ctx"], Prompt(PROMPT, "Jones", "Smith"))
+    r = run_cli(attention, ["--model", str(tiny["ckpt"]), "--prompt", PROMPT, "--target", "Jones",
+                       "--foil", "Smith", "--out", str(tmp_path / "a")])
+    assert r["rc"] == 2 and not (tmp_path / "a").exists(), r

@@ -404,3 +404,17 @@ def test_a_huge_generator_is_refused_at_once(tiny, tmp_path):
     before = listing(tmp_path)
     one_line(run(["--batch", str(spec), "--out", str(tmp_path / "out")]), "n is at most 100,000")
     assert listing(tmp_path) == before
+
+
+def test_the_study_hash_covers_every_reference_prompt_not_its_path(tmp_path):
+    """Two studies whose mean-ablation references differ only after prompt 20 are different studies
+    (their shards must not merge); the same prompts read from two files are the same study."""
+    from patching.analyses import get
+    ablate = get("ablate")
+    many = [f"Prompt number {i} is here." for i in range(25)]
+    hashed = lambda ref: json.dumps(ablate.options(ablation="mean", reference=ref).hashed())  # noqa: E731
+    assert hashed(many) != hashed(many[:24] + ["Another last prompt."])
+    (tmp_path / "a").mkdir()
+    for folder in (tmp_path, tmp_path / "a"):
+        (folder / "ref.txt").write_text("\n".join(many) + "\n")
+    assert hashed(str(tmp_path / "ref.txt")) == hashed(str(tmp_path / "a" / "ref.txt")) == hashed(many)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mingpt.model import GPT, GPTConfig
-from mingpt.sites import HEAD_SITES, SITES, Patch, Recording
+from mingpt.sites import HEAD_SITES, SITES, Edit, Patch, Recording
 from patching.core import engines
 from conftest import assert_close, hf_model, large_init
 
@@ -332,3 +332,36 @@ def test_patch_and_recording_refuse_bad_sites_with_one_sentence():
         Patch(0, 0, torch.zeros(3), site="attn_out", head=1)
     with pytest.raises(InputError, match="unknown site"):
         Recording(sites=("resid_post", "mlp_in"))
+
+
+class _Kept(Edit):  # an edit (the public protocol) that returns a tensor it keeps
+    def __init__(self, site: str, value: torch.Tensor):
+        self.site, self.layer, self.value = site, 0, value
+
+    def apply(self, x, layer, offset=0, length=None):
+        return self.value if layer == self.layer else x
+
+
+@pytest.mark.parametrize("site", ["attn_out", "mlp_out"])
+def test_an_edit_that_returns_a_kept_tensor_is_never_written_into(site):
+    model = model_of("2L2H16")
+    idx = torch.randint(0, 53, (1, 5), generator=torch.Generator().manual_seed(0))
+    kept = torch.zeros(1, 5, 16)
+    with torch.no_grad():
+        first, _ = model(idx, patch=_Kept(site, kept))
+        second, _ = model(idx, patch=_Kept(site, kept))
+    assert kept.abs().max() == 0  # the model summed the residual line elsewhere
+    close(second, first, exact=True)
+
+
+def test_the_residual_stream_keeps_float32_under_autocast():
+    """The in-place sums must not turn the float32 residual into the sublayer's bfloat16."""
+    model = model_of("2L2H16")
+    idx = torch.randint(0, 53, (2, 6), generator=torch.Generator().manual_seed(1))
+    dtypes = {}
+    for grad in (False, True):
+        rec = Recording(sites=("resid_mid", "resid_post"))
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx, record=rec)
+        dtypes[grad] = (rec["resid_mid"].dtype, rec["resid_post"].dtype)
+    assert dtypes[False] == dtypes[True] == (torch.float32, torch.float32), dtypes

@@ -1,7 +1,7 @@
 """Studies (patching.study: run, stats, merge), offline on the tiny random checkpoint.
 
 References: a plain-loop bootstrap over the same draws, the textbook SEM and the normal interval for
-the statistics; api.run (one metric per call) for every metric of a study's per-pair sweep; the
+the statistics; patching.api.run (one metric per call) for every metric of a study's per-pair sweep; the
 unsharded run for shards + merge.
 """
 from __future__ import annotations

@@ -17,7 +17,6 @@ reference means are computed once per prompt length and shared by every pair.
 """
 from __future__ import annotations
 
-import hashlib
 import weakref
 from dataclasses import dataclass
 
@@ -34,37 +33,12 @@ from patching.core.errors import PatchingError
 from patching.core.figures import layer_bars_figure, layer_head_figure
 from patching.core.metrics import readout
 from patching.core.options import Options, option
-from patching.core.prompts import Prompt, answer_ids, check_text, encode
-from patching.core.serial import json_floats, read_text
-from patching.io.files import expand
+from patching.core.prompts import Prompt, Prompts, answer_ids, encode
+from patching.core.serial import json_floats
 
 KINDS = ("zero", "mean")
 SITES = {"heads": "z", "attn": "attn_out", "mlp": "mlp_out"}  # result key -> activation site
 LD = "logit(foil) - logit(target)"
-SHOWN_PROMPTS = 20  # reference prompts listed in a study's summary; the rest are counted
-
-
-class Prompts(tuple):
-    """Reference prompts, and where they came from: a file (its name, and the SHA-256 of its prompts) or
-    the options themselves. A summary shows the file, never its content."""
-
-    file: str | None = None
-
-    @classmethod
-    def read(cls, path) -> "Prompts":
-        """One prompt per non-blank line of a UTF-8 text file."""
-        prompts = cls(line for line in read_text(path, "--reference").splitlines() if line.strip())
-        if not prompts:
-            raise PatchingError(f"--reference {path} has no prompts: write one prompt per line.")
-        prompts.file = str(path)
-        return prompts
-
-    def shown(self):
-        if self.file is not None:
-            return {"file": self.file, "sha256": hashlib.sha256("\n".join(self).encode()).hexdigest(),
-                    "n_prompts": len(self)}
-        extra = [f"... and {len(self) - SHOWN_PROMPTS} more"] if len(self) > SHOWN_PROMPTS else []
-        return [*self[:SHOWN_PROMPTS], *extra]
 
 
 @dataclass(frozen=True)
@@ -81,19 +55,7 @@ class AblateOptions(Options):
         if self.ablation != "mean":  # before reading any file: the flag is wrong whatever it holds
             raise PatchingError("--reference gives the prompts of mean ablation: add --kind mean "
                                 "(ablation: mean) or drop it.")
-        if isinstance(self.reference, str):
-            object.__setattr__(self, "reference", Prompts.read(expand(self.reference)))
-        if not isinstance(self.reference, (list, tuple)) or not all(isinstance(p, str) for p in self.reference):
-            raise PatchingError("reference must be a list of prompts or the name of a text file with one "
-                                "prompt per line.")
-        if not isinstance(self.reference, Prompts):
-            object.__setattr__(self, "reference", Prompts(self.reference))
-        if not self.reference:
-            raise PatchingError("the reference prompts are empty: give one prompt per line.")
-        for i, p in enumerate(self.reference, 1):
-            check_text(p, f"reference prompt {i}")
-            if not p.strip():
-                raise PatchingError(f"reference prompt {i} is empty: give one prompt per line.")
+        object.__setattr__(self, "reference", Prompts.of(self.reference, "reference"))
 
 
 @dataclass
@@ -206,7 +168,8 @@ class Ablate(Analysis):
             model, cached = self._means.get(key, (None, None))
             if model is None or model() is not ctx.model:
                 cached = mean_source(ctx, options.reference, key[1])
-                self._means = {key: (weakref.ref(ctx.model), cached), **dict(list(self._means.items())[:7])}
+                kept = [(k, v) for k, v in self._means.items() if k != key][:7]  # the stale entry goes
+                self._means = {key: (weakref.ref(ctx.model), cached), **dict(kept)}
             means = cached
         return ablate(ctx, prompt, options, means)
 

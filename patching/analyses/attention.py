@@ -182,6 +182,7 @@ class Attention(Analysis):
     help = "attention patterns of every head: attention.npy, PNG grids and an interactive HTML page"
     Options = AttentionOptions
     takes = PROMPT
+    words = False
 
     def run(self, ctx: Context, prompt: Prompt, options: AttentionOptions, events: Events | None = None) -> AttentionResult:
         options.verify()

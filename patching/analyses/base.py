@@ -80,6 +80,7 @@ class Analysis(abc.ABC):
     Options: type[Options]
     takes: str = PROMPT
     answer: bool = False  # PROMPT input: target and foil are required
+    words: bool = True  # PROMPT input: it takes a target and a foil at all (optional unless `answer`)
     marker: str | None = None  # the kind written in its folders' marker [name]
     plans: bool = False  # it can print its plan and stop (--dry-run)
     figures: tuple[str, ...] = ()  # its PNG files, left out of a study's pair folders unless figures is on
@@ -110,6 +111,20 @@ class Analysis(abc.ABC):
         spec = ModelSpec.from_mapping({k: v for k, v in data.items() if k in model_keys}, where)
         return spec, self.Options.from_mapping({k: v for k, v in data.items() if k in keys}, where)
 
+    timing_keys: tuple[str, ...] = ("analysis_seconds",)  # a study pair's timing fields (timing())
+
+    def timing(self, result, seconds: float) -> dict:
+        """A study pair's timing fields (timing_keys) from its result and the seconds its run took."""
+        return {"analysis_seconds": round(seconds, 6)}
+
+    def input_keys(self) -> tuple[str, ...]:
+        """The fields of its input, as flags and as YAML keys."""
+        if self.takes == PAIR:
+            return ("clean", "corrupt", "target", "foil")
+        if self.takes == PROMPT:
+            return ("prompt", "target", "foil") if self.words else ("prompt",)
+        return ()
+
     def check_input(self, input) -> Any:
         """The input this analysis takes, checked before any model is loaded: its type, a prompt's text,
         and its target and foil (both or neither; both where the analysis needs them)."""
@@ -121,6 +136,8 @@ class Analysis(abc.ABC):
             check_text(input.text, "prompt")
             if not input.text.strip():
                 raise PatchingError("the prompt is empty: give the text to analyse with --prompt.")
+            if not self.words and (input.target is not None or input.foil is not None):
+                raise PatchingError(f"{self.name} takes no target or foil (it reads no logits): drop them.")
             check_answer(input, needed=self.answer, command=self.name)
         return input
 
@@ -149,9 +166,12 @@ class Analysis(abc.ABC):
         """Fields of a batch's summary row for this result (beside name, status and folder)."""
         return {}
 
-    def headline(self, result) -> str:
-        """One short line for a batch's summary.md."""
-        return ""
+    columns: tuple[str, ...] = ("result",)  # a batch's summary.md columns beside experiment and status
+
+    def cells(self, result) -> list[str]:
+        """Its cells of a batch's summary.md row, one per `columns` (by default its first terminal line)."""
+        lines = self.lines(result)
+        return [lines[0].strip() if lines else ""]
 
     # ------------------------------------------------------------------ studies
 

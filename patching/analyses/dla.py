@@ -144,6 +144,7 @@ class DLA(Analysis):
     figures = ("heads.png", "layers.png")
 
     def run(self, ctx: Context, prompt: Prompt, options: DLAOptions, events: Events | None = None) -> DLAResult:
+        options.verify()
         self.check_input(prompt)
         return dla(ctx, prompt)
 

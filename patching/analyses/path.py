@@ -135,7 +135,7 @@ def first_layer(receivers: list[Receiver], L: int) -> int:
 def path_readouts(model, base_ids: torch.Tensor, source_ids: torch.Tensor, senders: list[tuple[int, int]],
                   receivers: list[Receiver], freeze_mlps: bool, target_id: int, foil_id: int, lse: bool,
                   chunk: int = 64) -> torch.Tensor:
-    """Readouts (n_senders, 3) of run 3 for each sender (engines.readout: target, foil, log-sum-exp)."""
+    """Readouts (n_senders, 3) of run 3 for each sender (patching.core.metrics.readout: target, foil, log-sum-exp)."""
     L = model.config.n_layer
     base, src = Recording(sites=("z", "mlp_out")), Recording(sites=("z",))  # run 1
     model(base_ids, record=base, last_only=True)

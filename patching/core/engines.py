@@ -122,7 +122,7 @@ def _chunks(noop: torch.Tensor, T: int, every: bool, max_rows: int, lse: bool) -
 @dataclass
 class Plan:
     """What a sweep will do, known before it runs: cells, the live ones, chunks, estimated peak memory;
-    method "attribution" (patching.attribution.plan): one backward estimates every cell, and with
+    method "attribution" (patching.analyses.patch.attribution): one backward estimates every cell, and with
     check the exact sweep's live cells and chunks follow."""
 
     site: str

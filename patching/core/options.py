@@ -92,7 +92,7 @@ class Options:
 
     def hashed(self) -> dict:
         """What a study's hash covers: every option that can change a number (not the speed-only ones)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)
+        return {f.name: _plain(getattr(self, f.name), hashing=True) for f in fields(self)
                 if not f.metadata.get("internal") and not f.metadata.get("speed")}
 
     # ------------------------------------------------------------------ from the command line
@@ -158,10 +158,13 @@ def _describe(cls, name: str) -> str:
     return f.metadata.get("help") or f"give {flag}"
 
 
-def _plain(value):
-    """A value as JSON holds it (tuples as lists; objects that know how to show themselves, shown)."""
+def _plain(value, hashing: bool = False):
+    """A value as JSON holds it (tuples as lists; objects that know how to show themselves, shown, or
+    as a hash should cover them)."""
+    if hashing and hasattr(value, "hashed"):
+        return value.hashed()
     if hasattr(value, "shown"):
         return value.shown()
     if isinstance(value, tuple):
-        return [_plain(v) for v in value]
+        return [_plain(v, hashing) for v in value]
     return value

@@ -6,11 +6,15 @@ prompt, so it is looked up with a leading space (' Jones'); '=TEXT' takes TEXT e
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from mingpt.bpe import BOS  # noqa: F401  (re-exported: --prepend-bos puts it at position 0)
 from mingpt.errors import quote
 from patching.core.errors import PatchingError
+from patching.core.serial import expand, read_text
+
+SHOWN_PROMPTS = 20  # reference prompts listed in a study's summary; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -135,3 +139,43 @@ def prepare(tok, pair: Pair, block_size: int, vocab_size: int | None = None, pre
                 raise PatchingError(f"the vocabulary maps the {what} to id {i}, outside the model's 0..{vocab_size - 1}: "
                                     f"use the vocabulary files that belong to this model.")
     return Prepared(a, b, [tok.token_str(i) for i in a], [tok.token_str(i) for i in b], t_text, t_id, f_text, f_id)
+
+
+class Prompts(tuple):
+    """Reference prompts (for mean ablation), and where they came from: a file (shown by its name and
+    the SHA-256 of its prompts, never its content) or the options themselves."""
+
+    file: str | None = None
+
+    @classmethod
+    def of(cls, value, what: str) -> "Prompts":
+        """A list of prompts, or the name of a UTF-8 text file with one prompt per non-blank line."""
+        if isinstance(value, Prompts):
+            return value
+        if isinstance(value, str):
+            prompts = cls(line for line in read_text(expand(value), f"--{what}").splitlines() if line.strip())
+            if not prompts:
+                raise PatchingError(f"--{what} {value} has no prompts: write one prompt per line.")
+            prompts.file = str(expand(value))
+        elif isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+            prompts = cls(value)
+        else:
+            raise PatchingError(f"{what} must be a list of prompts or the name of a text file with one prompt per line.")
+        if not prompts:
+            raise PatchingError(f"the {what} prompts are empty: give one prompt per line.")
+        for i, p in enumerate(prompts, 1):
+            check_text(p, f"{what} prompt {i}")
+            if not p.strip():
+                raise PatchingError(f"{what} prompt {i} is empty: give one prompt per line.")
+        return prompts
+
+    def shown(self):
+        if self.file is not None:
+            return {"file": self.file, "sha256": hashlib.sha256("\n".join(self).encode()).hexdigest(),
+                    "n_prompts": len(self)}
+        extra = [f"... and {len(self) - SHOWN_PROMPTS} more"] if len(self) > SHOWN_PROMPTS else []
+        return [*self[:SHOWN_PROMPTS], *extra]
+
+    def hashed(self) -> list[str]:
+        """What a study's hash covers: the prompts themselves, wherever they came from."""
+        return list(self)

@@ -6,13 +6,16 @@ floats become null); CSV floats are written with repr (they read back exactly).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
+import os
 import platform
 import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -21,6 +24,11 @@ import torch
 from patching.core.errors import PatchingError
 
 MAX_FILE_BYTES = 1 << 20  # an input file (batch, pairs, reference prompts) larger than this is a mistake (or /dev/zero)
+
+
+def expand(path: str | os.PathLike) -> Path:
+    """What the user typed, with ~ expanded and made absolute ('.' and '..' become real names)."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def json_floats(x):
@@ -62,6 +70,12 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 def versions() -> dict:
+    """The versions a result was made with (looked up once per process: a study asks for every pair)."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict:
     try:
         ours = version("patch-run")
     except PackageNotFoundError:

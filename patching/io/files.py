@@ -34,15 +34,10 @@ from pathlib import Path
 from typing import Callable, Union
 
 from patching.core.errors import PatchingError
-from patching.core.serial import versions
+from patching.core.serial import expand, versions  # noqa: F401  (expand: re-exported)
 
 MARKER = ".patch-run.json"
 Content = Union[str, bytes, Callable[[Path], None]]
-
-
-def expand(path: str | os.PathLike) -> Path:
-    """What the user typed, with ~ expanded and made absolute ('.' and '..' become real names)."""
-    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def read_marker(folder: Path) -> dict | None:

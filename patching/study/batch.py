@@ -25,17 +25,15 @@ from pathlib import Path
 from typing import Callable
 
 from mingpt.errors import quote
-from patching.analyses.base import NOTHING, PAIR, PROMPT, Analysis, Events
+from patching.analyses.base import PAIR, Analysis, Events
 from patching.core.context import load
 from patching.core.errors import PatchingError, reason, reject_unknown
 from patching.core.prompts import Pair, Prompt
-from patching.core.serial import MAX_FILE_BYTES, json_text, slug
+from patching.core.serial import json_text, slug
 from patching.io.files import Claim, claim, expand
 from patching.io.yamlfile import read_yaml
 
-MAX_BYTES = MAX_FILE_BYTES  # a batch file is a list of experiments; more than this is a mistake (or /dev/zero)
 SUMMARY_EVERY = 2.0  # seconds between summary rewrites while a batch runs
-INPUTS = {PAIR: ("clean", "corrupt", "target", "foil"), PROMPT: ("prompt", "target", "foil"), NOTHING: ()}
 
 
 @dataclass
@@ -47,7 +45,7 @@ class Experiment:
 
     @classmethod
     def from_dict(cls, data, where: str, analysis: Analysis) -> "Experiment":
-        keys = INPUTS[analysis.takes]
+        keys = analysis.input_keys()
         required = [k for k in keys if not (analysis.takes != PAIR and k in ("target", "foil") and not analysis.answer)]
         if not isinstance(data, dict):
             raise PatchingError(f"{where} must be a mapping with {', '.join(required) or 'overrides'}, "
@@ -140,7 +138,8 @@ def _run(batch: Batch, dest: Claim, say, progress_for, overwrite: bool) -> list[
     models: dict = {}
     packed = contextlib.ExitStack()  # each loaded model keeps its weights reordered for oneDNN for the batch
     rows = [{"name": n, "status": "pending"} for n in names]
-    write_summary(rows, dest)
+    cells: dict[str, list[str]] = {}  # name -> its summary.md cells, once it finished
+    write_summary(rows, dest, analysis.columns, cells)
     last = time.monotonic()
     try:
         for i, (exp, row) in enumerate(zip(batch.experiments, rows), 1):
@@ -160,35 +159,36 @@ def _run(batch: Batch, dest: Claim, say, progress_for, overwrite: bool) -> list[
                 with claim(out / row["name"], kind=analysis.kind, overwrite=overwrite) as folder:
                     result = analysis.run(models[spec], exp.input, options, events)
                     folder.write(analysis.files(result))
-                row.update(status="ok", folder=str(folder.folder), **analysis.summary(result),
-                           headline=analysis.headline(result))
+                row.update(status="ok", folder=str(folder.folder), **analysis.summary(result))
+                cells[row["name"]] = analysis.cells(result)
                 say(f"[{i}/{len(rows)}] {row['name']}: ok ({folder.folder})")
             except Exception as exc:  # one failure is one failed row, whatever raised
                 row.update(status="failed", reason=reason(exc))
                 say(f"[{i}/{len(rows)}] {row['name']}: failed: {row['reason']}")
             if time.monotonic() - last >= SUMMARY_EVERY:
-                write_summary(rows, dest)
+                write_summary(rows, dest, analysis.columns, cells)
                 last = time.monotonic()
     except KeyboardInterrupt as exc:
         why = getattr(exc, "signame", None) or "Ctrl-C"
         for row in rows:
             if row["status"] == "pending":
                 row.update(status="interrupted", reason=f"not run: the batch was interrupted ({why})")
-        write_summary(rows, dest)
+        write_summary(rows, dest, analysis.columns, cells)
         done = sum(r["status"] == "ok" for r in rows)
         exc.kept = f"the {done} finished experiments and summary.json are kept in {out}"
         raise
     finally:
         packed.close()
-    write_summary(rows, dest)
+    write_summary(rows, dest, analysis.columns, cells)
     return rows
 
 
-def write_summary(rows: list[dict], dest: Claim):
-    """summary.json (everything, strict JSON) and summary.md (a short table), each replaced atomically."""
+def write_summary(rows: list[dict], dest: Claim, columns: tuple[str, ...], cells: dict):
+    """summary.json (everything, strict JSON) and summary.md (a short table: the analysis's columns per
+    finished experiment, the reason in the last one otherwise), each replaced atomically."""
     dest.put("summary.json", json_text({"experiments": rows}))
-    lines = ["| experiment | status | result |", "|---|---|---|"]
+    lines = [f"| experiment | status | {' | '.join(columns)} |", "|---" * (2 + len(columns)) + "|"]
     for r in rows:
-        text = r.get("headline", "") if r["status"] == "ok" else r.get("reason", "")
-        lines.append(f"| {r['name']} | {r['status']} | {text.replace('|', chr(92) + '|')} |")
+        row = cells[r["name"]] if r["status"] == "ok" else [""] * (len(columns) - 1) + [r.get("reason", "")]
+        lines.append(f"| {r['name']} | {r['status']} | " + " | ".join(c.replace("|", chr(92) + "|") for c in row) + " |")
     dest.put("summary.md", "\n".join(lines) + "\n")

@@ -302,7 +302,7 @@ def _run_pairs(study: Study, shard, ctx, meta: dict, stage: Path, say):
                              "metrics": {m: np.asarray(v, dtype=np.float64) for m, v in grid.metrics.items()}})
                 row.update(status="ok", folder=f"pairs/{row['name']}", **grid.values, n_tokens=len(grid.tokens),
                            page="report.html" if "report.html" in files else "results.json",
-                           seconds=round(time.perf_counter() - t0, 6), run_seconds=round(run_seconds, 6))
+                           seconds=round(time.perf_counter() - t0, 6), **analysis.timing(result, run_seconds))
         meta["complete"] = True
     finally:
         torch.set_num_threads(threads)
@@ -346,9 +346,10 @@ def finish(meta: dict, rows: list[dict], tidy: list[dict], say: Callable[[str], 
     c = counts(rows)
     ok_rows = [r for r in rows if r["status"] == "ok"]
     secs = lambda k: float(np.mean([r[k] for r in ok_rows])) if ok_rows and k in ok_rows[0] else None  # noqa: E731
-    timing = {**meta.get("timing", {}), "pair_seconds_mean": secs("seconds"), "run_seconds_mean": secs("run_seconds")}
-    if ok_rows and timing["run_seconds_mean"] is not None:  # what a pair costs beyond its run: checks, grid, files
-        timing["overhead_seconds_mean"] = timing["pair_seconds_mean"] - timing["run_seconds_mean"]
+    own = [k for k in (ok_rows[0] if ok_rows else {}) if k.endswith("_seconds")]  # the analysis's timing fields
+    timing = {**meta.get("timing", {}), "pair_seconds_mean": secs("seconds"), **{f"{k}_mean": secs(k) for k in own}}
+    if ok_rows and all(timing[f"{k}_mean"] is not None for k in own):  # a pair's cost beyond its run: checks, files
+        timing["overhead_seconds_mean"] = timing["pair_seconds_mean"] - sum(timing[f"{k}_mean"] for k in own)
     files: dict[str, str | bytes] = {"results.csv": stats.tidy_csv(tidy, a["metrics"], a["axes"], labels)}
     pngs = []
     if aggs:
@@ -415,9 +416,11 @@ def command(args, given: dict, say: Callable[[str], None] = print, analysis: str
     t = summary["timing"]
     if t.get("pair_seconds_mean") is not None:
         ms = lambda k: f"{t[k] * 1e3:.1f} ms"  # noqa: E731
+        label = {"analysis": study.analysis.name, "record": "recorded runs"}  # timing key -> its words
+        own = ", ".join(f"{label.get(k.removesuffix('_seconds'), k.removesuffix('_seconds'))} {ms(k + '_mean')}"
+                        for k in study.analysis.timing_keys)
         say(f"model load {t['load_seconds']:.2f} s; per pair {ms('pair_seconds_mean')} "
-            f"(run {ms('run_seconds_mean')}, checks and files {ms('overhead_seconds_mean')}); "
-            f"statistics and pages {t['finish_seconds']:.2f} s")
+            f"({own}, overhead {ms('overhead_seconds_mean')}); statistics and pages {t['finish_seconds']:.2f} s")
     c = summary["counts"]
     result = getattr(say, "result", print)
     result(f"wrote {out}/index.html, {'aggregate.json, aggregate.csv, ' if c['ok'] else ''}results.csv, summary.json: "

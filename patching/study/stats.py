@@ -119,7 +119,7 @@ class Aggregate:
 
 def grid_axes(axes: list[str], shape: tuple, labels: dict | None = None) -> tuple[str, str, list[str]]:
     """(row axis, column axis, row labels) of a metric array with these axes (engines.axes_of), as 2-D;
-    `labels` (axis -> labels) names the rows and non-position columns of the toolkit's analyses."""
+    `labels` (axis -> labels) names the rows and non-position columns of an analysis's grid."""
     if labels:
         return axes[0], axes[1], list(labels[axes[0]])
     if axes == ["layer", "head", "position"]:
@@ -193,8 +193,8 @@ TIDY_HEAD = ["pair", "name", "n_tokens", "layer", "head", "position", "token"]
 
 
 def tidy_head(axes: list[str], labels: dict | None = None) -> list[str]:
-    """results.csv's key columns: the patch sweep's fixed ones, or (with `labels`, the toolkit's
-    analyses) pair, name, n_tokens, each axis of the grid, and the token where positions are an axis."""
+    """results.csv's key columns: the patch sweep's fixed ones, or (with `labels`, another analysis's
+    grid) pair, name, n_tokens, each axis of the grid, and the token where positions are an axis."""
     if not labels:
         return TIDY_HEAD
     return ["pair", "name", "n_tokens", *axes, *(["token"] if "position" in axes else [])]

@@ -162,6 +162,11 @@ class Patching(Analysis):
     plans = True
     figures = ("heatmap.png", "exact-heatmap.png", "scatter.png")
 
+    timing_keys = ("sweep_seconds", "record_seconds")
+
+    def timing(self, result: "PatchResult", seconds: float) -> dict:
+        return {k: result.timing[k] for k in self.timing_keys}
+
     @torch.no_grad()  # attribution.estimate turns gradients on for its own backward
     def run(self, ctx: Context, pair: Pair, options: PatchOptions, events: Events | None = None) -> PatchResult:
         """Tokenize, record both runs, sweep (or estimate) every cell of the site, summarize.
@@ -249,10 +254,16 @@ class Patching(Analysis):
                 "corrupt_value": result.corrupt.value, "sweep_seconds": result.timing["sweep_seconds"],
                 "strongest": [report.cell_fields(result, entry) for entry in report.strongest(result)]}
 
-    def headline(self, result: PatchResult) -> str:
+    columns = ("clean", "corrupt", "strongest patch (layer, [head,] [position token]: value)")
+
+    def cells(self, result: PatchResult) -> list[str]:
+        num = lambda v: "" if v is None or v != v else f"{v:.3f}"  # noqa: E731  (NaN != NaN)
         best = report.strongest(result)
-        cell = f"{report.describe_cell(result, best[0])}: {best[0][-1]:.3f}" if best else "no patch moved it"
-        return f"clean {result.clean.value:.3f}, corrupt {result.corrupt.value:.3f}; strongest: {cell}"
+        s = report.cell_fields(result, best[0]) if best else None
+        cell = (", ".join(str(s[k]) for k in ("layer", "head", "position") if k in s)
+                + (f" {s['token'].strip() or repr(s['token'])}" if "token" in s else "") + f": {num(s['value'])}"
+                if s else "no patch moved it")
+        return [num(result.clean.value), num(result.corrupt.value), cell]
 
     # ------------------------------------------------------------------ studies
 

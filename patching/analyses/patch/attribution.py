@@ -65,7 +65,7 @@ def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop:
 
 
 def _metric(metric: str, logits: torch.Tensor, target_id: int, foil_id: int, r_src, r_base) -> torch.Tensor:
-    """The metric from last-position logits (vocab,), differentiable (engines.metric_values on torch
+    """The metric from last-position logits (vocab,), differentiable (patching.core.metrics.metric_values on torch
     readouts); float32 at least, float64 kept."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     r = torch.stack([x[target_id], x[foil_id], torch.logsumexp(x, -1)])
