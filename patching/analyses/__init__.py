@@ -19,6 +19,7 @@ REGISTRY: dict[str, str | Analysis] = {
     "heads": "patching.analyses.heads:Heads",
     "ablate": "patching.analyses.ablate:Ablate",
     "path": "patching.analyses.path:Path",
+    "circuit": "patching.analyses.circuit:Circuit",
 }
 DEFAULT = "patch"  # what `patch-run --clean ...` runs
 

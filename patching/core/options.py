@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
@@ -119,6 +120,8 @@ class Options:
                     kw.update(nargs=m["nargs"], type=m.get("item") or str)
                 elif m.get("low") is not None or isinstance(f.default, int):
                     kw["type"] = int
+                elif isinstance(f.default, float):
+                    kw["type"] = float
                 if m.get("metavar"):
                     kw["metavar"] = m["metavar"]
             ap.add_argument(flag, **kw)
@@ -144,6 +147,9 @@ def _check_value(f: dataclasses.Field, value):
     elif isinstance(f.default, bool):
         if not isinstance(value, bool):
             raise PatchingError(f"{name} must be true or false, got {quote(value)}.")
+    elif isinstance(f.default, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise PatchingError(f"{name} must be a number, got {quote(value)}.")
     elif m.get("low") is not None:
         low, high = m["low"], m.get("high")
         if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
