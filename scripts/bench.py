@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the cache or nothing: never wait on an unreachable Hub
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -532,10 +533,90 @@ def startup_bench(args):
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 
+# ----------------------------------------------------------------------------- circuits
+
+
+def edge_flops(config: GPTConfig, graph, T: int, first: int) -> float:
+    """FLOPs of exact edge patching without shortcuts beyond the resumable engine's: for each edge, its
+    reader's new value and everything after it over rows first..T-1 (positions before the first
+    differing token are the base run's in every edge run): for a head reader at layer l, block l's
+    c_proj and MLP and blocks l+1.. whole; for an MLP reader, its MLP and blocks l+1..; the logits
+    reader two unembedding columns."""
+    C, F, L = config.n_embd, config.n_inner, config.n_layer
+    rows = T - first
+    block = rows * 2 * (4 * C * C + 2 * C * F) + sum(4 * C * (t + 1) for t in range(first, T))
+    tail = rows * 2 * (C * C + 2 * C * F)  # c_proj and the MLP of the reader's own block
+    mlp = rows * 2 * 2 * C * F
+    total = 0.0
+    for reader, n in zip(graph.readers, graph.adjacency.sum(1)):
+        if reader == "logits":
+            total += n * 4 * C
+            continue
+        l = int(reader[1:].split(".")[0].split("<")[0])
+        total += n * ((tail if "<" in reader else mlp) + (L - 1 - l) * block)
+    return total
+
+
+def circuit_bench(args):
+    """Exact edge patching of every edge and EAP on a GPT-2-small-shaped checkpoint (the Michelle pair,
+    11 tokens), against TransformerLens 4.3's edge attribution patching and faithfulness."""
+    from patching.analyses.circuit.graph import Graph
+    from patching.api import ModelSpec, Pair, load, run
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gpt2-small-shaped"
+        kind = save_checkpoint(folder)
+        ctx = load(ModelSpec(model=str(folder), device=args.device))
+        pair = Pair("Michelle Jones was a top-notch student. Michelle", "Michelle Smith was a top-notch student. Michelle",
+                    "Jones", "Smith")
+        clean, corrupt = (ctx.tok.encode(t) for t in (pair.clean, pair.corrupt))
+        T, graph = len(clean), Graph.of(ctx.config)
+        first = next(i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b)
+        peak = max(matmul_peaks(device).values())
+        flops = edge_flops(ctx.config, graph, T, first)
+        print(f"{machine()}; {kind}; {graph.describe()}, {T} tokens; matmul peak {peak:.0f} GFLOP/s; "
+              f"torch threads {torch.get_num_threads()}")
+        out = {}
+        for method in ("eap", "exact"):
+            best = None
+            for _ in range(args.circuit_repeats if method == "eap" else 1):
+                r = run("circuit", ctx, pair, method=method)
+                best = r if best is None or r.timing["scores_seconds"] < best.timing["scores_seconds"] else best
+            out[method] = best
+            t = best.timing["scores_seconds"]
+            line = f"{method}: scores {t:.2f} s, faithfulness curve and circuit search {best.timing['faithfulness_seconds']:.2f} s"
+            if method == "exact":
+                line += (f"; useful {flops / 1e9:.0f} GFLOP, floor {flops / 1e9 / peak:.1f} s at the peak, "
+                         f"share of floor {flops / 1e9 / peak / t:.0%}")
+            print(line, flush=True)
+        exact = out["exact"].summed
+        err = np.abs(out["eap"].summed - exact)
+        print(f"eap vs exact: max |error| {err.max():.4g} (largest exact score {np.abs(exact).max():.4g}), "
+              f"pearson {np.corrcoef(out['eap'].summed, exact)[0, 1]:.4f}")
+        top = [graph.names[i] for i in out["exact"].ranking[:out["exact"].circuit["n_edges"]]]
+        for python in args.tl_python:
+            res = run_tl(python, folder, [{"sweep": "edges", "clean": clean, "corrupt": corrupt, "circuit": top}])
+            if "error" in res:
+                print(f"TransformerLens ({python}): {res['error']}")
+                continue
+            job = res["jobs"][0]
+            theirs = np.array([job["edge_scores"].get(n, np.nan) for n in graph.names])
+            print(f"TL {res['transformer_lens']} attribution_patch (edge): {job['seconds']:.2f} s for "
+                  f"{job['n_edges_per_position']:,} edges x positions; summed over positions vs our exact: max |error| "
+                  f"{np.nanmax(np.abs(theirs - exact)):.4g}, vs our eap: {np.nanmax(np.abs(theirs - out['eap'].summed)):.3g}")
+            print(f"TL faithfulness of our exact circuit ({len(top)} edges at every position): {job['faithfulness_seconds']:.2f} s, "
+                  f"recovered {job['faithfulness']:.4f} (ours: f = {out['exact'].circuit['value']:.4f}, the whole curve "
+                  f"and search {out['exact'].timing['faithfulness_seconds']:.2f} s)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--startup", action="store_true", help="benchmark a whole run's start-up instead of the sweep")
     ap.add_argument("--heads", action="store_true", help="benchmark the head sites (z against TransformerLens)")
+    ap.add_argument("--circuit", action="store_true", help="benchmark exact edge patching and EAP (every edge of "
+                    "GPT-2 small's graph) against TransformerLens")
+    ap.add_argument("--circuit-repeats", type=int, default=3, help="--circuit: EAP runs (the best is kept)")
     ap.add_argument("--runs", type=int, default=5, help="--startup: fresh processes per figure (the minimum is kept)")
     ap.add_argument("--threads", type=int, default=2, help="--startup: OMP_NUM_THREADS of every process")
     ap.add_argument("--src", help="--startup: the source tree to run (default: this one), e.g. an older checkout")
@@ -553,6 +634,8 @@ def main():
                     help="timed sweeps per size, at least (and at least 3 s of them; the best is kept; at most ~20 s)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    if args.circuit:
+        return circuit_bench(args)
     startup_bench(args) if args.startup else head_bench(args) if args.heads else sweep_bench(args)
 
 

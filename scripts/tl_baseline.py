@@ -22,6 +22,9 @@ Sweeps (metric logit(foil) - logit(target) at the last position; a new one is on
   1..L-1 are patch-run's rows 0..L-2 (its row 0, the embeddings, has no patch-run counterpart).
 - "z": `get_act_patch_attn_head_out_by_pos`, one patched forward per (layer, head, position),
   returned in patch-run's axis order (layer, head, position) to compare with `--site z`.
+- "edges" (TransformerLens >= 4.3): `tools.analysis.attribution_patching.attribution_patch` at edge
+  granularity (its EAP, one score per edge and position, summed over positions here under patch-run's
+  edge names) and its `faithfulness` of the circuit the job names (each edge at every position).
 """
 from __future__ import annotations
 
@@ -89,6 +92,55 @@ def z(model, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> tuple[torch.
     return out.transpose(1, 2), time.perf_counter() - t0
 
 
+def tl_node(name: str, position: int, n_layers: int, reader: bool):
+    """One of patch-run's node names (MIB's) as TransformerLens 4's attribution-patching Node."""
+    from transformer_lens.tools.analysis.attribution_patching import Node
+    if name == "input":
+        return Node(kind="embed", position=position)
+    if name == "logits":
+        return Node(kind="logits", layer=n_layers - 1, position=position)
+    if name.startswith("m"):
+        return Node(kind="mlp_in" if reader else "mlp_out", layer=int(name[1:]), position=position)
+    head, _, inp = name.partition("<")
+    layer, h = (int(x) for x in head[1:].split(".h"))
+    kind = f"{inp[0]}_input" if inp else "attn_head_out"
+    return Node(kind=kind, layer=layer, head=h, position=position)
+
+
+def our_name(node) -> str:
+    """A TransformerLens Node as patch-run's (MIB's) name, positions dropped."""
+    if node.kind == "embed":
+        return "input"
+    if node.kind == "logits":
+        return "logits"
+    if node.kind in ("mlp_out", "mlp_in"):
+        return f"m{node.layer}"
+    if node.kind == "attn_head_out":
+        return f"a{node.layer}.h{node.head}"
+    return f"a{node.layer}.h{node.head}<{node.kind[0]}>"
+
+
+def edges(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, job: dict) -> dict:
+    """TL 4's edge attribution patching (EAP, per position, summed here over positions) and its
+    ablate-outside faithfulness of the circuit given by name (every position of each edge)."""
+    from transformer_lens.tools.analysis import attribution_patching as ap
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        res = ap.attribution_patch(model, clean, corrupt, metric, ap.EdgeAttributionConfig(granularity="edge"))
+    seconds = time.perf_counter() - t0
+    scores: dict[str, float] = {}
+    for (w, r), v in res.edge_scores.items():
+        key = f"{our_name(w)}->{our_name(r)}"
+        scores[key] = scores.get(key, 0.0) + float(v)
+    L, T = int(model.cfg.n_layers), clean.shape[1]
+    circuit = [(tl_node(e.split("->")[0], p, L, False), tl_node(e.split("->")[1], p, L, True))
+               for e in job.get("circuit", []) for p in range(T)]
+    t1 = time.perf_counter()
+    faith = ap.faithfulness(model, clean, corrupt, metric, circuit)
+    return {"seconds": seconds, "edge_scores": scores, "n_edges_per_position": len(res.edge_scores),
+            "faithfulness_seconds": time.perf_counter() - t1, "faithfulness": float(faith.recovered)}
+
+
 SWEEPS = {"resid_pre": resid_pre, "z": z}
 
 
@@ -104,6 +156,9 @@ def main(request_path: str, result_path: str):
     with torch.no_grad():
         for job in req["jobs"]:
             clean, corrupt = torch.tensor([job["clean"]]), torch.tensor([job["corrupt"]])
+            if job["sweep"] == "edges":
+                jobs.append({"sweep": "edges", **edges(model, clean, corrupt, metric, job)})
+                continue
             matrix, seconds = SWEEPS[job["sweep"]](model, clean, corrupt, metric)
             jobs.append({"sweep": job["sweep"], "seconds": seconds, "matrix": matrix.detach().cpu().double().tolist()})
     result = {"transformer_lens": version("transformer-lens"), "torch": torch.__version__, "model": how,
