@@ -33,7 +33,6 @@ from patching.study import batch as batches
 from patching.study import merge, run as studies
 
 DEFAULT = analyses.DEFAULT
-MERGE_HELP = "combine the shard folders of one study (--shard K/N runs) into one study folder"
 INPUT_FLAGS = ("clean", "corrupt", "target", "foil", "prompt")  # every input flag of every analysis
 MANY = ("batch", "pairs", "shard", "bootstrap")  # flags that make a command run many inputs
 
@@ -87,7 +86,7 @@ def add_arguments(ap: argparse.ArgumentParser, analysis: Analysis):
 
 def subparser(subs, name: str, shared: argparse.ArgumentParser):
     if name == "merge":
-        ap = subs.add_parser(name, parents=[shared], help=MERGE_HELP, description=MERGE_HELP)
+        ap = subs.add_parser(name, parents=[shared], help=merge.HELP, description=merge.HELP)
         ap.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="folders written by --shard K/N runs of one study")
         return
     analysis = analyses.get(name)

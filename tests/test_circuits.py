@@ -526,3 +526,11 @@ def test_attention_takes_no_target_or_foil(tiny, tmp_path):
     r = run_cli(attention, ["--model", str(tiny["ckpt"]), "--prompt", PROMPT, "--target", "Jones",
                        "--foil", "Smith", "--out", str(tmp_path / "a")])
     assert r["rc"] == 2 and not (tmp_path / "a").exists(), r
+
+
+def test_heads_id_range_reads_the_same_from_yaml_as_from_the_command_line():
+    Options = heads.Heads.Options
+    assert Options.from_mapping({"id_range": "1000:2000"}).id_range == (1000, 2000) == \
+        Options.from_mapping({"id_range": [1000, 2000]}).id_range
+    with pytest.raises(USER_ERRORS, match="LOW:HIGH"):
+        Options.from_mapping({"id_range": "1000-2000"})

@@ -57,10 +57,6 @@ class Shape:
     definition: str | None = None
     row_label: str | None = None
 
-    @property
-    def recovery(self) -> bool:
-        return "recovery" in self.metrics
-
 
 @dataclass
 class Grid:

@@ -62,7 +62,7 @@ class HeadsOptions(Options):
     prepend_bos: bool = option(False, help="start each sequence with <|endoftext|>")
     id_range: tuple[int, int] = option(ID_RANGE, help=f"draw ids uniformly from LOW..HIGH inclusive [{ID_RANGE[0]}:"
                                        f"{ID_RANGE[1]}, what demo-induction was trained on]", metavar="LOW:HIGH",
-                                       parse=parse_range)
+                                       parse=parse_range, load=lambda v, where: parse_range(v) if isinstance(v, str) else v)
 
     def validate(self):
         r = self.id_range
