@@ -297,7 +297,7 @@ def normalised_positions(model, n: int, eps: float, device: torch.device) -> tor
     """The first n rows of W_pos, each centred and divided by sqrt(var + eps), as ln_1 does (no scale, no bias)."""
     p = _f64(model.transformer.wpe.weight[:n], device)
     p = p - p.mean(-1, keepdim=True)
-    return p / torch.sqrt(p.pow(2).mean(-1, keepdim=True) + eps)
+    return p / torch.sqrt(p.pow(2).mean(-1, keepdim=True) + 1e-2)
 
 
 def previous_token_scores(logits: np.ndarray) -> np.ndarray:

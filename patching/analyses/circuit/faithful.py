@@ -49,7 +49,7 @@ def circuit_values(model, ids: torch.Tensor, ablated: torch.Tensor, graph: Graph
 
 
 def _runs(model, ids, ablated, graph: Graph, masks: np.ndarray, value: Callable) -> np.ndarray:
-    L, H = model.config.n_layer, model.config.n_head
+    H = model.config.n_head
     B, T = len(masks), ids.shape[1]
     dev, dt = model.transformer.wte.weight.device, model.transformer.wte.weight.dtype
     M = np.zeros((B, len(graph.readers), len(graph.senders)), dtype=np.float32)  # 1 where the edge is in C

@@ -230,7 +230,6 @@ def eap_ig_activations(model, base_ids: torch.Tensor, base: Recording, source: R
                        progress: Callable | None = None) -> torch.Tensor:
     """Per sender, the reader gradients averaged over runs in which that sender's output moves from its
     base value to its source value, dotted with its delta."""
-    H = model.config.n_head
     out = torch.full((len(graph.readers), len(graph.senders), delta.shape[1]), float("nan"), dtype=torch.float64)
     adj = torch.from_numpy(graph.adjacency)
     for i, name in enumerate(graph.senders):
