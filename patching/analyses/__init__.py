@@ -20,6 +20,7 @@ REGISTRY: dict[str, str | Analysis] = {
     "ablate": "patching.analyses.ablate:Ablate",
     "path": "patching.analyses.path:Path",
     "circuit": "patching.analyses.circuit:Circuit",
+    "weights": "patching.analyses.weights:Weights",
 }
 DEFAULT = "patch"  # what `patch-run --clean ...` runs
 

@@ -189,7 +189,8 @@ class WeightsResult:
     def top_heads(self, values: np.ndarray, n: int = TOP) -> list[dict]:
         finite = [(float(values[l, h]), l, h) for l in range(values.shape[0]) for h in range(values.shape[1])
                   if math.isfinite(values[l, h])]
-        return [{"head": head_name(l, h), "layer": l, "index": h, "score": v} for v, l, h in sorted(finite, reverse=True)[:n]]
+        return [{"head": head_name(l, h), "layer": l, "index": h, "score": v}
+                for v, l, h in sorted(finite, reverse=True)[:n]]
 
     def pairs(self, kind: str) -> list[tuple[float, int, int, int, int]]:
         """(score, l1, h1, l2, h2) of every pair with a score, largest first."""
@@ -297,7 +298,7 @@ def normalised_positions(model, n: int, eps: float, device: torch.device) -> tor
     """The first n rows of W_pos, each centred and divided by sqrt(var + eps), as ln_1 does (no scale, no bias)."""
     p = _f64(model.transformer.wpe.weight[:n], device)
     p = p - p.mean(-1, keepdim=True)
-    return p / torch.sqrt(p.pow(2).mean(-1, keepdim=True) + 1e-2)
+    return p / torch.sqrt(p.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def previous_token_scores(logits: np.ndarray) -> np.ndarray:
@@ -556,8 +557,8 @@ PAGE = """{% extends "base.html" %}
 <h1>Heads read from their weights: {{ r.model }}</h1>
 <p>{{ shape.n_layers }} layers × {{ shape.n_heads }} heads, d_model {{ shape.d_model }}, d_head {{ shape.d_head }}.
 No prompt was run: every number below comes from the weights.</p>
-<div class="read"><b>Conventions.</b> Row vectors (x W). {% for k, v in fold.items() %}{{ v }}. {% endfor %}
-Definitions follow Elhage et al., “A Mathematical Framework for Transformer Circuits” (2021).</div>
+<div class="read"><b>Conventions.</b> Row vectors (x W); definitions of Elhage et al., “A Mathematical Framework for
+Transformer Circuits” (2021).<ul>{% for k, v in fold.items() %}<li><b>{{ k }}</b>: {{ v }}</li>{% endfor %}</ul></div>
 
 <h2>Copying and previous-token scores</h2>
 <div class="row">{% for name in ("copying.png", "previous_token.png") %}{% if images.get(name) %}
@@ -611,12 +612,12 @@ def page(r: WeightsResult, images: dict[str, str]) -> str:
     per_head = [(head_name(l, h), r.copying[l, h], r.previous_token[l, h])
                 for l in range(r.n_layers) for h in range(r.n_heads)]
     rows = [{"head": t["head"], "token": show(t["token"]), "id": t["id"], "self_rank": t["ov"]["self_rank"],
-             "pairs": [({"token": show(a["token"]), "value": a["value"]}, {"token": show(b["token"]), "value": b["value"]})
-                       for a, b in zip(t["ov"]["top"], t["qk"]["top"])]} for t in doc["tokens"]]
+             "pairs": [tuple({"token": show(x["token"]), "value": x["value"]} for x in pair)
+                       for pair in zip(t["ov"]["top"], t["qk"]["top"])]} for t in doc["tokens"]]
     return env.get_template("weights.html").render(
-        fmt=fmt, r=r, shape=r.shape, fold=FOLD, definitions=DEFINITIONS, per_head=per_head, positions=r.options.positions,
-        baseline=r.baseline, top_pairs=[(k, doc["top"]["composition"][k]) for k in KINDS], images=images,
-        positional=list(positional_figures(r)), rows=rows)
+        fmt=fmt, r=r, shape=r.shape, fold=FOLD, definitions=DEFINITIONS, per_head=per_head,
+        positions=r.options.positions, baseline=r.baseline, images=images, rows=rows,
+        top_pairs=[(k, doc["top"]["composition"][k]) for k in KINDS], positional=list(positional_figures(r)))
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -627,13 +628,15 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 def files(r: WeightsResult, figures: bool = True) -> dict:
     L, H = r.n_layers, r.n_heads
-    heads = [[l, h, repr(float(r.copying[l, h])), repr(float(r.previous_token[l, h]))] for l in range(L) for h in range(H)]
+    heads = [[l, h, repr(float(r.copying[l, h])), repr(float(r.previous_token[l, h]))]
+             for l in range(L) for h in range(H)]
     c = r.composition
     pairs = [[a, b, x, y, *(repr(float(c[k][a, b, x, y])) for k in KINDS)]
              for a in range(L) for b in range(H) for x in range(a + 1, L) for y in range(H)]
     out = {"results.json": json_text(r.to_json()),
            "results.csv": csv_text(["layer", "head", "copying", "previous_token_from_weights"], heads),
-           "composition.csv": csv_text(["sender_layer", "sender_head", "receiver_layer", "receiver_head", *KINDS], pairs),
+           "composition.csv": csv_text(["sender_layer", "sender_head", "receiver_layer", "receiver_head", *KINDS],
+                                       pairs),
            "positional_qk.npy": npy_bytes(r.positional_qk.astype(np.float32))}
     drawn: dict[str, bytes] = {}
     makers = figure_makers(r) if figures else {}
@@ -673,7 +676,8 @@ class Weights(Analysis):
         out = [f"{r.model}: {r.n_layers} layers x {r.n_heads} heads; ln_1 and ln_f scales folded, LayerNorm "
                f"centring and biases left out",
                "  copying score: " + _tops(r.top_heads(r.copying, 3)),
-               f"  previous-token from weights ({r.options.positions} positions): " + _tops(r.top_heads(r.previous_token, 3))]
+               f"  previous-token from weights ({r.options.positions} positions): "
+               + _tops(r.top_heads(r.previous_token, 3))]
         if r.n_layers < 2:
             out.append("  composition: none (one layer)")
         else:
@@ -683,11 +687,24 @@ class Weights(Analysis):
                                                        for p in r.top_pairs(k, 3)))
         for row in r.rows:
             top = ", ".join(repr(r.token_text(i)) for i, _ in row.ov[:3])
-            out.append(f"  {head_name(*row.head)} attending to {row.token!r} raises {top} (itself: rank {row.ov_self_rank})")
+            out.append(f"  {head_name(*row.head)} attending to {row.token!r} raises {top} "
+                       f"(itself: rank {row.ov_self_rank})")
         return out
 
     def folder_name(self, ctx: Context, input: None, options: WeightsOptions) -> str:
         return f"weights-{slug(ctx.name, 50)}"
+
+    columns = ("copying", "previous-token", "K-composition")  # a batch's summary.md: the strongest of each
+
+    def summary(self, r: WeightsResult) -> dict:
+        return {"top_copying": r.top_heads(r.copying, 1), "top_previous_token": r.top_heads(r.previous_token, 1),
+                "top_k_composition": r.top_pairs("k", 1), "baseline": r.baseline["mean"]}
+
+    def cells(self, r: WeightsResult) -> list[str]:
+        k = r.top_pairs("k", 1)
+        return [_tops(r.top_heads(r.copying, 1)), _tops(r.top_heads(r.previous_token, 1)),
+                f"{k[0]['sender']}->{k[0]['receiver']} {k[0]['score']:.3f} (baseline {r.baseline['mean']:.3f})"
+                if k else "none"]
 
 
 def _tops(top: list[dict]) -> str:
