@@ -27,7 +27,7 @@ HUB_ALIASES = {
 
 # Small GPT-2s trained by scripts/train_demo.py and shipped as package data (no download).
 DEMO_ROOT = Path(__file__).resolve().parent / "demo"
-DEMO_NAMES = ("demo-names", "demo-induction")
+DEMO_NAMES = ("demo-names", "demo-induction", "demo-ioi")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def locate(name_or_dir: str | os.PathLike) -> Source:
     text = str(name_or_dir)
     if not text.strip():
         raise ModelNotFoundError("the model name is empty: pass gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
-                                 "a demo model (demo-names, demo-induction) or a local folder.")
+                                 "a demo model (demo-names, demo-induction, demo-ioi) or a local folder.")
     path = Path(text).expanduser()
     if path.is_dir():
         return Source(text, folder=path)

@@ -101,10 +101,11 @@ class MLP(nn.Module):
         self.act, self.activation = ACTIVATIONS[config.activation], config.activation
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, at: At = NO_SITES):
         rows = x.flatten(0, -2)  # (N, C)
-        if torch.is_grad_enabled() or rows.shape[0] <= MLP_ROWS:
-            return self.drop(self.c_proj(self.hidden(x)))
+        if torch.is_grad_enabled() or rows.shape[0] <= MLP_ROWS or at.wants("mlp_post"):
+            # whole when the hidden activation is recorded or edited: the site is (..., T, n_inner)
+            return self.drop(self.c_proj(at("mlp_post", self.hidden(x))))
         # many rows (mingpt.resume's batches): a slice at a time, so that the 4x wider hidden activation
         # is still in cache when c_proj reads it
         out = rows.new_empty(rows.shape[0], self.c_proj.out_features)  # (N, C)
@@ -139,7 +140,7 @@ class Block(nn.Module):
         own = self.attn.project(z)
         a = at("attn_out", own)
         x = at("resid_mid", _plus(a, x, fresh and a is own))
-        own = self.mlp(self.ln_2(x))
+        own = self.mlp(self.ln_2(x), at)
         m = at("mlp_out", own)
         if not room:
             return at("resid_post", _plus(m, x, fresh and m is own))

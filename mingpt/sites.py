@@ -10,6 +10,7 @@ Every activation an analysis reads or edits has a name, as in TransformerLens, a
     resid_mid  (B, T, C)       resid_pre + attn_out
     mlp_out    (B, T, C)       MLP sublayer output
     resid_post (B, T, C)       output of block l = resid_mid + mlp_out
+    mlp_post   (B, T, n_inner) the MLP's hidden activation after its GELU, one channel per neuron
 
 The model visits each site once per block with `x = at(name, x)`. `at` belongs to one forward call:
 it keeps detached copies for a `Recording` and applies that call's edits; with neither it returns
@@ -34,11 +35,16 @@ SITES = {
     "attn_out": "btc", "resid_mid": "btc", "mlp_out": "btc", "resid_post": "btc",
 }
 HEAD_SITES = tuple(s for s, layout in SITES.items() if layout.startswith("bh"))
+# sites whose last axis is the MLP's neurons (n_inner wide, not the residual width): read and edited like
+# the residual sites, addressed by neuron where a head site is addressed by head. Kept apart from SITES,
+# whose every entry the sweep engines and attribution patching lay out by residual width or by head.
+NEURON_SITES = {"mlp_post": "btn"}
+ALL_SITES = {**SITES, **NEURON_SITES}
 
 
 def check_site(site: str):
-    if site not in SITES:
-        raise InputError(f"unknown site {quote(site, 40)}: use one of {', '.join(SITES)}.")
+    if site not in ALL_SITES:
+        raise InputError(f"unknown site {quote(site, 40)}: use one of {', '.join(ALL_SITES)}.")
 
 
 # ----------------------------------------------------------------------------- recording
@@ -114,7 +120,8 @@ class Edit(abc.ABC):
 class Patch(Edit):
     """Replace `site` of block `layer` at position `pos` (head `head` of head sites) by `value`.
 
-    Residual sites take value (C,); q/k/v/z (hs,); pattern (T,), one destination row. pos=None
+    Residual sites take value (C,); q/k/v/z (hs,); pattern (T,), one destination row; mlp_post
+    (n_inner,), or one number with `neuron` (that neuron only; head= names it too). pos=None
     patches every position (value gets a leading T axis); head=None on a head site patches every
     head (value gets a leading n_head axis). With `layer` and `pos` LongTensors of shape (B,) and
     value (B, C) (residual sites only), batch row b is patched at (layer[b], pos[b]) with value[b];
@@ -126,11 +133,18 @@ class Patch(Edit):
     value: torch.Tensor
     site: str = "resid_post"
     head: int | None = None
+    neuron: int | None = None
 
     def __post_init__(self):
         check_site(self.site)
+        if self.site in NEURON_SITES and self.head is not None:  # a neuron site's cells are (layer, neuron, position)
+            if self.neuron is not None and self.neuron != self.head:
+                raise InputError("give a neuron site's neuron as neuron= (or head=), not two different ones.")
+            self.neuron, self.head = self.head, None
         if self.head is not None and self.site not in HEAD_SITES:
             raise InputError(f"head= is for head sites ({', '.join(HEAD_SITES)}), not {self.site}.")
+        if self.neuron is not None and self.site not in NEURON_SITES:
+            raise InputError(f"neuron= is for neuron sites ({', '.join(NEURON_SITES)}), not {self.site}.")
 
     def layers(self, n_layer: int) -> Iterable[int]:
         return range(n_layer) if isinstance(self.layer, torch.Tensor) else (int(self.layer),)  # per-row: any block
@@ -145,7 +159,9 @@ class Patch(Edit):
             return x
         x = x.clone()
         pos = slice(None) if self.pos is None else self.pos
-        if SITES[self.site] == "btc":
+        if self.site in NEURON_SITES:
+            x[:, pos, slice(None) if self.neuron is None else self.neuron] = self.value.to(x.dtype)
+        elif SITES[self.site] == "btc":
             x[:, pos] = self.value.to(x.dtype)
         else:
             x[:, slice(None) if self.head is None else self.head, pos] = self.value.to(x.dtype)
@@ -153,7 +169,8 @@ class Patch(Edit):
 
 
 class Edits(Edit):
-    """Many edits of one site, addressed by flat index tensors: x[batch, (head,) row] = value.
+    """Many edits of one site, addressed by flat index tensors: x[batch, (head,) row] = value, and
+    x[batch, row, neuron] = value for a neuron site (its `head` tensor holds the neurons).
 
     The resumable forward (mingpt.resume) uses this to patch a different cell in every batch row.
     `rows` index the sequence axis of the tensor the site is visited with; for `pattern`, which
@@ -174,7 +191,7 @@ class Edits(Edit):
                 return x
             batch, rows, value = batch[keep], rows[keep], value[keep]
             head = None if head is None else head[keep]
-        idx = (batch, rows) if head is None else (batch, head, rows)
+        idx = (batch, rows) if head is None else (batch, rows, head) if self.site in NEURON_SITES else (batch, head, rows)
         return x.index_put(idx, value.to(x.dtype))
 
 

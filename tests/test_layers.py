@@ -21,7 +21,7 @@ LAYERS = ["mingpt", "patching.core", "patching.io", "patching.analyses", "patchi
 ENTRY = {"patching.main", "patching.api", "patching.__main__"}  # the top: nothing imports them
 # the one function-local import of a project module, and why it is one
 LOCAL_ALLOWED = {("patching.main", "patching.cli"): "the helper process is forked before torch's import"}
-ANALYSES = ("patch", "lens", "dla", "attention", "heads", "ablate", "path", "circuit", "weights")
+ANALYSES = ("patch", "lens", "dla", "attention", "heads", "ablate", "path", "circuit", "weights", "top")
 # the executable decides whether to fork its heatmap helper before anything is imported, so it knows
 # the default command's name (the registry's DEFAULT) by heart
 NAMES_ALLOWED = {"patching.main": {"patch"}}

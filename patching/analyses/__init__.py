@@ -21,6 +21,7 @@ REGISTRY: dict[str, str | Analysis] = {
     "path": "patching.analyses.path:Path",
     "circuit": "patching.analyses.circuit:Circuit",
     "weights": "patching.analyses.weights:Weights",
+    "top": "patching.analyses.top:Top",
 }
 DEFAULT = "patch"  # what `patch-run --clean ...` runs
 

@@ -27,7 +27,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 class ModelSpec(Options):
     """What to load: every command's --model, --device and --dtype (a batch's or study's defaults)."""
 
-    model: str = option("gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, demo-names, demo-induction, "
+    model: str = option("gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, demo-names, demo-induction, demo-ioi, "
                         "a Hub id or a local folder [gpt2]")
     device: str = option("auto", help="[auto]", choices=DEVICES)
     dtype: str = option("float32", help="half precision is for GPUs [float32]", choices=tuple(DTYPES))
