@@ -39,20 +39,24 @@ SHORT_KEYS = 128  # attention over at most this many keys is written out (see _a
 
 @torch.no_grad()
 def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]], positions: Sequence[int] | None,
-                  values: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+                  values: torch.Tensor, token_ids: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
     """Last-position logits of `token_ids` for the base run (B = 1) patched at every cell.
 
     slabs: (layer, head) per slab (head None for residual sites, or for all heads at once);
     positions: the patched positions, or None to patch every position at once.
-    values: (n_slabs, len(positions), *value) or, with positions None, (n_slabs, T, *value), where
+    values: (n_slabs, len(positions), *value) or, with positions None, (n_slabs, T - start, *value), where
     value is (C,) for residual sites, (hs,) for q/k/v/z, (T,) for pattern (one destination row).
+    start (positions None only): positions before it keep the base run's values, so rows start.. are
+    all that is recomputed.
     Returns (n_slabs, len(positions) or 1, K): cell (i, j) equals
     forward(idx, patch=Patch(layer_i, positions[j], values[i, j], site, head_i))[0][0, -1, token_ids].
     """
     L, T = model.config.n_layer, base.resid.shape[2]
     dev = base.resid.device
     every = positions is None
-    positions = [0] if every else list(positions)
+    assert every or start == 0, "start is for patches of every position"
+    assert site != "pattern" or start == 0, "a pattern row spans every key: patch it from position 0"
+    positions = [start] if every else list(positions)
     # resid_post of block l is the input of block l+1: start there (block L is the final norm)
     first = [l + 1 if site == "resid_post" else l for l, _ in slabs]
     edit_site = "resid_pre" if site == "resid_post" else site

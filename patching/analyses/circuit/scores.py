@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mingpt.resume import forward_cells
 from mingpt.sites import Patch, Recording, Tap
@@ -101,8 +102,15 @@ def exact(model, base: Recording, delta: torch.Tensor, graph: Graph, value: Call
           max_rows: int = 4096, progress: Callable | None = None) -> torch.Tensor:
     """(n_readers, n_senders[, T]) metric of the base run with one edge's reader input shifted by its
     delta, minus the base run's metric (NaN where no edge exists). value: last-position logits
-    (n, vocab or 2) -> metric (n,); token_ids of value.ids are the logits it needs (None: all)."""
-    L, H = model.config.n_layer, model.config.n_head
+    (n, vocab or 2) -> metric (n,); token_ids of value.ids are the logits it needs (None: all).
+
+    A reader at block l changes that block's output only through one head (its q, k or v) or the MLP,
+    so each edge's block-l output is computed here from the base run's recording (the head's attention
+    and its slice of c_proj, then the MLP; or the MLP's new output), and the run resumes at block l+1
+    from it (mingpt.resume). Positions before the first one any sender changes keep the base run's
+    values in every edge's run (causal attention) and are not recomputed; at the last block only the
+    last position reaches the logits."""
+    L = model.config.n_layer
     T = delta.shape[1]
     P = T if per_position else 1
     out = torch.full((len(graph.readers), len(graph.senders), P), float("nan"), dtype=torch.float64)
@@ -118,28 +126,27 @@ def exact(model, base: Recording, delta: torch.Tensor, graph: Graph, value: Call
         if progress:
             progress(done, total)
 
-    def run_cells(site: str, slabs: list, values: torch.Tensor) -> torch.Tensor:
-        per = max(1, max_rows // T)  # slabs per chunk: each resumes T suffix rows
-        got = [forward_cells(model, base, site, slabs[a:a + per], None, values[a:a + per], ids)[:, -1]
-               for a in range(0, len(slabs), per)]
-        return torch.cat(got)  # (n_slabs, K)
+    changed = (delta != 0).flatten(2).any(-1).any(0)  # (T,) positions some sender changes
+    first = int(changed.nonzero()[0, 0]) if bool(changed.any()) else T - 1
 
-    for l, block in enumerate(model.transformer.h):
-        # heads' q, k, v readers: every sender before layer l
-        senders = np.flatnonzero(graph.adjacency[reader_of[f"a{l}.h0<q>"]])
-        d = _deltas(delta[senders], per_position)  # (n, T, C)
-        new = qkv_of(block, base["resid_pre", l][0][None] + d)  # (n, 3, H, T, hs)
-        for i, site in enumerate("qkv"):
-            slabs = [(l, h) for h in range(H) for _ in range(len(d))]
-            got = run_cells(site, slabs, new[:, i].transpose(0, 1).flatten(0, 1))  # (H*n, K)
-            for h in range(H):
-                put(reader_of[f"a{l}.h{h}<{site}>"], senders, got[h * len(d):(h + 1) * len(d)])
-        # the MLP's input: every sender before it, its own layer's heads too
-        j = reader_of[f"m{l}"]
-        senders = np.flatnonzero(graph.adjacency[j])
-        d = _deltas(delta[senders], per_position)
-        new = block.mlp(block.ln_2(base["resid_mid", l][0][None] + d))  # (n, T, C)
-        put(j, senders, run_cells("mlp_out", [(l, None)] * len(d), new))
+    def resume(l: int, start: int, n: int, outputs: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """Logits (n, K) of n runs whose block-l output at rows start.. is outputs(a, b) for runs a..b-1."""
+        per = max(1, max_rows // (T - start))  # runs per chunk: each resumes T - start rows
+        return torch.cat([forward_cells(model, base, "resid_post", [(l, None)] * (min(a + per, n) - a), None,
+                                        outputs(a, min(a + per, n)), ids, start=start)[:, -1]
+                          for a in range(0, n, per)])
+
+    # the weights serve many chunks: reorder them for oneDNN once (if the copy fits beside a chunk)
+    with model.packed(reserve=max_rows * (model.config.n_inner + 8 * model.config.n_embd) * delta.element_size()):
+        for l, block in enumerate(model.transformer.h):
+            start = T - 1 if l == L - 1 else first  # the last block's other rows never reach the logits
+            _head_readers(block, base, l, delta, graph, per_position, reader_of, first, start, resume, put)
+            # the MLP's input: every sender before it, its own layer's heads too
+            j = reader_of[f"m{l}"]
+            senders = np.flatnonzero(graph.adjacency[j])
+            d = _deltas(delta[senders], per_position)  # (n, T, C)
+            mid = base["resid_mid", l][0][start:]  # (R, C)
+            put(j, senders, resume(l, start, len(d), lambda a, b: _plus_mlp(block, mid + d[a:b, start:], mid)))
     # logits read the final residual stream: only its last position matters
     j = reader_of["logits"]
     senders = np.flatnonzero(graph.adjacency[j])
@@ -148,6 +155,42 @@ def exact(model, base: Recording, delta: torch.Tensor, graph: Graph, value: Call
     w = model.transformer.wte.weight
     put(j, senders, h @ (w if ids is None else w[ids.to(w.device)]).T)
     return out if per_position else out[..., 0]
+
+
+def _plus_mlp(block, shifted: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+    """Block output for the MLP reader: mid + the MLP of its input shifted by the delta, (n, R, C)."""
+    return mid + block.mlp(block.ln_2(shifted))
+
+
+def _head_readers(block, base, l, delta, graph, per_position, reader_of, first, start, resume, put):
+    """exact() for the q, k and v readers of block l's heads: every sender before block l. Inputs
+    before `first` are the base run's; outputs are wanted from row `start` (>= first) on."""
+    senders = np.flatnonzero(graph.adjacency[reader_of[f"a{l}.h0<q>"]])
+    d = _deltas(delta[senders], per_position)  # (n, T, C)
+    (n, T, C), H = d.shape, block.attn.n_head
+    hs = C // H
+    x = block.ln_1(base["resid_pre", l][0][None] + d)  # (n, T, C): what every head of block l reads
+    q, k, v = (base[s, l][0] for s in "qkv")  # (H, T, hs) each: the base run's
+    w_o = head_weights(block)  # (H, hs, C)
+    z0, mid = base["z", l][0][:, start:], base["resid_mid", l][0][start:]  # (H, R, hs), (R, C)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[start:]  # (R, T)
+    for i, site in enumerate("qkv"):
+        def outputs(a: int, b: int) -> torch.Tensor:
+            """Block-l outputs of runs a..b-1 (head-major: run r is head r // n, sender r % n)."""
+            rows = []
+            for h in range(a // n, (b - 1) // n + 1):
+                lo, hi = max(a, h * n) - h * n, min(b, (h + 1) * n) - h * n
+                cols = slice(i * C + h * hs, i * C + (h + 1) * hs)  # head h's q, k or v features of c_attn
+                new = block.attn.c_attn(x[lo:hi], rows=cols)  # (m, T, hs)
+                new[:, :first] = (q, k, v)[i][h, :first]  # unchanged there: the base run's own values
+                qq, kk, vv = (new if j == i else t[h].expand(hi - lo, -1, -1) for j, t in enumerate((q, k, v)))
+                z = F.scaled_dot_product_attention(qq[:, start:], kk, vv, attn_mask=causal)  # (m, R, hs)
+                rows.append(mid + (z - z0[h]) @ w_o[h])  # (m, R, C): the head's change through c_proj
+            shifted = torch.cat(rows)  # (b - a, R, C)
+            return shifted + block.mlp(block.ln_2(shifted))
+        got = resume(l, start, H * n, outputs)  # (H * n, K)
+        for h in range(H):
+            put(reader_of[f"a{l}.h{h}<{site}>"], senders, got[h * n:(h + 1) * n])
 
 
 # ----------------------------------------------------------------------------- gradients
