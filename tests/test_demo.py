@@ -1,7 +1,8 @@
-"""Tests of scripts/train_demo.py and of the shipped demo models (mingpt/demo/names, mingpt/demo/induction).
+"""Tests of scripts/train_demo.py and of the shipped demo models (mingpt/demo/names, induction, ioi).
 
 CI-sized and offline: tiny configs for a few hundred steps, one thread. The shipped-model checks are
-the README's Michelle pair (logit(Smith) - logit(Jones)) and the induction model's second-copy loss.
+the README's Michelle pair (logit(Smith) - logit(Jones)), the induction model's second-copy loss, and
+the IOI model's held-out accuracy and the several heads that carry its answer.
 """
 from __future__ import annotations
 
@@ -231,7 +232,44 @@ def test_shipped_induction_model():
         assert ev["second_copy_loss"] < 1.0 and abs(ev["first_copy_loss"] - 10.57) < 1.0, ev
 
 
-@pytest.mark.parametrize("name", ["names", "induction"])
+@pytest.fixture(scope="module")
+def ioi():
+    return td.IOI()
+
+
+@pytest.fixture(scope="module")
+def demo_ioi():
+    return GPT.from_pretrained("demo-ioi").eval()
+
+
+@pytest.mark.parametrize("templates,order,seed", [("train", "abba", 11), ("train", "baba", 12),
+                                                  ("heldout", "abba", 13), ("heldout", "baba", 14)])
+def test_shipped_ioi_model_heldout_accuracy(demo_ioi, ioi, templates, order, seed):
+    # fresh draws (not the metrics.json seeds) of name pairs that never meet in a training sentence
+    got = td.ioi_accuracy(demo_ioi, ioi, 200, seed, True, templates, order)
+    assert got["top1"] >= 0.95 and got["logit_diff"] > 5, got
+
+
+def test_shipped_ioi_model_needs_several_heads(demo_ioi, ioi):
+    # the issue's two claims, on 24 fresh held-out pairs through the analyses' own API
+    c = td.ioi_circuit(demo_ioi, ioi, n=24, seed=77)
+    direct = sorted((v for row in c["direct_effect_share"] for v in row), reverse=True)
+    assert direct[2] >= 0.1, direct[:4]  # three heads each carry >= 10 % straight to the logits
+    assert c["max_zero_ablation_loss_share"] <= 0.6, c["zero_ablation_loss_share"]
+    assert c["mean_clean_logit_diff"] > 5 and abs(c["mean_corrupt_logit_diff"]) < c["mean_clean_logit_diff"] / 2
+
+
+def test_ioi_same_seed_same_weights():
+    args = ("--steps", "12", "--batch", "8", "--names-start", "20", "--head-drop-from", "4")
+    a, _ = td.train(tiny("ioi", *args, "--seed", "3"))
+    b, _ = td.train(tiny("ioi", *args, "--seed", "3"))
+    c, _ = td.train(tiny("ioi", *args, "--seed", "4"))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", ["names", "induction", "ioi"])
 def test_shipped_folders(name):
     folder = ROOT / "mingpt" / "demo" / name
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "metrics.json"}
