@@ -7,12 +7,15 @@ demo-names story, the files, hypotheses, bad input and a study.
 - On demo-names the top edges are the story path patching tells (the block-1 head copies the name
   it reads through its value input to the logits) and <= 10 of them reach f >= 0.95.
 - A hypothesis's per-edge removal cost is f(C) - f(C without the edge), each from its own circuit run.
+- report.html is self-contained, shows prompts as text, and renders in Chromium.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import re
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -183,3 +186,43 @@ def test_a_circuit_study_averages_the_scores_of_its_pairs(tiny, tmp_path):
     assert set(agg["scalars"]) >= {"faithfulness_of_circuit", "cpr", "cmd"} and agg["n_pairs"] == 2
     got = np.array([[np.nan if v is None else v for v in row] for row in agg["raw_mean"]], dtype=np.float64)
     assert_close(got, want, scale=float(np.nanmax(np.abs(want))), what="study mean")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_page_is_self_contained_escaped_and_renders(tiny, tmp_path):
+    hyp = tmp_path / "h.yaml"
+    hyp.write_text(yaml.safe_dump({"edges": ["a1.h*->logits", "input->a1.h0<v>"]}))
+    clean, corrupt = "<b>Michelle</b> Jones was a student. Michelle", "<b>Jessica</b> Smith was a student. Jessica"
+    r = cli(["--model", tiny.spec.model, "--clean", clean, "--corrupt", corrupt, "--target", "Jones", "--foil", "Smith",
+             "--method", "eap", "--check", "--hypothesis", str(hyp), "--out", str(tmp_path / "o")])
+    assert r["rc"] == 0, r
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert "<b>Michelle" not in page and "&lt;b&gt;Michelle" in page  # prompts are text, never markup
+    refs = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert [u for u in refs if re.match(r"^[a-z]+:", u) and not u.startswith("data:")] == []
+    top = doc["ranking"][0].replace("<", "&lt;").replace(">", "&gt;")
+    assert top in page and f"{doc['cpr']:.4g}" in page and f"{doc['hypothesis']['faithfulness']:.4g}" in page
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium): the page was checked as text only")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM)
+        try:
+            p = browser.new_page()
+            problems, requests = [], []
+            p.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            p.on("pageerror", lambda e: problems.append(str(e)))
+            p.on("request", lambda q: requests.append(q.url))
+            p.goto((tmp_path / "o" / "report.html").as_uri())
+            p.wait_for_load_state("load")
+            images = p.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+            assert len(images) == 2 and all(done and w > 0 for done, w in images), images  # curve and scatter
+            assert p.locator("svg line").count() >= 1  # the circuit, inline
+            removal = p.locator("table.sortable").nth(1).locator("tbody tr")
+            assert removal.count() == doc["hypothesis"]["n_edges"]
+            assert problems == [] and all(u.startswith(("file:", "data:")) for u in requests), (problems, requests)
+        finally:
+            browser.close()

@@ -29,9 +29,11 @@ from patching.core.metrics import METRICS as DEFINITIONS
 from patching.core.options import Options, option
 from patching.core.prompts import Pair, Prompts
 from patching.core.serial import csv_text, expand, json_floats, json_text, read_text, slug
+from patching.io.pages import colour, data_uri, render
 from patching.io.yamlfile import read_yaml
 
 TOP = 10  # edges the terminal and the check list
+REPORT_EDGES = 30  # edges report.html lists (every edge is in results.csv)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class CircuitResult:
     hypothesis: dict | None = None
     check: dict | None = None
     timing: dict = field(default_factory=dict)
+    corrupt_tokens: list[str] = field(default_factory=list)
 
     @property
     def summed(self) -> np.ndarray:
@@ -212,6 +215,7 @@ def circuit(ctx: Context, pair: Pair, options: CircuitOptions, events: Events | 
                            options, scores, clean_value, corrupt_value, ranking, curve(f_abs), curve(f_signed),
                            area(FRACTIONS, f_signed), area(FRACTIONS, np.abs(1 - f_abs)), full, empty,
                            {"n_edges": int(n_min), "value": f_min, "target": options.target_faithfulness})
+    result.corrupt_tokens = prep.corrupt_tokens
     if hypothesis is not None:
         result.hypothesis = test_hypothesis(hypothesis, run, full, empty, graph)
     if options.check:
@@ -281,7 +285,28 @@ def files(r: CircuitResult, figures: bool = True) -> dict:
         out["faithfulness.png"] = draw.faithfulness_png(r)
         if r.check is not None:
             out["scatter.png"] = draw.scatter_png(r)
+    out["report.html"] = report(r, out["circuit.svg"], out.get("faithfulness.png"), out.get("scatter.png"))
     return out
+
+
+def report(r: CircuitResult, svg: str, faithfulness_png: bytes | None, scatter_png: bytes | None) -> str:
+    """report.html: the run, the circuit drawn inline, the faithfulness curve, the hypothesis and the
+    check where asked, the strongest edges; self-contained (figures inline)."""
+    g = r.graph
+    lim = float(np.abs(r.summed).max(initial=0.0))
+    top = [(k + 1, g.names[i], g.senders[g.edges[i][1]], g.readers[g.edges[i][0]], float(r.summed[i]),
+            colour(float(r.summed[i]), lim)) for k, i in enumerate(r.ranking[:REPORT_EDGES])]
+    removal = []
+    if r.hypothesis:
+        costs = r.hypothesis["removal_cost"]
+        high = max((abs(v) for v in costs.values()), default=0.0)
+        removal = [(n, v, colour(v, high)) for n, v in sorted(costs.items(), key=lambda kv: -abs(kv[1]))]
+    return render("circuit.html", r=r, o=r.options, definition=DEFINITIONS[r.options.metric],
+                  clean="".join(r.tokens), corrupt="".join(r.corrupt_tokens), svg=svg,
+                  faithfulness_png=data_uri(faithfulness_png) if faithfulness_png else None,
+                  scatter_png=data_uri(scatter_png) if scatter_png else None,
+                  curve=list(zip(r.faithfulness, r.faithfulness_signed)), hypothesis=r.hypothesis,
+                  removal=removal, check=r.check, top=top)
 
 
 class Circuit(Analysis):
