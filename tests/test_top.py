@@ -6,8 +6,10 @@
 - every unit kind's value at every corpus token equals a plain loop over documents and windows with
   transformers' hooks (mlp.act, attn.c_proj's input, output_attentions) or a dot product of hidden states;
 - the bounded top-k (every unit at once, batches in any order, with many ties) equals a full numpy sort,
-  ties broken by (document, position); an index equals one-unit runs; an interrupted and resumed index
-  equals an uninterrupted one;
+  ties broken by (document, position); an index equals one-unit runs: top-k, density, and the histogram
+  count for count on the index's bins; its bands equal a one-unit run's where the sample is the whole
+  corpus, and hold the sampled tokens' exact values where it is not; an interrupted and resumed index
+  equals an uninterrupted one, array for array; an index of an older format is refused in one line;
 - the command line's files, bad input as one line with nothing written, and the page in Chromium.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mingpt.model import GPT
 from mingpt.sites import Patch, Recording
 from patching.analyses.base import Events
 from patching.analyses.top import corpus as corpora
+from patching.analyses.top import fold as folds
 from patching.analyses.top import index as indexes
 from patching.analyses.top.scan import TopK
 from patching.core.context import Context, ModelSpec
@@ -222,6 +225,64 @@ def test_bounded_topk_equals_a_full_sort_with_ties():
         np.testing.assert_array_equal(top.position[u], position[order])
 
 
+def test_blocked_topk_equals_a_full_sort():
+    """Batches of hundreds of tokens (whole 64-token blocks and a short last one), integer values with many
+    ties, a unit that rises late and a constant one: the same as one lexsort, and the lists are full
+    after the first batch so every later fold takes the blocked path."""
+    rng = np.random.default_rng(5)
+    n, U, k = 1500, 6, 7
+    values = rng.integers(-20, 20, size=(n, U)).astype(np.float32)
+    values[:, 4] = np.where(np.arange(n) > 1200, values[:, 4] + 30, values[:, 4])  # its top arrives last
+    values[:, 5] = -0.0  # all ties (and -0.0 ties with 0.0)
+    values[::7, 5] = 0.0
+    document = np.repeat(np.arange(30), 50)
+    position = np.tile(np.arange(50), 30)
+    perm = rng.permutation(n)
+    top = TopK(U, k)
+    for c in np.split(perm, [300, 700, 701, 1000, 1250]):
+        top = top.fold(torch.from_numpy(values[c]), document[c], position[c])
+    for u in range(U):
+        order = np.lexsort((position, document, -values[:, u].astype(np.float64)))[:k]
+        np.testing.assert_array_equal(top.values[u], values[order, u])
+        np.testing.assert_array_equal(top.document[u], document[order])
+        np.testing.assert_array_equal(top.position[u], position[order])
+
+
+def right_closed(values: np.ndarray, exponent, start) -> np.ndarray:
+    """A histogram on an index's bins, written out in float64: bin j holds ((start + j - 1) w, (start + j) w]."""
+    j = np.ceil(values.astype(np.float64) / 2.0 ** int(exponent)) - int(start)
+    assert ((j >= 0) & (j < folds.HIST_BINS)).all()
+    return np.bincount(j.astype(np.int64), minlength=folds.HIST_BINS)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.25, 0.1])
+def test_histogram_fold_is_exact_across_regrids(threshold):
+    """Batches whose range grows (both ways, by 300x) and shifts: the bins widen and recentre, and the
+    counts equal a histogram of every value on the final bins; density above an edge (0, 0.25) or not
+    (0.1) equals a comparison; the sum and the extremes are exact."""
+    rng = np.random.default_rng(2)
+    U = 5
+    layer = folds.Layer.fresh(U, 3)
+    seen = []
+    for i, scale in enumerate([0.01, 0.02, 0.5, 0.5, 3.0, 0.1]):
+        n = int(rng.integers(1, 200))
+        x = (rng.normal(size=(n, U)) * scale + np.array([0, 1, -2, 50, 0]) * scale).astype(np.float32)
+        x[:, 4] = np.round(x[:, 4] * 8) / 8  # values on the bin edges
+        if i == 3:
+            x[:3, 0] = [0.0, -0.0, 1e-30]
+        seen.append(x)
+        doc = np.full(n, i)
+        layer = folds.fold(layer, torch.from_numpy(x), doc, np.arange(n), threshold, folds.Scratch())
+    allx = np.concatenate(seen)
+    assert (layer.exponent > folds.E_MIN).all()
+    for u in range(U):
+        np.testing.assert_array_equal(layer.hist[u], right_closed(allx[:, u], layer.exponent[u], layer.start[u]))
+        assert layer.hist[u].sum() == len(allx) and (layer.hist[u] > 0).sum() >= 8
+    np.testing.assert_array_equal(layer.above, (allx > np.float32(threshold)).sum(0))
+    np.testing.assert_array_equal(layer.low, allx.min(0))
+    np.testing.assert_array_equal(layer.high, allx.max(0))
+
+
 def test_topk_with_fewer_tokens_than_k():
     top = TopK(2, 5).fold(torch.tensor([[1.0, 2.0], [3.0, 0.5]]), np.array([0, 1]), np.array([4, 0]))
     np.testing.assert_array_equal(top.values[0, :2], [3.0, 1.0])
@@ -294,11 +355,129 @@ def test_index_equals_one_unit_runs_and_a_full_sort(ctx, tmp_path):
     assert rc == 0, stderr
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     assert [e["activation"] for e in one["top"]] == st["values"][1, 77].tolist()
-    assert one["from_index"] and one["histogram"] is None and one["top"][0]["activations"] is None
+    assert one["from_index"] and one["top"][0]["activations"] is None
 
 
-def test_interrupted_index_resumes_to_the_same_index(ctx, tmp_path):
+def test_index_histogram_and_bands_equal_one_unit_runs(ctx, tmp_path):
+    """Every unit's histogram in the index equals, count for count, the one-unit run's values binned on
+    the index's bins; the rendered histogram sums to n_tokens; with the whole corpus as the sample, the
+    bands (low, high, tokens, examples) equal the one-unit run's."""
+    from patching.analyses.top import Top, from_index, scan_unit, summarize
+    from patching.analyses.top.scan import parse_unit
+    (tmp_path / "c.txt").write_text(TEXT * 3)
+    o = _options(unit="all", corpus=str(tmp_path / "c.txt"), index=str(tmp_path / "idx"), window=10, k=4,
+                 batch_size=3, samples=3)
+    Top().run(ctx, None, o)
+    st = indexes.load_state(tmp_path / "idx")
+    corpus = corpora.tokenize(ctx.tok, "t", corpora.paragraphs(TEXT * 3), 50257)
+    assert st["sample"].shape == (2, corpus.n_tokens, 128)  # a small corpus is its own sample
+    for l in range(2):
+        unit = f"mlp_post:{l}.0"
+        acts = np.stack([scan_unit(ctx, corpus, parse_unit(f"mlp_post:{l}.{i}", ctx.config),
+                                   o.replace(unit=unit, index=None))[0] for i in range(128)], axis=1)
+        for i in range(128):
+            np.testing.assert_array_equal(st["hist"][l, i], right_closed(acts[:, i], st["exponent"][l, i],
+                                                                         st["start"][l, i]), err_msg=f"{l}.{i}")
+        np.testing.assert_array_equal(st["sample"][l], acts)
+        np.testing.assert_array_equal(st["low"][l], acts.min(0))
+        np.testing.assert_array_equal(st["high"][l], acts.max(0))
+    unit = "mlp_post:1.77"
+    u = parse_unit(unit, ctx.config)
+    acts, src = scan_unit(ctx, corpus, u, o.replace(unit=unit, index=None))
+    one = summarize(ctx, corpus, u, acts, src, o.replace(unit=unit, index=None)).to_json()
+    got = from_index(ctx, o.replace(unit=unit)).to_json()
+    h = got["histogram"]
+    assert sum(h["counts"]) == corpus.n_tokens and len(h["edges"]) == len(h["counts"]) + 1 and h["closed"] == "right"
+    assert h["counts"][0] > 0 and h["counts"][-1] > 0 and h["edges"][0] < acts.min() and h["edges"][-1] >= acts.max()
+    assert got["band_sample"] == corpus.n_tokens and one["band_sample"] is None
+    for a, b in zip(one["quantiles"], got["quantiles"]):
+        keys = ("band", "low", "high", "tokens")
+        assert [a[key] for key in keys] == [b[key] for key in keys]
+        assert [(e["document"], e["position"], e["activation"]) for e in a["examples"]] == \
+            [(e["document"], e["position"], e["activation"]) for e in b["examples"]]
+    assert [e["position"] for e in got["top"]] == [e["position"] for e in one["top"]]
+    rc, _, stderr = cli(["--model", ctx.spec.model, "--index", str(tmp_path / "idx"), "--unit", unit], tmp_path, "page")
+    assert rc == 0, stderr
+    assert (tmp_path / "page" / "histogram.png").stat().st_size > 1000
+    assert len((tmp_path / "page" / "examples.jsonl").read_text().splitlines()) > 4
+
+
+def test_bands_from_a_sample_smaller_than_the_corpus(ctx, tmp_path, monkeypatch):
+    """A sample of 37 of the corpus's tokens: the smallest hashes of (document, position); the index holds
+    their exact values; band examples come from it, ranked within it, never from the top list."""
+    from patching.analyses.top import Top, from_index, scan_unit
+    from patching.analyses.top.scan import parse_unit
+    monkeypatch.setattr(folds, "SAMPLE_TOKENS", 37)
+    (tmp_path / "c.txt").write_text(TEXT * 3)
+    o = _options(unit="all", corpus=str(tmp_path / "c.txt"), index=str(tmp_path / "idx"), window=10, k=4,
+                 batch_size=3, samples=50, site="z")
+    Top().run(ctx, None, o)
+    st = indexes.load_state(tmp_path / "idx")
+    corpus = corpora.tokenize(ctx.tok, "t", corpora.paragraphs(TEXT * 3), 50257)
+    doc = np.repeat(np.arange(corpus.n_documents), np.diff(corpus.offsets))
+    pos = np.arange(corpus.n_tokens) - corpus.offsets[doc]
+    h = folds.splitmix64((doc.astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint64))
+    picked = np.sort(np.argsort(h)[:37])
+    np.testing.assert_array_equal(st["sample_document"], doc[picked])
+    np.testing.assert_array_equal(st["sample_position"], pos[picked])
+    acts, _ = scan_unit(ctx, corpus, parse_unit("z:1.2", ctx.config), o.replace(unit="z:1.2", index=None))
+    np.testing.assert_array_equal(st["sample"][1, :, 2], acts[picked])
+    got = from_index(ctx, o.replace(unit="z:1.2")).to_json()
+    assert got["band_sample"] == 37
+    top = {(e["document"], e["position"]) for e in got["top"]}
+    sv = acts[picked]
+    rank = np.empty(37, np.int64)
+    rank[np.argsort(-sv.astype(np.float64), kind="stable")] = np.arange(37)  # ranks within the sample
+    for q in got["quantiles"]:
+        lo, hi = q["band"]
+        assert q["low"] == float(np.quantile(sv, lo)) and q["high"] == float(np.quantile(sv, hi))
+        n = corpus.n_tokens
+        assert q["tokens"] == int(np.floor((1 - lo) * n)) - max(int(np.floor((1 - hi) * n)),
+                                                              min(4, int(np.floor((1 - lo) * n))))
+        for e in q["examples"]:
+            i = int(np.nonzero((doc[picked] == e["document"]) & (pos[picked] == e["position"]))[0][0])
+            assert e["activation"] == float(sv[i]) and (e["document"], e["position"]) not in top
+            assert np.floor((1 - hi) * 37) <= rank[i] < np.floor((1 - lo) * 37)
+    assert sum(len(q["examples"]) for q in got["quantiles"]) >= 30
+
+
+def test_index_without_histograms(ctx, tmp_path):
+    """--no-histograms: no bins kept, the density (by comparison then) and top-k as with them; a unit read
+    from it has no histogram; resuming with histograms is refused; one unit refuses the flag."""
+    from patching.analyses.top import Top, from_index
+    (tmp_path / "c.txt").write_text(TEXT * 2)
+    kw = dict(unit="all", corpus=str(tmp_path / "c.txt"), window=10, k=3, batch_size=4, threshold=0.1)
+    Top().run(ctx, None, _options(index=str(tmp_path / "with"), **kw))
+    Top().run(ctx, None, _options(index=str(tmp_path / "without"), histograms=False, **kw))
+    a, b = indexes.load_state(tmp_path / "with"), indexes.load_state(tmp_path / "without")
+    assert b["hist"].shape == (2, 128, 0) and a["hist"].shape == (2, 128, folds.HIST_BINS)
+    for key in ("values", "document", "position", "above", "total", "low", "high", "sample"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert from_index(ctx, _options(unit="mlp_post:1.3", index=str(tmp_path / "without"))).histogram is None
+    with pytest.raises(Exception, match="another histograms"):
+        Top().run(ctx, None, _options(index=str(tmp_path / "without"), **kw))
+    rc, _, stderr = cli(["--model", ctx.spec.model, "--corpus", str(tmp_path / "c.txt"), "--unit", "z:0.1",
+                         "--no-histograms"], tmp_path)
+    assert rc == 1 and "--no-histograms is for --unit all" in stderr
+
+
+def test_old_index_format_is_refused(ctx, tmp_path):
     from patching.analyses.top import Top
+    (tmp_path / "c.txt").write_text(TEXT)
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "index.json").write_text(json.dumps({"format": "patch-run top index 1", "site": "z"}))
+    with pytest.raises(Exception, match="another version of patch-run top .* build it again into a new --index"):
+        Top().run(ctx, None, _options(unit="all", corpus=str(tmp_path / "c.txt"), index=str(tmp_path / "idx")))
+    rc, _, stderr = cli(["--model", ctx.spec.model, "--index", str(tmp_path / "idx"), "--unit", "z:0.1"], tmp_path)
+    assert rc == 1 and "another version of patch-run top" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sample", [folds.SAMPLE_TOKENS, 11])
+def test_interrupted_index_resumes_to_the_same_index(ctx, tmp_path, monkeypatch, sample):
+    """Every array of the state (top-k, density, sums, extremes, histogram bins and counts, the sample),
+    with the whole corpus as the sample and with a small one."""
+    from patching.analyses.top import Top
+    monkeypatch.setattr(folds, "SAMPLE_TOKENS", sample)
     (tmp_path / "c.txt").write_text(TEXT * 4)
     kw = dict(unit="all", corpus=str(tmp_path / "c.txt"), window=8, k=3, batch_size=2, site="z")
     Top().run(ctx, None, _options(index=str(tmp_path / "whole"), **kw))

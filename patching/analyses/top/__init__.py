@@ -5,8 +5,10 @@ Method: tokenise every document, cut it into windows of the model's context (pat
 run the windows in batches once, and read the unit's value at every document token through the model's
 seam (scan.py). One unit: every token's value is kept (4 bytes a token), so the top-k is a full sort
 with ties broken by (document, position), and the quantile bands, the histogram and the density are
-exact. `--unit all`: every unit's top-k is folded in batch by batch into an index folder (index.py),
-memory bounded by the batch and k; `--index DIR --unit U` then renders one unit from it with no forward.
+exact. `--unit all`: every unit's top-k, density, mean and histogram are folded in batch by batch into
+an index folder (index.py, fold.py), with every unit's values at a fixed uniform sample of tokens for
+the quantile bands; memory is bounded by the batch, k, the histogram bins and the sample. `--index DIR
+--unit U` then renders one unit from it with no forward.
 Each example is the window the model read, cut to --context tokens before the maximum and --after after
 it. A neuron's (or residual direction's) output direction is read through the final LayerNorm's centring
 and gain and the unembedding, as DLA does: the tokens it promotes and suppresses most. docs/top.md.
@@ -23,7 +25,7 @@ from patching.analyses.top import corpus as corpora
 from patching.analyses.top import index as indexes
 from patching.analyses.top import report
 from patching.analyses.top.scan import (UNIT_SITES, Observe, Unit, direction_vector, make_batch, parse_unit,
-                                        reduce, _paid, width)
+                                        reduce, _paid)
 from patching.core.context import Context
 from patching.core.errors import PatchingError
 from patching.core.options import Options, option
@@ -55,6 +57,8 @@ class TopOptions(Options):
     bins: int = option(50, help="histogram bins [50]", low=1, high=10000)
     logits: int = option(10, help="tokens the unit's output direction promotes and suppresses [10]", low=0,
                          high=1000)
+    histograms: bool = option(True, negate="--no-histograms", help="--unit all: keep no histograms in the index "
+                              "(a quicker pass; units read from it then have none)")
 
     def validate(self):
         if self.index is None and self.corpus is None:
@@ -64,6 +68,8 @@ class TopOptions(Options):
             raise PatchingError("--unit all keeps every unit's top-k in an index folder: give --index DIR.")
         if self.unit == "all" and self.corpus is None:
             raise PatchingError("--unit all reads a corpus: give --corpus SOURCE.")
+        if self.unit != "all" and not self.histograms:
+            raise PatchingError("--no-histograms is for --unit all (an index); one unit always gets its histogram.")
 
 
 @dataclass
@@ -100,6 +106,7 @@ class TopResult:
     promoted: list | None = None
     suppressed: list | None = None
     from_index: str | None = None
+    band_sample: int | None = None  # from an index: the tokens of the uniform sample the bands come from
 
     def to_json(self) -> dict:
         o = self.options
@@ -108,7 +115,7 @@ class TopResult:
                 "direction_file": self.unit.file, "corpus": self.corpus, "n_documents": self.n_documents,
                 "n_tokens": self.n_tokens, "k": o.k, "context": o.context, "after": o.after,
                 "prepend_bos": o.prepend_bos, "threshold": o.threshold, "from_index": self.from_index,
-                "top": [e.to_json() for e in self.top],
+                "band_sample": self.band_sample, "top": [e.to_json() for e in self.top],
                 "quantiles": None if self.quantiles is None else
                 [{**{k: v for k, v in q.items() if k != "examples"}, "examples": [e.to_json() for e in q["examples"]]}
                  for q in self.quantiles],
@@ -218,6 +225,25 @@ def scan_unit(ctx: Context, corpus, unit: Unit, o: TopOptions, progress=None):
     return acts, source
 
 
+def bands(values: np.ndarray, order: np.ndarray, n: int, k: int, shown: np.ndarray, samples: int, ex) -> list[dict]:
+    """The quantile bands: values (m,) at m tokens in corpus order (every token, or a uniform sample of
+    them), `order` their ranks (largest first, ties in corpus order), n the corpus's tokens, k the top
+    examples shown and `shown` those among the m tokens. Band (lo, hi) holds the tokens ranked between
+    those quantiles, top examples left out; examples are drawn from it with seed 0, `ex(i)` makes the i-th."""
+    m = len(values)
+    rng = np.random.default_rng(0)
+    out = []
+    for lo, hi in BANDS:  # ranks from the top
+        a, b = int(np.floor((1 - hi) * m)), int(np.floor((1 - lo) * m))
+        members = order[a:b][~shown[order[a:b]]]
+        pick = np.sort(rng.choice(len(members), min(samples, len(members)), replace=False)) if len(members) else []
+        top, bottom = int(np.floor((1 - hi) * n)), int(np.floor((1 - lo) * n))
+        out.append({"band": [lo, hi], "low": float(np.quantile(values, lo)), "high": float(np.quantile(values, hi)),
+                    "tokens": bottom - max(top, min(k, bottom)),  # in the corpus, by rank alone
+                    "examples": [ex(members[j]) for j in pick]})
+    return out
+
+
 def summarize(ctx: Context, corpus, unit: Unit, acts: np.ndarray, source, o: TopOptions) -> TopResult:
     tok, cfg = ctx.tok, ctx.config
     size = o.window or cfg.block_size
@@ -233,15 +259,9 @@ def summarize(ctx: Context, corpus, unit: Unit, acts: np.ndarray, source, o: Top
                         o.prepend_bos, o, None if source is None else int(source[i]))
 
     top = [ex(i) for i in order[:o.k]]
-    rng = np.random.default_rng(0)
-    quantiles = []
-    for lo, hi in BANDS:  # ranks from the top: band (lo, hi) holds the tokens between those quantiles
-        a, b = int(np.floor((1 - hi) * n)), int(np.floor((1 - lo) * n))
-        a = max(a, min(o.k, b))  # the top-k are shown already
-        members = order[a:b]
-        pick = np.sort(rng.choice(len(members), min(o.samples, len(members)), replace=False)) if len(members) else []
-        quantiles.append({"band": [lo, hi], "low": float(np.quantile(acts, lo)), "high": float(np.quantile(acts, hi)),
-                          "tokens": int(len(members)), "examples": [ex(members[j]) for j in pick]})
+    shown = np.zeros(n, bool)
+    shown[order[:o.k]] = True
+    quantiles = bands(acts, order, n, len(top), shown, o.samples, ex)
     counts, edges = np.histogram(acts.astype(np.float64), bins=o.bins)
     up, down = logit_effects(ctx.model, tok, output_direction(ctx.model, unit, direction_vector(unit, cfg)
                                                               if unit.file else None), o.logits)
@@ -251,7 +271,8 @@ def summarize(ctx: Context, corpus, unit: Unit, acts: np.ndarray, source, o: Top
 
 
 def from_index(ctx: Context, o: TopOptions) -> TopResult:
-    """One unit rendered from an index: its top-k and density; no forward."""
+    """One unit rendered from an index, with no forward: its top-k, density, mean and histogram (exact),
+    and quantile bands drawn from the index's uniform token sample."""
     folder = expand(o.index)
     meta, st, corpus = indexes.read(folder)
 
@@ -262,21 +283,41 @@ def from_index(ctx: Context, o: TopOptions) -> TopResult:
         raise PatchingError(f"the index {folder} holds {meta['site']} units, not {unit.site}: ask for "
                             f"{meta['site']}:L.N, or build an index of {unit.site}.")
     l, u = unit.layer, unit.index
+    size, bos = meta["window"], meta["prepend_bos"]
     top = []
     for j in range(min(o.k, meta["k"])):
         d, p = int(st["document"][l, u, j]), int(st["position"][l, u, j])
         if d < 0:
             break
-        e = _example(ctx.tok, corpus, d, p, None, meta["window"], meta["prepend_bos"], o)
+        e = _example(ctx.tok, corpus, d, p, None, size, bos, o)
         e.activation = float(st["values"][l, u, j])
         top.append(e)
     n = meta["n_tokens"]
+    # the sample: the same tokens for every unit, in corpus order
+    sd, sp, sv = st["sample_document"], st["sample_position"], st["sample"][l, :, u]
+    shown = np.isin(corpus.offsets[sd] + sp, [corpus.offsets[e.document] + e.position for e in top])
+
+    def ex(i):
+        e = _example(ctx.tok, corpus, int(sd[i]), int(sp[i]), None, size, bos, o)
+        e.activation = float(sv[i])
+        return e
+
+    quantiles = bands(sv, np.argsort(-sv.astype(np.float64), kind="stable"), n, len(top), shown, o.samples, ex)
+    histogram = None
+    if meta["histograms"]:
+        counts = st["hist"][l, u]
+        full = np.nonzero(counts)[0]
+        first, last = int(full[0]), int(full[-1])
+        # bin j holds ((start + j - 1) w, (start + j) w], w = 2**exponent (fold.py): right-closed bins
+        edges = [float(np.ldexp(float(st["start"][l, u] + j - 1), int(st["exponent"][l, u])))
+                 for j in range(first, last + 2)]
+        histogram = {"edges": edges, "counts": counts[first:last + 1].tolist(), "closed": "right"}
     up = down = None
     if ctx.name == meta["model"]:  # the weights the index was built from: the output direction is theirs
         up, down = logit_effects(ctx.model, ctx.tok, output_direction(ctx.model, unit, None), o.logits)
-    return TopResult(meta["model"], unit, o.replace(prepend_bos=meta["prepend_bos"]), meta["corpus"],
-                     meta["n_documents"], n, top, float(st["above"][l, u]) / n, float(st["total"][l, u]) / n,
-                     promoted=up, suppressed=down, from_index=str(folder))
+    return TopResult(meta["model"], unit, o.replace(prepend_bos=bos), meta["corpus"], meta["n_documents"], n, top,
+                     float(st["above"][l, u]) / n, float(st["total"][l, u]) / n, quantiles, histogram,
+                     promoted=up, suppressed=down, from_index=str(folder), band_sample=len(sv))
 
 
 def summarize_all(ctx: Context, meta: dict, folder) -> AllResult:
