@@ -2,6 +2,7 @@
 
     python scripts/bench.py [--sizes 11 35 128] [--device cpu] [--long 1024] [--tl-python PY ...] [--json FILE]
     python scripts/bench.py --startup [--runs 5] [--threads 2] [--src DIR]
+    python scripts/bench.py --top [--threads 1] [--top-batches 20] [--top-batch 4] [--top-window 512] [--top-k 20]
 
 Sweep benchmark. Model: GPT-2 small's real weights when they are in the Hugging Face cache, otherwise
 a random-weight checkpoint of exactly GPT-2 small's shape saved by transformers with GPT-2's vocabulary
@@ -31,6 +32,17 @@ Michelle pair, for demo-names and for the GPT-2-small-shaped checkpoint, against
 sweep_seconds (targets 0.5 s and 0.6 s). Each figure is the minimum over --runs fresh processes,
 run round-robin after one warm-up round (warm file cache, bytecode compiled); the breakdown by stage
 comes from scripts/startup_stages.py, which repeats the CLI's steps with a clock between them.
+
+`top --unit all` benchmark (`--top`): on the GPT-2-small-shaped checkpoint, the python-docs corpus cut
+into windows and batched as `top` does (longest first); for each batch, a plain forward and the pass
+`--unit all --site mlp_post` makes, with and without histograms (the same forward with every neuron's
+bookkeeping folded in: top-k, density, mean, histogram, token sample; patching.analyses.top.index.Builder,
+the code the command runs), the three in turn, each batch starting with the next one, so that the
+shared machine's drift hits all alike. The first batch (which fills the top-k lists) is a warm-up and
+not counted (--top-batches 0: the whole corpus). Reported: tokens/s of each by the wall clock and by
+this process's CPU time (which other processes on a shared machine disturb less), the ratios to the
+plain forward (target >= 0.9), the bookkeeping's CPU seconds per batch by part, the index state's size
+and the process's peak resident memory over the timed batches.
 """
 from __future__ import annotations
 
@@ -610,6 +622,86 @@ def circuit_bench(args):
                   f"and search {out['exact'].timing['faithfulness_seconds']:.2f} s)")
 
 
+# ----------------------------------------------------------------------------- top --unit all
+
+
+def top_bench(args):
+    """--top: tokens/s of `top --unit all`'s pass, with and without histograms, over a plain forward of the
+    same batches (module doc)."""
+    from patching.analyses.top import corpus as corpora
+    from patching.analyses.top.index import Builder
+    from patching.analyses.top.scan import make_batch
+    from patching.core.context import ModelSpec, load
+    torch.set_num_threads(args.threads)
+    names = ("plain", "--unit all", "--no-histograms")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gpt2-small-shaped"
+        kind = save_checkpoint(folder)
+        ctx = load(ModelSpec(model=str(folder), device="cpu"))
+        corpus = corpora.tokenize(ctx.tok, "python-docs", corpora.documents("python-docs"), ctx.config.vocab_size)
+        wins = corpora.windows(corpus, args.top_window, False)
+        groups = corpora.batches(wins, args.top_batch)
+        groups = groups[:args.top_batches + 1] if args.top_batches else groups
+        profiles: dict = {name: {} for name in names[1:]}
+        builders = {name: Builder(ctx, corpus, "mlp_post", args.top_k, 0.0, False, name == "--unit all",
+                                  profile=profiles[name]) for name in names[1:]}
+        cfg = ctx.config
+        print(f"# patch-run top --unit all (mlp_post: {cfg.n_layer} x {cfg.n_inner} = {cfg.n_layer * cfg.n_inner:,} "
+              f"neurons, k {args.top_k}), with and without histograms, against a plain forward\nmodel: {kind}\n"
+              f"machine: {machine()}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\ncorpus: python-docs, "
+              f"{corpus.n_tokens:,} tokens; {len(groups) - 1} timed batches of {args.top_batch} x {args.top_window} "
+              f"(+1 warm-up), the three passes in turn, each batch starting with the next\n")
+        wall = {name: 0.0 for name in names}
+        cpu = {name: 0.0 for name in names}
+        ratios: dict = {name: [] for name in names[1:]}
+        tokens = 0
+        with torch.no_grad(), PeakRSS(torch.device("cpu")) as mem:
+            for i, members in enumerate(groups):
+                b = make_batch(corpus, wins, members, False, cfg.vocab_size - 1, ctx.device)
+                runs = {"plain": lambda: ctx.model(b.ids, last_only=True),
+                        **{name: (lambda bd=bd: bd.step(b)) for name, bd in builders.items()}}
+                got, used = {}, {}
+                for name in names[i % 3:] + names[:i % 3]:  # rotate: drift on the shared machine hits all alike
+                    t, c = time.perf_counter(), time.process_time()
+                    runs[name]()
+                    got[name], used[name] = time.perf_counter() - t, time.process_time() - c
+                n = int(b.valid.sum())
+                line = ", ".join(f"{name} {got[name]:.2f} s ({used[name]:.2f} s CPU)" for name in names)
+                if i == 0:  # warm-up: the first fold fills every top-k list
+                    for p in profiles.values():
+                        p.clear()
+                    print(f"warm-up: {line}", flush=True)
+                    continue
+                tokens += n
+                for name in names:
+                    wall[name] += got[name]
+                    cpu[name] += used[name]
+                for name in names[1:]:
+                    ratios[name].append(got["plain"] / got[name])
+                print(f"batch {i}: {n} tokens, {line}", flush=True)
+    nb = len(ratios[names[1]])
+    print()
+    for name in names:
+        print(f"{name:16s} {tokens / wall[name]:6,.0f} tokens/s ({wall[name] / nb:.2f} s a batch), by CPU time "
+              f"{tokens / cpu[name]:6,.0f} tokens/s" + ("" if name == "plain" else
+              f"; ratio {wall['plain'] / wall[name]:.3f} (CPU {cpu['plain'] / cpu[name]:.3f}; batch by batch median "
+              f"{float(np.median(ratios[name])):.3f}, range {min(ratios[name]):.3f}-{max(ratios[name]):.3f})"))
+    print("target: ratio >= 0.9")
+    for name in names[1:]:
+        parts = ", ".join(f"{k} {v / nb * 1000:.0f} ms" for k, v in profiles[name].items())
+        print(f"{name}: CPU time a batch by part: {parts}; beyond the plain forward in all "
+              f"{(cpu[name] - cpu['plain']) / nb * 1000:.0f} ms CPU, {(wall[name] - wall['plain']) / nb * 1000:.0f} ms wall")
+    sizes = {name: sum(v.nbytes for v in bd.arrays().values()) / 2**20 for name, bd in builders.items()}
+    print(f"index state: {sizes['--unit all']:.0f} MiB with histograms, {sizes['--no-histograms']:.0f} MiB without; "
+          f"peak resident memory of this process (model, both states, a batch) over the timed batches: "
+          f"{mem.peak_total_mb:,.0f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "model": kind, "batches": nb, "tokens": tokens,
+                                               "wall_s": wall, "cpu_s": cpu, "ratios": ratios,
+                                               "parts_cpu_s": profiles, "state_mb": sizes,
+                                               "peak_mb": mem.peak_total_mb}, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--startup", action="store_true", help="benchmark a whole run's start-up instead of the sweep")
@@ -617,8 +709,16 @@ def main():
     ap.add_argument("--circuit", action="store_true", help="benchmark exact edge patching and EAP (every edge of "
                     "GPT-2 small's graph) against TransformerLens")
     ap.add_argument("--circuit-repeats", type=int, default=3, help="--circuit: EAP runs (the best is kept)")
+    ap.add_argument("--top", action="store_true", help="benchmark top --unit all (every neuron's bookkeeping) "
+                    "against a plain forward of the same batches")
+    ap.add_argument("--top-batches", type=int, default=20, help="--top: timed batches after one warm-up (0: the "
+                    "whole corpus)")
+    ap.add_argument("--top-batch", type=int, default=4, help="--top: windows per batch")
+    ap.add_argument("--top-window", type=int, default=512, help="--top: tokens per window")
+    ap.add_argument("--top-k", type=int, default=20, help="--top: top examples per neuron")
     ap.add_argument("--runs", type=int, default=5, help="--startup: fresh processes per figure (the minimum is kept)")
-    ap.add_argument("--threads", type=int, default=2, help="--startup: OMP_NUM_THREADS of every process")
+    ap.add_argument("--threads", type=int, default=2, help="--startup: OMP_NUM_THREADS of every process; --top: "
+                    "torch threads")
     ap.add_argument("--src", help="--startup: the source tree to run (default: this one), e.g. an older checkout")
     ap.add_argument("--sizes", type=int, nargs="+", default=[11, 35, 128])
     ap.add_argument("--device", default="cpu")
@@ -636,6 +736,8 @@ def main():
     args = ap.parse_args()
     if args.circuit:
         return circuit_bench(args)
+    if args.top:
+        return top_bench(args)
     startup_bench(args) if args.startup else head_bench(args) if args.heads else sweep_bench(args)
 
 
