@@ -15,10 +15,11 @@ only each group's last row is needed for the logits, so the other rows give thei
 only. Only the wanted columns of the unembedding are formed.
 
 Attention: each row sees the base keys before its group's position and its own group's keys up to
-itself. mingpt.ragged computes exactly those, for the whole batch in one compiled call. Where that
-kernel is not available (or for half precision, or a GPU), torch ops run it per *bucket* of
-consecutive groups (at most BUCKET_ROWS rows, or one group) with a mask: short groups share one
-call; long groups stay alone, where a shared call would mostly compute masked-out scores.
+itself. mingpt.ragged computes exactly those, for the whole batch in one compiled call (in float32:
+bfloat16 on the CPU is widened for it). Where that kernel is not available (or for float16, or a
+GPU), torch ops run it per *bucket* of consecutive groups (at most BUCKET_ROWS rows, or one group)
+with a mask: short groups share one call; long groups stay alone, where a shared call would mostly
+compute masked-out scores.
 """
 from __future__ import annotations
 
@@ -243,16 +244,31 @@ class _Groups:
         self.fill(z, q, k, v)
         return z.transpose(1, 2)  # (n, nh, R, hs)
 
+    @cached_property
+    def prefix32(self):
+        return [t.float() for t in self.prefix]
+
+    def _kernel(self, z, q, k, v, last_only: bool = False) -> bool:
+        """The compiled kernel (float32): bfloat16 on the CPU is widened for it and z narrowed back,
+        which costs far less than the padded torch-op buckets."""
+        if q.dtype != torch.bfloat16 or q.device.type != "cpu" or not ragged.enabled:
+            return ragged.attend(q, k, v, self.prefix, self.layout.table, z, last_only)
+        z32 = torch.empty(z.shape, dtype=torch.float32)
+        if not ragged.attend(q.float(), k.float(), v.float(), self.prefix32, self.layout.table, z32, last_only):
+            return False
+        z.copy_(z32)
+        return True
+
     def fill(self, z, q, k, v):
         """z (n, R, nh, hs) <- attention of every row; q, k, v (n, nh, R, hs)."""
-        if ragged.attend(q, k, v, self.prefix, self.layout.table, z):  # only the visible keys, in one call
+        if self._kernel(z, q, k, v):  # only the visible keys, in one call
             return
         for (P, start, S, _), mask in zip(self.layout.buckets, self.layout.mask_rows):
             z[:, start:start + S] = _attend(q[:, :, start:start + S], *self.keys(k, v, P, start, S), mask)
 
     def fill_last(self, z, q, k, v):
         """z (n, G, nh, hs) <- attention of each group's last row only: q (n, nh, G, hs), k, v (n, nh, R, hs)."""
-        if ragged.attend(q, k, v, self.prefix, self.layout.table, z, last_only=True):
+        if self._kernel(z, q, k, v, last_only=True):
             return
         for (P, start, S, members), mask in zip(self.layout.buckets, self.layout.mask_last):
             g = slice(members[0], members[-1] + 1)

@@ -13,8 +13,10 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import assert_close, tol
+from mingpt import linear
 from mingpt.model import GPT, GPTConfig, Patch
 from patching.core import engines
 from patching.core.metrics import METRICS, metric_values, needs_lse, readout
@@ -360,11 +362,44 @@ def test_api_fast_equals_loop_on_small(small_ckpt):
     assert fast.clean.value == loop.clean.value and fast.corrupt.value == loop.corrupt.value  # the same recording code
 
 
-def test_api_refuses_bf16_on_cpu(tiny_ckpt):
-    with pytest.raises(PatchingError, match="float32"):
-        load(ModelSpec(model=str(tiny_ckpt), device="cpu", dtype="bfloat16"))
-    with pytest.raises(PatchingError):
+def test_api_takes_bf16_on_cpu_only_with_native_bf16(tiny_ckpt, monkeypatch):
+    import patching.core.context as context
+    with pytest.raises(PatchingError, match="float16 is for GPUs"):
         load(ModelSpec(model=str(tiny_ckpt), device="cpu", dtype="float16"))
+    monkeypatch.setattr(context, "cpu_bf16", lambda: None)
+    with pytest.raises(PatchingError, match="AMX or AVX512-BF16"):
+        load(ModelSpec(model=str(tiny_ckpt), device="cpu", dtype="bfloat16"))
+    monkeypatch.setattr(context, "cpu_bf16", lambda: "AMX")
+    ctx = load(ModelSpec(model=str(tiny_ckpt), device="cpu", dtype="bfloat16"))
+    assert ctx.model.transformer.wte.weight.dtype == torch.bfloat16
+
+
+NATIVE_BF16 = linear.cpu_bf16()
+
+
+@pytest.mark.skipif(NATIVE_BF16 is None, reason="this CPU has no native bfloat16 matmul (AMX or AVX512-BF16)")
+def test_bf16_on_cpu_onednn_equals_f_linear_and_fast_matches_the_float32_loop():
+    # the oneDNN path (fused GELU, packed weights) computes what F.linear does in bfloat16
+    g = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((37, 64), (96, 64), (96,)))
+    with torch.no_grad():
+        assert linear.onednn(x, w)
+        ref = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
+        got = linear.dense(x, w, b, "gelu_new").float()
+    assert (got - ref).abs().max() <= 2 ** -6 * ref.abs().max()  # bfloat16 keeps 8 bits
+    cpu = random_model("4L4H32i")
+    V, T = cpu.config.vocab_size, 11
+    clean_ids, corrupt_ids = prompt_pair(V, T, [0, 4, T - 1], seed=78)
+    t, f = target_foil(V, 78)
+    loop = engines.loop_sweep(cpu, corrupt_ids, engines.record(cpu, clean_ids), t, f, False)
+    half = GPT(cpu.config)
+    half.load_state_dict(cpu.state_dict())
+    half = half.to(torch.bfloat16).eval()
+    with half.packed():
+        fast = engines.fast_sweep(half, engines.record(half, corrupt_ids), engines.record(half, clean_ids), t, f, False,
+                                  max_rows=50)
+    assert fast.dtype == torch.float32
+    assert (fast[..., :2] - loop[..., :2]).abs().max() <= 0.1 * loop[..., :2].abs().max()
 
 
 # ----------------------------------------------------------------------------- dtype and device

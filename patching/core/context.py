@@ -14,7 +14,7 @@ import torch
 
 from mingpt.bpe import BPETokenizer
 from mingpt.errors import quote
-from mingpt.linear import free_memory
+from mingpt.linear import cpu_bf16, free_memory
 from mingpt.model import GPT
 from patching.core.errors import PatchingError
 from patching.core.options import Options, option
@@ -30,7 +30,8 @@ class ModelSpec(Options):
     model: str = option("gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, demo-names, demo-induction, demo-ioi, "
                         "a Hub id or a local folder [gpt2]")
     device: str = option("auto", help="[auto]", choices=DEVICES)
-    dtype: str = option("float32", help="half precision is for GPUs [float32]", choices=tuple(DTYPES))
+    dtype: str = option("float32", help="bfloat16: GPUs and CPUs with AMX or AVX512-BF16; float16: GPUs [float32]",
+                        choices=tuple(DTYPES))
 
     def validate(self):
         if not isinstance(self.model, str) or not self.model.strip():
@@ -77,8 +78,12 @@ def load(spec: ModelSpec | str) -> Context:
         raise PatchingError(f"load() takes a model name or a ModelSpec, got {type(spec).__name__}.")
     spec.verify()
     device = resolve_device(spec.device)
-    if spec.dtype != "float32" and device.type == "cpu":
-        raise PatchingError(f"--dtype {spec.dtype} is for GPUs; on the CPU use float32.")
+    if spec.dtype == "float16" and device.type == "cpu":
+        raise PatchingError("--dtype float16 is for GPUs; on the CPU use float32 (or bfloat16 where the CPU has AMX "
+                            "or AVX512-BF16).")
+    if spec.dtype == "bfloat16" and device.type == "cpu" and cpu_bf16() is None:
+        raise PatchingError("--dtype bfloat16 on the CPU needs native bfloat16 matrix products (AMX or AVX512-BF16), "
+                            "which this CPU lacks (it would run slower than float32): use float32.")
     model = GPT.from_pretrained(spec.model)
     tok = BPETokenizer(spec.model)
     return Context(model.to(device=device, dtype=DTYPES[spec.dtype]), tok, spec)
