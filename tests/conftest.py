@@ -12,6 +12,7 @@ of float32 rounding (eps32 = 2**-23) of the *scale* of the values compared, neve
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -184,3 +185,26 @@ def small_ckpt(tmp_path_factory) -> Path:
     """GPT-2 small's exact shapes (12 layers, 12 heads, 768 wide, 1024 positions)."""
     return make_checkpoint(tmp_path_factory.mktemp("small"), n_layer=12, n_head=12, n_embd=768,
                            n_positions=1024, seed=1)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextlib.contextmanager
+def browser_page(path: Path):
+    """A self-contained page opened in Debian's Chromium (through playwright) and loaded: yields
+    (page, problems, requests): console errors and page errors seen, every URL it asked for."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page()
+            problems, requests = [], []
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(path.as_uri())
+            page.wait_for_load_state("load")
+            yield page, problems, requests
+        finally:
+            browser.close()

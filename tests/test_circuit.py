@@ -15,16 +15,14 @@ import contextlib
 import io
 import json
 import re
-import shutil
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from conftest import assert_close, make_checkpoint
+from conftest import CHROMIUM, assert_close, browser_page, make_checkpoint
 from patching.analyses.circuit.faithful import circuit_metric
 from patching.analyses.circuit.graph import Graph
 from patching.api import USER_ERRORS, ModelSpec, Pair, load, run
@@ -188,8 +186,6 @@ def test_a_circuit_study_averages_the_scores_of_its_pairs(tiny, tmp_path):
     assert_close(got, want, scale=float(np.nanmax(np.abs(want))), what="study mean")
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
 
 def test_report_page_is_self_contained_escaped_and_renders(tiny, tmp_path):
     hyp = tmp_path / "h.yaml"
@@ -207,22 +203,10 @@ def test_report_page_is_self_contained_escaped_and_renders(tiny, tmp_path):
     assert top in page and f"{doc['cpr']:.4g}" in page and f"{doc['hypothesis']['faithfulness']:.4g}" in page
     if CHROMIUM is None:
         pytest.skip("no chromium on this machine (apt-get install chromium): the page was checked as text only")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM)
-        try:
-            p = browser.new_page()
-            problems, requests = [], []
-            p.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            p.on("pageerror", lambda e: problems.append(str(e)))
-            p.on("request", lambda q: requests.append(q.url))
-            p.goto((tmp_path / "o" / "report.html").as_uri())
-            p.wait_for_load_state("load")
-            images = p.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-            assert len(images) == 2 and all(done and w > 0 for done, w in images), images  # curve and scatter
-            assert p.locator("svg line").count() >= 1  # the circuit, inline
-            removal = p.locator("table.sortable").nth(1).locator("tbody tr")
-            assert removal.count() == doc["hypothesis"]["n_edges"]
-            assert problems == [] and all(u.startswith(("file:", "data:")) for u in requests), (problems, requests)
-        finally:
-            browser.close()
+    with browser_page(tmp_path / "o" / "report.html") as (p, problems, requests):
+        images = p.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        assert len(images) == 2 and all(done and w > 0 for done, w in images), images  # curve and scatter
+        assert p.locator("svg line").count() >= 1  # the circuit, inline
+        removal = p.locator("table.sortable").nth(1).locator("tbody tr")
+        assert removal.count() == doc["hypothesis"]["n_edges"]
+        assert problems == [] and all(u.startswith(("file:", "data:")) for u in requests), (problems, requests)

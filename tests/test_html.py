@@ -8,13 +8,13 @@ leaves the page, that pair links resolve and the tables sort; it saves screensho
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from conftest import CHROMIUM, browser_page
 from patching.analyses.patch.report import experiment_page
 from patching.api import ModelSpec, Pair, load, run
 from patching.cli import main
@@ -25,7 +25,6 @@ MICHELLE = {"clean": "Michelle Jones was a top-notch student. Michelle",
             "corrupt": "Michelle Smith was a top-notch student. Michelle", "target": "Jones", "foil": "Smith"}
 JESSICA = {"clean": "Jessica Smith was a top-notch student. Jessica",
            "corrupt": "Jessica Jones was a top-notch student. Jessica", "target": "Smith", "foil": "Jones"}
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def external_references(page: str) -> list[str]:
@@ -82,34 +81,21 @@ def test_study_pages_link_every_pair_and_fetch_nothing(study):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
 def test_pages_render_in_chromium(study, dla_study, tmp_path):
-    from playwright.sync_api import sync_playwright
     pages = [study / "index.html", *sorted(study.glob("pairs/*/report.html")), dla_study / "index.html"]
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM)
-        try:
-            for i, path in enumerate(pages):
-                page = browser.new_page()
-                problems, requests = [], []
-                page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-                page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-                page.on("request", lambda r: requests.append(r.url))
-                page.goto(path.as_uri())
-                page.wait_for_load_state("load")
-                images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
-                assert images, f"{path} has no figure"
-                assert all(done and width > 0 for done, width, _ in images), (path, images)
-                assert problems == [], (path, problems)
-                assert all(u.startswith(("file:", "data:")) for u in requests), requests
-                page.screenshot(path=str(tmp_path / f"page-{i}.png"), full_page=True)
-                assert (tmp_path / f"page-{i}.png").stat().st_size > 10_000
-                if path.name == "index.html":  # the inline script sorts: click the pairs table's # column twice
-                    table = page.locator("table.sortable").nth(1)
-                    first = lambda: table.locator("tbody tr td").first.inner_text()  # noqa: E731
-                    assert first() == "1"
-                    table.locator("th").first.click()
-                    table.locator("th").first.click()
-                    assert first() == "3"
-                    assert problems == [], problems
-                page.close()
-        finally:
-            browser.close()
+    for i, path in enumerate(pages):
+        with browser_page(path) as (page, problems, requests):
+            images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+            assert images, f"{path} has no figure"
+            assert all(done and width > 0 for done, width, _ in images), (path, images)
+            assert problems == [], (path, problems)
+            assert all(u.startswith(("file:", "data:")) for u in requests), requests
+            page.screenshot(path=str(tmp_path / f"page-{i}.png"), full_page=True)
+            assert (tmp_path / f"page-{i}.png").stat().st_size > 10_000
+            if path.name == "index.html":  # the inline script sorts: click the pairs table's # column twice
+                table = page.locator("table.sortable").nth(1)
+                first = lambda: table.locator("tbody tr td").first.inner_text()  # noqa: E731
+                assert first() == "1"
+                table.locator("th").first.click()
+                table.locator("th").first.click()
+                assert first() == "3"
+                assert problems == [], problems
