@@ -11,6 +11,12 @@ computed in one place.
   Columns where the clean and corrupt residuals are identical at every layer (positions before the
   first differing token) are no-ops: their value is the corrupt run's, with no forward at all.
 
+A neuron site (`mlp_post`, one MLP neuron of one block at one position per cell) runs on the same
+fast engine through the residual stream: neuron n of block l reaches it only through column n of
+that block's `mlp.c_proj`, so patching it at position p changes block l's output at p by
+(source - base) * that column and nothing else in block l. Each cell is then a `resid_post` patch of
+block l at p with value base + delta * column, built chunk by chunk (never for every cell at once).
+
 Only the record/patch seam of mingpt.model is used here: forward(record=..., patch=...) and
 forward_patched(...).
 """
@@ -24,7 +30,7 @@ import torch
 
 from mingpt.model import GPT
 from mingpt.resume import forward_cells
-from mingpt.sites import SITES, Patch, Recording
+from mingpt.sites import ALL_SITES, NEURON_SITES, SITES, Patch, Recording
 from patching.core.context import available_memory
 from patching.core.errors import PatchingError
 from patching.core.metrics import readout
@@ -47,15 +53,30 @@ def record(model: GPT, ids: torch.Tensor, sites=()) -> Recording:
     return rec
 
 
+def unit_axis(site: str) -> str | None:
+    """The axis between layer and position: head for head sites, neuron for neuron sites, else None."""
+    return "neuron" if site in NEURON_SITES else None if ALL_SITES[site] == "btc" else "head"
+
+
 def axes_of(site: str, all_positions: bool) -> list[str]:
-    """The axes of a sweep's matrix: layer, then head for head sites, then position (unless a head is
-    patched at every position at once)."""
-    return ["layer"] + (["head"] if SITES[site] != "btc" else []) + ([] if all_positions else ["position"])
+    """The axes of a sweep's matrix: layer, then head (head sites) or neuron (neuron sites), then
+    position (unless a head or neuron is patched at every position at once)."""
+    unit = unit_axis(site)
+    return ["layer"] + ([unit] if unit else []) + ([] if all_positions else ["position"])
+
+
+def n_units(config, site: str) -> int:
+    """Slabs per layer: heads of a head site, neurons of a neuron site, 1 for a residual site."""
+    return {"head": config.n_head, "neuron": config.n_inner, None: 1}[unit_axis(site)]
 
 
 def cells(site: str, source: torch.Tensor, all_positions: bool) -> tuple[list[tuple[int, int | None]], tuple]:
-    """The slabs (layer, head) of a sweep over `site` and the shape of its readouts (without the 3).
-    source: (L, T, C) for residual sites, (L, H, T, ...) for head sites."""
+    """The slabs (layer, head or neuron) of a sweep over `site` and the shape of its readouts (without
+    the 3). source: (L, T, C) for residual sites, (L, H, T, ...) for head sites, (L, T, N) for neuron
+    sites (whose slabs are still laid out layer-major, neuron within layer)."""
+    if site in NEURON_SITES:
+        L, T, N = source.shape
+        return [(l, n) for l in range(L) for n in range(N)], ((L, N) if all_positions else (L, N, T))
     if SITES[site] == "btc":
         L, T = source.shape[:2]
         return [(l, None) for l in range(L)], ((L,) if all_positions else (L, T))
@@ -70,7 +91,8 @@ def sweep(model: GPT, base_ids: torch.Tensor, base: Recording, source: torch.Ten
 
     base: record(model, base_ids) of the run being patched (B = 1); source: the value of every
     cell, batch axis dropped — another run's recording `rec[site][:, 0]` (patching), or zeros or
-    means (ablation). Axes: layer, (head,) position; the position axis is gone with all_positions.
+    means (ablation). Axes: layer, (head or neuron,) position; the position axis is gone with
+    all_positions.
     """
     slabs, shape = cells(site, source, all_positions)
     if engine == "loop":
@@ -89,7 +111,8 @@ def _loop(model, ids, site, slabs, source, target_id, foil_id, lse, every, progr
     for i, (l, h) in enumerate(slabs):
         for j, p in enumerate(positions):
             value = src[i] if p is None else src[i, p]
-            logits, _ = model(ids, patch=Patch(l, p, value, site=site, head=h), last_only=True)
+            unit = dict(neuron=h) if site in NEURON_SITES else dict(head=h)
+            logits, _ = model(ids, patch=Patch(l, p, value, site=site, **unit), last_only=True)
             out[i, j] = readout(logits[0, -1], target_id, foil_id, lse).cpu()
             if progress:
                 progress(i * len(positions) + j + 1, len(slabs) * len(positions))
@@ -97,24 +120,28 @@ def _loop(model, ids, site, slabs, source, target_id, foil_id, lse, every, progr
 
 
 def _per_slab(values: torch.Tensor, site: str) -> torch.Tensor:
-    """(L, T, ...) or (L, H, T, ...) -> (n_slabs, T, ...), slabs in cells()' order."""
+    """(L, T, ...) or (L, H, T, ...) -> (n_slabs, T, ...), slabs in cells()' order; a neuron site's
+    (L, T, N) -> (L * N, T), one number per cell."""
+    if site in NEURON_SITES:
+        return values.transpose(1, 2).flatten(0, 1)
     return values if SITES[site] == "btc" else values.flatten(0, 1)
 
 
 def noop_cells(base: Recording, source: torch.Tensor, site: str, every: bool) -> torch.Tensor:
     """(n_slabs, T) — or (n_slabs, 1) with every — True where the patch puts back the base run's own
     value: exactly a no-op, so its readout is the base run's with no forward at all."""
-    noop = (_per_slab(source, site) == _per_slab(base[site][:, 0], site)).flatten(2).all(-1)  # (n_slabs, T)
+    same = _per_slab(source, site) == _per_slab(base[site][:, 0], site)
+    noop = same if site in NEURON_SITES else same.flatten(2).all(-1)  # (n_slabs, T)
     return noop.all(1, keepdim=True) if every else noop
 
 
 def _chunks(noop: torch.Tensor, T: int, every: bool, max_rows: int, lse: bool) -> list[tuple[list[int], list[int]]]:
     """(slab indices, positions) chunks covering every live cell in at most max_rows suffix rows."""
-    live = [i for i in range(noop.shape[0]) if not bool(noop[i].all())]
+    live = (~noop.all(1)).nonzero().squeeze(1).tolist()  # a neuron site has n_inner slabs per layer
     if every:
         step = max(1, max_rows // T)
         return [(live[a:a + step], [0]) for a in range(0, len(live), step)]
-    positions = [p for p in range(T) if live and not bool(noop[live, p].all())]
+    positions = (~noop[live].all(0)).nonzero().squeeze(1).tolist() if live else []
     return [([live[i] for i in rows], pos) for rows, pos in
             plan_chunks(len(live), T, positions, max_rows, max_patches=512 if lse else None)]
 
@@ -148,8 +175,7 @@ def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop:
     """The sweep's plan; noop from noop_cells (None before recording: every cell counted live).
     Memory: two recordings, plus the largest chunk's activations (MLP width, attention rows,
     the full pattern of its first block for `pattern`, full-vocabulary logits when lse)."""
-    L, H = config.n_layer, config.n_head
-    n_slabs = L * H if SITES[site] != "btc" else L
+    n_slabs = config.n_layer * n_units(config, site)
     if noop is None:
         noop = torch.zeros(n_slabs, 1 if every else T, dtype=torch.bool)
     chunks = _chunks(noop, T, every, max_rows, lse)
@@ -159,16 +185,18 @@ def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop:
 
 
 def recording_bytes(config, T: int, site: str) -> int:
-    """Estimated bytes of the two recordings (see plan): block inputs and outputs, keys, values, the site."""
+    """Estimated bytes of the two recordings (see plan): block inputs and outputs, keys, values, the site;
+    for a neuron site also the fast engine's per-cell differences and no-op map, the site's size again."""
     L, H, C = config.n_layer, config.n_head, config.n_embd
     f = 4  # bytes of float32; half precision halves this, which the estimate leaves as a margin
-    site_size = {"btc": T * C, "bhtd": T * C, "bhts": H * T * T}[SITES[site]]
+    site_size = {"btc": T * C, "bhtd": T * C, "bhts": H * T * T, "btn": 2 * T * config.n_inner}[ALL_SITES[site]]
     return 2 * L * (4 * T * C + site_size + C) * f
 
 
 def chunk_bytes(config, T: int, site: str, every: bool, lse: bool, chunks) -> int:
     """Estimated bytes of the largest chunk's activations (see plan)."""
     C, f = config.n_embd, 4  # bytes of float32, as in plan
+    # a neuron site's chunk also holds its patched block outputs, one C-wide row per cell (counted in 8 C)
     width = config.n_inner + 8 * C + (config.n_head * T if site == "pattern" else 0)
     return max(((len(rows) * (T if every else sum(T - p for p in pos)) * width
                  + len(rows) * len(pos) * (config.vocab_size if lse else 2)) * f for rows, pos in chunks), default=0)
@@ -178,8 +206,13 @@ def chunk_bytes(config, T: int, site: str, every: bool, lse: bool, chunks) -> in
 def _fast(model, base, site, slabs, source, target_id, foil_id, lse, every, max_rows, progress) -> torch.Tensor:
     """The same readouts from mingpt.resume, in chunks of at most max_rows suffix rows; no-op cells
     keep the base readout."""
-    T, src = base.resid.shape[2], _per_slab(source, site)
+    T = base.resid.shape[2]
     noop = noop_cells(base, source, site, every)
+    if site in NEURON_SITES:  # each cell as a patch of its block's output (module docstring)
+        values_of, run_site = _neuron_values(model, base, source, site, slabs), "resid_post"
+    else:
+        src, run_site = _per_slab(source, site), site
+        values_of = lambda rows, pos: src[rows] if pos is None else src[rows][:, pos]  # noqa: E731
     out = readout(base.last_logits[0], target_id, foil_id, lse).cpu().repeat(len(slabs), noop.shape[1], 1)
     ids = None if lse else torch.tensor([target_id, foil_id])
     chunks = _chunks(noop, T, every, max_rows, lse)
@@ -189,14 +222,44 @@ def _fast(model, base, site, slabs, source, target_id, foil_id, lse, every, max_
     several = len(chunks) > 1
     with model.packed(reserve=chunk_bytes(model.config, T, site, every, lse, chunks)) if several else contextlib.nullcontext():
         for rows, pos in chunks:
-            values = src[rows] if every else src[rows][:, pos]  # (n, T or nP, ...)
-            got = forward_cells(model, base, site, [slabs[i] for i in rows], None if every else pos, values, ids)
+            values = values_of(rows, None if every else pos)  # (n, T or nP, ...)
+            cells_ = [(slabs[i][0], None) for i in rows] if run_site != site else [slabs[i] for i in rows]
+            got = forward_cells(model, base, run_site, cells_, None if every else pos, values, ids)
             r = readout(got, 0, 1, False) if ids is not None else readout(got, target_id, foil_id, True)
             out[torch.tensor(rows)[:, None], torch.tensor(pos)[None, :]] = r.cpu()
             done += len(rows) * len(pos)
             if progress:
                 progress(done, total)
     return out
+
+
+def _neuron_values(model, base, source, site, slabs):
+    """For a neuron site: values_of(rows, positions) -> (n, nP or T, C), the block outputs that the
+    cells `rows` (slab indices) make at those positions (None: every position). Neuron n of block l
+    reaches the residual stream only through column n of that block's mlp.c_proj (weight (C, n_inner)),
+    so replacing it changes block l's output by (source - base) * that column there, and nothing else
+    of block l. Built per chunk: all cells at once would be L * n_inner * T * C floats."""
+    wide = torch.promote_types(source.dtype, torch.float32)  # a half-precision run's differences, unrounded
+    delta = (source.to(wide) - base[site][:, 0].to(wide)).transpose(1, 2)  # (L, N, T): each cell's change
+    resid = base.resid[:, 0]  # (L, T, C): the base run's block outputs
+    blocks = model.transformer.h
+
+    def values_of(rows: list[int], pos: list[int] | None) -> torch.Tensor:
+        cells_ = torch.tensor([slabs[i] for i in rows])  # (n, 2): layer, neuron
+        at = slice(None) if pos is None else torch.tensor(pos, device=resid.device)
+        out = resid[cells_[:, 0].to(resid.device)][:, at].clone()  # (n, nP or T, C)
+        for l in cells_[:, 0].unique().tolist():  # a chunk holds a few layers at most: one weight each
+            mine = (cells_[:, 0] == l).nonzero().squeeze(1)
+            neurons = cells_[mine, 1].to(resid.device)
+            column = blocks[l].mlp.c_proj.weight[:, neurons].T  # (n_l, C)
+            d = delta[l][neurons][:, at]  # (n_l, nP or T)
+            # in float32 at least: a half-precision base gets the sum rounded once, as its own sums are
+            change = d[..., None] * column.to(wide)[:, None, :]  # (n_l, nP or T, C)
+            mine = mine.to(resid.device)
+            out[mine] = (out[mine].to(wide) + change).to(out.dtype)
+        return out
+
+    return values_of
 
 
 def loop_sweep(model: GPT, corrupt_ids: torch.Tensor, clean: Recording, target_id: int, foil_id: int,

@@ -1,7 +1,7 @@
 """Activation patching: every cell of a site of one run replaced by the other run's value, measured.
 
 Method: run the clean prompt and the corrupt prompt (same token count) once each, recording what the
-sweep needs; then, for every cell of the site (layer, [head,] position), run the base prompt (the
+sweep needs; then, for every cell of the site (layer, [head or neuron,] position), run the base prompt (the
 corrupt one when denoising, the clean one when noising) with that one activation replaced by the
 source run's, and measure the metric at the last position (default logit(foil) - logit(target)).
 Where the source run's information matters, the patch moves the metric towards the source run's
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from mingpt.sites import HEAD_SITES, SITES
+from mingpt.sites import ALL_SITES, HEAD_SITES, NEURON_SITES
 from patching.analyses.base import PAIR, Analysis, Events, Grid, Shape
 from patching.analyses.patch import attribution, report
 from patching.analyses.patch.attribution import METHODS
@@ -48,10 +48,12 @@ class PatchOptions(Options):
                            speed=True)
     site: str = option("resid_post", help="the activation patched, named as in TransformerLens: "
                        "resid_pre/resid_mid/resid_post, attn_out, mlp_out by (layer, position); q, k, v, z, "
-                       "pattern by (layer, head, position) [resid_post]", choices=tuple(SITES))
+                       "pattern by (layer, head, position); mlp_post (the MLP's neurons after the GELU) by "
+                       "(layer, neuron, position) [resid_post]", choices=tuple(ALL_SITES))
     direction: str = option("denoise", help="denoise: clean values into the corrupt run (sufficient?); noise: "
                             "corrupt values into the clean run (necessary?) [denoise]", choices=tuple(DIRECTIONS))
-    all_positions: bool = option(False, help="head sites: patch each head at every position at once (axes layer, head)")
+    all_positions: bool = option(False, help="head and neuron sites: patch each head (neuron) at every position at "
+                                 "once (axes layer, head or layer, neuron)")
     prepend_bos: bool = option(False, help="put <|endoftext|> before both prompts as position 0 "
                                "(TransformerLens's default) [off]")
     method: str = option("exact", help="exact: patch every cell; attribution: estimate every cell from one "
@@ -65,9 +67,10 @@ class PatchOptions(Options):
     def validate(self):
         if self.top_k > MAX_TOP_K:  # every table is written into results.json and report.html
             raise PatchingError(f"top_k is at most {MAX_TOP_K} (the rows of the next-token tables), got {self.top_k}.")
-        if self.all_positions and self.site not in HEAD_SITES:
-            raise PatchingError(f"all_positions patches a head at every position: it needs a head site "
-                                f"({', '.join(HEAD_SITES)}), not {self.site}.")
+        if self.all_positions and self.site not in HEAD_SITES and self.site not in NEURON_SITES:
+            raise PatchingError(f"all_positions patches a head or a neuron at every position: it needs a head site "
+                                f"({', '.join(HEAD_SITES)}) or a neuron site ({', '.join(NEURON_SITES)}), not "
+                                f"{self.site}.")
         if self.check and self.method != "attribution":
             raise PatchingError("check compares attribution patching with the exact sweep: add --method attribution "
                                 "(the exact method needs no check).")
@@ -98,7 +101,7 @@ class RunSummary:
 class PatchResult:
     """Everything one run produced. `matrix` is numpy with axes `axes`: (layer, position) for residual
     sites (row l of resid_post = block l's output), (layer, head, position) for head sites, (layer,
-    head) with all_positions; `metrics` holds every metric computed (all of them with every_metric)."""
+    neuron, position) for neuron sites, (layer, head) or (layer, neuron) with all_positions; `metrics` holds every metric computed (all of them with every_metric)."""
 
     prepared: Prepared
     options: PatchOptions
@@ -254,13 +257,13 @@ class Patching(Analysis):
                 "corrupt_value": result.corrupt.value, "sweep_seconds": result.timing["sweep_seconds"],
                 "strongest": [report.cell_fields(result, entry) for entry in report.strongest(result)]}
 
-    columns = ("clean", "corrupt", "strongest patch (layer, [head,] [position token]: value)")
+    columns = ("clean", "corrupt", "strongest patch (layer, [head or neuron,] [position token]: value)")
 
     def cells(self, result: PatchResult) -> list[str]:
         num = lambda v: "" if v is None or v != v else f"{v:.3f}"  # noqa: E731  (NaN != NaN)
         best = report.strongest(result)
         s = report.cell_fields(result, best[0]) if best else None
-        cell = (", ".join(str(s[k]) for k in ("layer", "head", "position") if k in s)
+        cell = (", ".join(str(s[k]) for k in ("layer", "head", "neuron", "position") if k in s)
                 + (f" {s['token'].strip() or repr(s['token'])}" if "token" in s else "") + f": {num(s['value'])}"
                 if s else "no patch moved it")
         return [num(result.clean.value), num(result.corrupt.value), cell]
@@ -276,6 +279,11 @@ class Patching(Analysis):
                     {"clean_value": result.clean.value, "corrupt_value": result.corrupt.value})
 
     def for_study(self, options: PatchOptions) -> PatchOptions:
+        if options.site in NEURON_SITES:  # the aggregate's heatmap and tables draw every grid row: n_layer x n_inner
+            raise PatchingError(f"a study cannot aggregate {options.site}: its grid has a row per neuron of every "
+                                f"layer, more than the aggregate heatmap and tables can show; run the pairs as a "
+                                f"plain batch (experiments: and defaults: {{site: {options.site}}}) or study "
+                                f"another site.")
         if options.check:  # check compares one pair's estimate with its sweep; a study aggregates one of them
             raise PatchingError("check applies to single experiments and batches; a study runs either method "
                                 "(exact or attribution) on every pair: drop check.")

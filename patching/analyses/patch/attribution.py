@@ -4,7 +4,8 @@ Method (Nanda, "Attribution patching", 2022; AtP, Kramár et al. 2024, arXiv 240
 m of the base run, as a function of one activation a, is linearised at the base value,
     m(a_source) - m(a_base) ~= (a_source - a_base) . dm/da (a_base),
 summed over the site's vector (C for residual sites, the head's hs for q/k/v/z, the source row T for
-`pattern`; and over positions too with all_positions). One backward gives dm/da at every layer,
+`pattern`; a neuron site's cell is one number, so nothing to sum; and over positions too with
+all_positions). One backward gives dm/da at every layer,
 head and position at once: the forward adds a zero leaf tensor to every block's site (mingpt.sites.Tap:
 an exact no-op through the seam; the leaf's gradient is dm/da), and the metric is computed from the logits
 with torch ops, so every metric (recovery and prob-diff included) has its gradient.
@@ -26,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from mingpt.sites import Tap
+from mingpt.sites import NEURON_SITES, Tap
 from patching.core import engines
 from patching.core.metrics import metric_values
 
@@ -47,7 +48,8 @@ def backward_bytes(config, T: int, site: str, qk_fix: bool) -> int:
     L, H, C = config.n_layer, config.n_head, config.n_embd
     through_pattern = site == "pattern" or (qk_fix and site in QK_SITES)
     pattern = H * T * T
-    tap = pattern if through_pattern else T * C  # q/k/v/z hold H*T*hs = T*C per block too
+    # q/k/v/z hold H*T*hs = T*C per block too; a neuron site n_inner per position
+    tap = pattern if through_pattern else T * config.n_inner if site in NEURON_SITES else T * C
     floats = L * (20 * T * C + 2 * pattern * through_pattern + 2 * tap) + config.vocab_size
     if qk_fix and site in QK_SITES:
         floats += 3 * L * pattern
@@ -101,9 +103,12 @@ def estimate(model, base_ids: torch.Tensor, base, source: torch.Tensor, site: st
                          all_positions)
     grad = gradients(model, base_ids, base, site, metric, target_id, foil_id, r_src, r_base)
     delta = source.to(grad) - base[site][:, 0].to(grad)
-    effect = (delta * grad).sum(-1)  # (L, T) or (L, H, T): summed over the site's vector
+    if site in NEURON_SITES:  # one cell per neuron: (L, T, N) -> (L, N, T), engines.cells' axes
+        effect = (delta * grad).transpose(1, 2)
+    else:
+        effect = (delta * grad).sum(-1)  # (L, T) or (L, H, T): summed over the site's vector
     if all_positions:
-        effect = effect.sum(-1)  # (L, H): every position of the head at once
+        effect = effect.sum(-1)  # (L, H) or (L, N): every position of the head (neuron) at once
     return effect.detach().double().cpu()
 
 

@@ -92,7 +92,8 @@ def cell_fields(result, entry: tuple) -> dict:
 
 
 def describe_cell(result, entry: tuple) -> str:
-    """'layer 0, position 1 ( Jones)', 'layer 1, head 0, position 10 ( Michelle)' or 'layer 1, head 0'."""
+    """'layer 0, position 1 ( Jones)', 'layer 1, head 0, position 10 ( Michelle)', 'layer 1, head 0' or
+    'layer 1, neuron 17, position 10 ( Michelle)'."""
     f = cell_fields(result, entry)
     parts = [f"{axis} {f[axis]}" for axis in result.axes]
     if "token" in f:
@@ -101,23 +102,52 @@ def describe_cell(result, entry: tuple) -> str:
 
 
 def row_labels(result) -> list[str]:
-    """The matrix's rows as the CSV and the heatmap label them: layers, or 'L.H' per head by position."""
+    """The matrix's rows as the CSV labels them: layers, or 'L.H' per head ('L.N' per neuron) by position."""
     L = result.n_layers
-    if result.axes == ["layer", "head", "position"]:
+    if len(result.axes) == 3:  # layer, head or neuron, position
         return [f"{l}.{h}" for l in range(L) for h in range(result.matrix.shape[1])]
     return [str(l) for l in range(L)]
 
 
+def row_axis(result) -> str:
+    """The CSV's and the page's row header: layer, or layer.head / layer.neuron by position."""
+    return f"layer.{result.axes[1]}" if len(result.axes) == 3 else "layer"
+
+
 def as_rows(result) -> np.ndarray:
-    """The matrix in two dimensions: (layer or layer.head) x (position or head)."""
+    """The matrix in two dimensions: (layer or layer.head or layer.neuron) x (position or head or neuron)."""
     m = result.matrix
     return m.reshape(-1, m.shape[-1])  # (L*H, T) for heads by position; unchanged otherwise
 
 
 def column_labels(result) -> list[str]:
-    if result.axes[-1] == "head":
-        return [f"head {h}" for h in range(result.matrix.shape[-1])]
+    if result.axes[-1] in ("head", "neuron"):
+        return [f"{result.axes[-1]} {h}" for h in range(result.matrix.shape[-1])]
     return [f"{i}:{t}" for i, t in enumerate(result.prepared.tokens)]
+
+
+STRONGEST_NEURONS = 40  # rows a neuron site's heatmap and page table show (of n_layer x n_inner)
+
+
+def neuron_site(result) -> bool:
+    return "neuron" in result.axes
+
+
+def drawn(result) -> tuple[list[str], np.ndarray, list[str], int]:
+    """What the heatmap and the page's table show: (row labels, rows, column labels, rows in all).
+    Every row, except at a neuron site, whose n_layer x n_inner rows (36,864 for GPT-2 small) no figure
+    or page can hold: there the STRONGEST_NEURONS rows 'L.N' with the largest |effect| (distance from
+    the patched run's own value) at any position, in layer order, by position (one column, 'every
+    position', with all_positions). The full matrix is in results.csv and results.json."""
+    if not neuron_site(result):
+        return row_labels(result), as_rows(result), column_labels(result), as_rows(result).shape[0]
+    m = result.matrix
+    L, N = m.shape[:2]
+    rows = m.reshape(L * N, -1)  # (L*N, T), or (L*N, 1) with all_positions
+    effect = np.nan_to_num(np.abs(rows - base_value(result)), nan=0.0).max(axis=1)  # (L*N,)
+    keep = np.sort(np.argsort(-effect, kind="stable")[:STRONGEST_NEURONS])  # strongest, back in layer order
+    columns = ["every position"] if result.axes[-1] == "neuron" else column_labels(result)
+    return [f"{i // N}.{i % N}" for i in keep], rows[keep], columns, L * N
 
 
 # ----------------------------------------------------------------------------- heatmap
@@ -131,14 +161,17 @@ def heatmap(result, path: Path):
 
 def heatmap_spec(result) -> dict:
     """Everything the heatmap shows, as plain data (numpy and strings) that the painter draws."""
-    m = as_rows(result)
+    labels, m, _, total = drawn(result)
     rows, cols = m.shape
+    neurons = neuron_site(result)
     by_head = result.axes == ["layer", "head", "position"]
     step = max(1, cols // 60)  # keep labels legible on long prompts
     ticks = list(range(0, cols, step))
     if result.axes[-1] == "position":
         xticks = (ticks, [f"{show(result.prepared.tokens[i])} ({i})" for i in ticks], 90)
         xlabel = "position (clean token)"
+    elif neurons:
+        xticks, xlabel = (ticks, ["every position"], 0), "neuron (patched at every position)"
     else:
         xticks, xlabel = (ticks, [str(h) for h in ticks], 0), "head (patched at every position)"
     rstep = max(1, rows // 80)
@@ -149,16 +182,33 @@ def heatmap_spec(result) -> dict:
             "recovery": f"recovery of logit({p.foil.strip()}) − logit({p.target.strip()})"}[o.metric]
     src, dst = ("clean", "corrupt") if o.direction == "denoise" else ("corrupt", "clean")
     est = "attribution estimate of " if o.method == "attribution" else ""
+    # a neuron site shows its strongest rows only (the title says which; a rule marks each new layer), and
+    # their change from the patched run's own value: one neuron moves the metric by a sliver of it, which
+    # a colour scale of the values themselves would not show
+    picked, colorbar = "", o.metric
+    if neurons:
+        m = m - base_value(result)
+        anywhere = " at any position" if result.axes[-1] == "position" else ""
+        picked = f"\nchange from the {dst} run's value: the {rows} of {total} neurons that move it most{anywhere}"
+        colorbar = f"{o.metric} − {base_value(result):.3g} (the {dst} run's)"
+    layer_of = [int(label.split(".")[0]) for label in labels]
+    if by_head:
+        rules = [l * result.matrix.shape[1] - 0.5 for l in range(1, result.n_layers)]
+    elif neurons:
+        rules = [i - 0.5 for i in range(1, rows) if layer_of[i] != layer_of[i - 1]]
+    else:
+        rules = []
     return dict(
         matrix=m, lim=float(np.nanmax(np.abs(m))) or 1.0,
-        figsize=(min(3.0 + 0.55 * cols, 40), min(max(3.8, 2.2 + (0.28 if by_head else 0.4) * rows), 60)),
-        xticks=xticks, xlabel=xlabel, yticks=(list(range(0, rows, rstep)), row_labels(result)[::rstep]),
-        rules=[l * result.matrix.shape[1] - 0.5 for l in range(1, result.n_layers)] if by_head else [],
+        figsize=(min(max(3.0 + 0.55 * cols, 8.0 if neurons else 0), 40),
+                 min(max(3.8, 2.2 + (0.28 if by_head or neurons else 0.4) * rows), 60)),
+        xticks=xticks, xlabel=xlabel, yticks=(list(range(0, rows, rstep)), labels[::rstep]),
+        rules=rules,
         ylabel={"resid_post": "layer (output of block)", "resid_pre": "layer (input of block)"}.get(
-            o.site, "layer.head" if by_head else "layer"),
+            o.site, "layer.head" if by_head else "layer.neuron" if neurons else "layer"),
         title=f"{est}{what} after patching {o.site} {src} into {dst} ({o.direction})\n"
-              f"{result.model}: clean {result.clean.value:.3g}, corrupt {result.corrupt.value:.3g}",
-        colorbar=o.metric)
+              f"{result.model}: clean {result.clean.value:.3g}, corrupt {result.corrupt.value:.3g}{picked}",
+        colorbar=colorbar)
 
 
 # ----------------------------------------------------------------------------- files
@@ -179,7 +229,7 @@ def default_folder(prep: Prepared, options, model: str) -> str:
 def results_csv(result) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer.head" if len(result.axes) == 3 else "layer"] + column_labels(result))
+    w.writerow([row_axis(result)] + column_labels(result))
     for label, row in zip(row_labels(result), as_rows(result)):
         w.writerow([label] + [repr(float(v)) for v in row])
     return buf.getvalue()
@@ -218,22 +268,28 @@ def experiment_page(result, heatmap_png: bytes | None = None, doc: dict | None =
     """report.html of one run: settings, tokens, top-k tables, the sweep (figure and values),
     strongest patches, timing and versions. `doc`: result.to_json() if the caller has it already."""
     r = doc or result.to_json()
-    m, base = as_rows(result), base_value(result)
+    labels, m, columns, total = drawn(result)
+    base = base_value(result)
     lim = float(np.nanmax(np.abs(m - base))) if m.size else 0.0
     # colour = distance from the patched run's own value (towards the other run: blue)
     other = (result.clean if result.options.direction == "denoise" else result.corrupt).value
     sign = 1.0 if other < base else -1.0
     cells = [(label, [(fmt(v), colour(sign * (v - base), lim)) for v in row])
-             for label, row in zip(row_labels(result), m.tolist())]
+             for label, row in zip(labels, m.tolist())]
     settings = [("model", r["model"]), ("metric", f"{r['metric']} = {r['metric_definition']}"),
                 ("site", r.get("site")), ("direction", f"{r.get('direction')}: {r.get('direction_definition')}"),
                 ("axes", " × ".join(r.get("axes", []))), ("engine", r["engine"]), ("device", r["device"]),
                 ("dtype", r["dtype"]), ("top_k", result.options.top_k)]
     strong = [(describe_cell(result, e), fmt(e[-1])) for e in strongest(result)]
+    how = HOW_TO_READ_SWEEP
+    if len(labels) < total:  # a neuron site: the page holds its strongest rows, the files hold them all
+        how += (f" This site has {total} neurons (layer.neuron rows); the figure and the table show the "
+                f"{len(labels)} whose patch moves the metric furthest at any position, and results.csv and "
+                f"results.json hold every one.")
     return render("report.html", r=r, clean="".join(r["tokens"]), corrupt="".join(r["corrupt_tokens"]),
-                  settings=settings, cells=cells, columns=column_labels(result),
-                  row_axis="layer.head" if len(result.axes) == 3 else "layer",
-                  heatmap=data_uri(heatmap_png) if heatmap_png else None, how_to_read=HOW_TO_READ_SWEEP,
+                  settings=settings, cells=cells, columns=columns,
+                  row_axis="layer.neuron" if neuron_site(result) else row_axis(result),
+                  heatmap=data_uri(heatmap_png) if heatmap_png else None, how_to_read=how,
                   strongest=strong)
 
 
@@ -259,7 +315,8 @@ def check_lines(result) -> list[str]:
 
 
 def cell_label(cell: dict) -> str:
-    parts = [f"L{cell['layer']}"] + ([f"H{cell['head']}"] if "head" in cell else [])
+    parts = [f"L{cell['layer']}"] + ([f"H{cell['head']}"] if "head" in cell else []) + \
+        ([f"N{cell['neuron']}"] if "neuron" in cell else [])
     return " ".join(parts + ([f"{cell['position']}:{cell['token'].strip() or repr(cell['token'])}"]
                              if "position" in cell else []))
 
