@@ -2,6 +2,7 @@
 
     patch-run [patch] --clean TEXT --corrupt TEXT --target WORD --foil WORD [--model gpt2|FOLDER] [--out DIR]
     patch-run [COMMAND] --batch FILE.yaml | --pairs FILE [--shard K/N] [--bootstrap N]
+    patch-run [COMMAND] --batch FILE.yaml | --pairs FILE --slurm N [--slurm-... ] [--wait] [--resume]
     patch-run COMMAND ...          (every registered analysis; `patch` is the default, so its flags work bare)
     patch-run merge SHARD_DIR... --out DIR
 
@@ -30,11 +31,11 @@ from patching.core.prompts import Pair, Prompt
 from patching.core.serial import slug
 from patching.io.files import claim, expand
 from patching.study import batch as batches
-from patching.study import merge, run as studies
+from patching.study import merge, run as studies, slurm
 
 DEFAULT = analyses.DEFAULT
 INPUT_FLAGS = ("clean", "corrupt", "target", "foil", "prompt")  # every input flag of every analysis
-MANY = ("batch", "pairs", "shard", "bootstrap")  # flags that make a command run many inputs
+MANY = ("batch", "pairs", "shard", "bootstrap", "slurm")  # flags that make a command run many inputs
 
 
 def commands() -> list[str]:
@@ -82,6 +83,7 @@ def add_arguments(ap: argparse.ArgumentParser, analysis: Analysis):
                           "combine the shards with patch-run merge")
         many.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples of a study's 95%% intervals "
                           "[1000]")
+        slurm.add_arguments(ap)  # the study's, so every studyable analysis has it
 
 
 def subparser(subs, name: str, shared: argparse.ArgumentParser):
@@ -180,10 +182,13 @@ def input_of(args, analysis: Analysis):
 
 def command(args, say, analysis: Analysis, named: bool) -> int:
     """One run, a batch or a study of `analysis`; `named`: the subcommand was typed (not the default)."""
+    on_slurm = slurm.SlurmOptions.from_args(args)  # checked first: --wait without --slurm is a mistake anywhere
     if any(getattr(args, k, None) is not None for k in MANY) and studies.wanted(args):
         clash = [f"--{k}" for k in INPUT_FLAGS if getattr(args, k, None) is not None]
         if clash:
             raise PatchingError(f"a study runs the pairs of its files: drop {', '.join(clash)}.")
+        if on_slurm is not None:
+            return slurm.command(args, on_slurm, given(args, analysis), say, analysis.name if named else None)
         return studies.command(args, given(args, analysis), say, analysis.name if named else None)
     if args.batch:
         clash = [f"--{k}" for k in INPUT_FLAGS if getattr(args, k, None) is not None]

@@ -133,6 +133,12 @@ def merge(shards: list[Path], out: Path, say: Callable[[str], None] = print, ove
     return summary
 
 
+def exit_status(summary: dict) -> int:
+    """`patch-run merge`'s exit status for a merged study: 1 when a pair failed or none ran."""
+    c = summary["counts"]
+    return 1 if c["failed"] or not c["ok"] else 0
+
+
 def command(shards: list[str], out: str | None, say, overwrite: bool = False) -> int:
     """`patch-run merge SHARD_DIR... --out DIR`."""
     if not out:
@@ -141,4 +147,4 @@ def command(shards: list[str], out: str | None, say, overwrite: bool = False) ->
     c = summary["counts"]
     getattr(say, "result", print)(f"wrote {out}/index.html, aggregate.json, aggregate.csv, results.csv, "
                                   f"summary.json ({len(shards)} shards, {c['ok']} pairs)")
-    return 1 if c["failed"] or not c["ok"] else 0
+    return exit_status(summary)

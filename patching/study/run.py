@@ -100,9 +100,10 @@ def read_study_yaml(path: Path) -> dict:
 
 
 def wanted(args) -> bool:
-    """Whether a command runs a study: --pairs, --shard or --bootstrap, or a YAML file with a pairs,
-    analysis or study key (any other YAML is a plain batch)."""
-    if getattr(args, "pairs", None) or getattr(args, "shard", None) or getattr(args, "bootstrap", None) is not None:
+    """Whether a command runs a study: --pairs, --shard, --bootstrap or --slurm, or a YAML file with a
+    pairs, analysis or study key (any other YAML is a plain batch)."""
+    if (getattr(args, "pairs", None) or getattr(args, "shard", None) or getattr(args, "bootstrap", None) is not None
+            or getattr(args, "slurm", None) is not None):
         return True
     if not getattr(args, "batch", None):
         return False
