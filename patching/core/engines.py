@@ -105,17 +105,26 @@ def sweep(model: GPT, base_ids: torch.Tensor, base: Recording, source: torch.Ten
 @torch.no_grad()
 def _loop(model, ids, site, slabs, source, target_id, foil_id, lse, every, progress) -> torch.Tensor:
     """The oracle: one plain forward with one Patch per cell."""
-    T, src = ids.shape[1], _per_slab(source, site)
-    positions = [None] if every else list(range(T))
-    out = torch.empty(len(slabs), len(positions), 3)
-    for i, (l, h) in enumerate(slabs):
-        for j, p in enumerate(positions):
-            value = src[i] if p is None else src[i, p]
-            unit = dict(neuron=h) if site in NEURON_SITES else dict(head=h)
-            logits, _ = model(ids, patch=Patch(l, p, value, site=site, **unit), last_only=True)
-            out[i, j] = readout(logits[0, -1], target_id, foil_id, lse).cpu()
-            if progress:
-                progress(i * len(positions) + j + 1, len(slabs) * len(positions))
+    n_pos = 1 if every else ids.shape[1]
+    cells = [(i, j) for i in range(len(slabs)) for j in range(n_pos)]
+    return loop_cells(model, ids, site, slabs, source, cells, target_id, foil_id, lse, every, progress).view(
+        len(slabs), n_pos, 3)
+
+
+@torch.no_grad()
+def loop_cells(model, ids, site, slabs, source, cells, target_id, foil_id, lse, every, progress=None) -> torch.Tensor:
+    """Readouts (len(cells), 3) of the cells (slab index, position index) of a sweep over `slabs`
+    (cells()' order), one plain forward with one Patch each."""
+    src = _per_slab(source, site)
+    out = torch.empty(len(cells), 3)
+    for k, (i, j) in enumerate(cells):
+        (l, h), p = slabs[i], None if every else j
+        value = src[i] if p is None else src[i, p]
+        unit = dict(neuron=h) if site in NEURON_SITES else dict(head=h)
+        logits, _ = model(ids, patch=Patch(l, p, value, site=site, **unit), last_only=True)
+        out[k] = readout(logits[0, -1], target_id, foil_id, lse).cpu()
+        if progress:
+            progress(k + 1, len(cells))
     return out
 
 

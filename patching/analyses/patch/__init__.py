@@ -22,7 +22,7 @@ import torch
 
 from mingpt.sites import ALL_SITES, HEAD_SITES, NEURON_SITES
 from patching.analyses.base import PAIR, Analysis, Events, Grid, Shape
-from patching.analyses.patch import attribution, report
+from patching.analyses.patch import attribution, precision, report
 from patching.analyses.patch.attribution import METHODS
 from patching.core import engines
 from patching.core.context import Context
@@ -116,6 +116,7 @@ class PatchResult:
     exact_matrix: np.ndarray | None = None  # check: the exact sweep beside the attribution estimate
     check: dict | None = None  # check: attribution.compare's report
     metrics: dict = field(default_factory=dict)
+    precision: dict | None = None  # half precision: a sample of cells against float32 (precision.compare)
 
     @property
     def axes(self) -> list[str]:
@@ -142,6 +143,7 @@ class PatchResult:
             "timing": self.timing, "versions": self.versions, "method": o.method,
             **({"qk_fix": o.qk_fix} if o.method == "attribution" else {}),
             **({"check": self.check, "exact_matrix": json_floats(self.exact_matrix)} if self.check else {}),
+            **({"precision": {k: json_floats(v) for k, v in self.precision.items()}} if self.precision else {}),
         }
 
 
@@ -234,12 +236,18 @@ class Patching(Analysis):
                                         source_value=value(o.metric, r[src]))
             timing["exact_sweep_seconds"] = round(t3 - t2, 6)
         matrix = metrics[o.metric]
+        precise = None
+        if not attrib and ctx.spec.dtype != "float32":  # bfloat16 keeps 8 bits: say what that cost here
+            t4 = time.perf_counter()
+            precise = precision.compare(ctx, prep, o, matrix, value(o.metric, r[base]), base, src)
+            timing["precision_seconds"] = round(time.perf_counter() - t4, 6)
         return PatchResult(
             prepared=prep, options=o, model=ctx.name, dtype=ctx.spec.dtype, n_layers=cfg.n_layer, matrix=matrix,
             clean=summarize(rec["clean"].last_logits[0], tok, prep, o.top_k, value(o.metric, r["clean"])),
             corrupt=summarize(rec["corrupt"].last_logits[0], tok, prep, o.top_k, value(o.metric, r["corrupt"])),
             timing={**timing, "patches": int(np.prod(matrix.shape)), "device": str(device)},
-            versions=versions(), exact_matrix=exact[o.metric] if check else None, check=check, metrics=metrics)
+            versions=versions(), exact_matrix=exact[o.metric] if check else None, check=check, metrics=metrics,
+            precision=precise)
 
     def files(self, result: PatchResult, figures: bool = True) -> dict:
         return report.files(result, figures)

@@ -64,7 +64,18 @@ def lines(result) -> list[str]:
            f"({'attribution estimate' if o.method == 'attribution' else f'{o.engine} engine'}, "
            f"{result.timing['device']})"]
     out += [f"  strongest: {describe_cell(result, entry)}: {entry[-1]:.4f}" for entry in strongest(result)]
-    return out + check_lines(result)
+    return out + check_lines(result) + precision_lines(result)
+
+
+def precision_lines(result) -> list[str]:
+    """A half-precision sweep's error against float32 on its sampled cells (analyses.patch.precision)."""
+    q = result.precision
+    if not q:
+        return []
+    rank = "n/a" if q["spearman"] is None or q["spearman"] != q["spearman"] else f"{q['spearman']:.3f}"
+    return [f"{q['dtype']} against float32 on {len(q['cells'])} cells (the {q['n_top']} strongest, the rest drawn "
+            f"at random): largest error {q['max_abs_error']:.4g} (effects up to {q['largest_effect']:.4g}), rank "
+            f"agreement (Spearman) {rank}, strongest cell {'the same' if q['same_strongest'] else 'DIFFERENT'}"]
 
 
 def base_value(result) -> float:
