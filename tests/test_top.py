@@ -31,7 +31,7 @@ from patching.analyses.top import corpus as corpora
 from patching.analyses.top import fold as folds
 from patching.analyses.top import index as indexes
 from patching.analyses.top.scan import TopK
-from patching.core.context import Context, ModelSpec
+from patching.core.context import ModelSpec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TEXT = ("The cat sat on the mat. The cat sat on the mat again, and the dog watched the cat.\n\n"

@@ -17,10 +17,11 @@ and taking the ceiling is exact, so a token's bin is a function of its value alo
 brings a value outside a unit's bins, e grows (each new bin is a union of whole old bins, because the
 new edges are multiples of the old width) and the bins are recentred on the range seen so far; old
 counts move to the bin that contains them, so the counts always equal a histogram of every value seen,
-on the current bins. e starts as small as the first batch's range allows and never shrinks, so a
-unit ends with between about 16 and 64 occupied bins across its whole range. Whether a value lies
-above the density threshold is read from the bins when the threshold is one of their edges (always
-for 0, the default), saving a pass; otherwise it is one comparison more.
+on the current bins. e is always the smallest that holds the range seen so far, so a unit's values
+span about 32 to 64 bins. Whether a value lies above the density threshold is read from the bins when
+the threshold is one of their edges (always for 0, the default), saving a pass; otherwise it is one
+comparison more. Without histograms (--no-histograms) that comparison is the only pass beside the
+reductions and the top-k.
 """
 from __future__ import annotations
 
