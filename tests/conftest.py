@@ -91,6 +91,38 @@ def large_init(model):
             p.normal_(0, 0.2)
 
 
+_RANDOM_GPTS: dict = {}
+
+
+def random_gpt(kwargs: dict, seed: int):
+    """A random GPT(GPTConfig(**kwargs)) with O(1) activations (large_init from `seed`), in eval mode,
+    made once per config and seed."""
+    from mingpt.model import GPT, GPTConfig
+    key = (tuple(sorted(kwargs.items())), seed)
+    if key not in _RANDOM_GPTS:
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(**kwargs)).eval()
+        large_init(model)
+        _RANDOM_GPTS[key] = model
+    return _RANDOM_GPTS[key]
+
+
+def saved_bytes(model, fn) -> int:
+    """Bytes autograd keeps for fn()'s backward, the model's parameters excluded, read from its own
+    saved-tensor hooks (the reference for the memory estimates of gradient methods)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 # ----------------------------------------------------------------------------- threads
 
 

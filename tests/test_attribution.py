@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import large_init
+from conftest import large_init, saved_bytes
 from mingpt.model import GPT, GPTConfig
 from mingpt.sites import HEAD_SITES, SITES, Patch, Recording
 from patching.analyses.patch import attribution
@@ -295,19 +295,9 @@ def saved_for_backward(model, site, T_, qk_fix) -> int:
     the reference for backward_bytes, read from autograd's own saved-tensor hooks."""
     ids = torch.randint(0, model.config.vocab_size, (1, T_), generator=torch.Generator().manual_seed(0))
     base = engines.record(model, ids, [site] + attribution.needed_sites(site, qk_fix))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
     r = torch.zeros(3)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        attribution.gradients(model, ids, base, "pattern" if qk_fix and site in attribution.QK_SITES else site,
-                              "prob-diff", TARGET, FOIL, r, r)
-    return sum(seen.values())
+    return saved_bytes(model, lambda: attribution.gradients(
+        model, ids, base, "pattern" if qk_fix and site in attribution.QK_SITES else site, "prob-diff", TARGET, FOIL, r, r))
 
 
 @pytest.mark.parametrize("site, qk_fix", [("resid_pre", True), ("z", True), ("v", True), ("pattern", True),

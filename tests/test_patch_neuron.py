@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close, hf_model, large_init
+from conftest import assert_close, hf_model, large_init, random_gpt, saved_bytes
 from mingpt.model import GPT, GPTConfig, Patch
 from patching.analyses.patch import attribution
 from patching.cli import main
@@ -33,18 +33,9 @@ CONFIGS = {  # name: (GPTConfig kwargs, seed); n_inner kept small so the loop or
     "2L2H16": (dict(n_layer=2, n_head=2, n_embd=16, vocab_size=53, block_size=64, n_inner=20), 0),
     "3L4H32": (dict(n_layer=3, n_head=4, n_embd=32, vocab_size=97, block_size=64, n_inner=24), 1),
 }
-_MODELS: dict[str, GPT] = {}
-
-
 def model_of(name: str) -> GPT:
     """A random GPT with O(1) activations (large init), so one neuron's patch moves the logits visibly."""
-    if name not in _MODELS:
-        kwargs, seed = CONFIGS[name]
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig(**kwargs)).eval()
-        large_init(model)
-        _MODELS[name] = model
-    return _MODELS[name]
+    return random_gpt(*CONFIGS[name])
 
 
 def pair(vocab: int, T: int, differ: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,18 +238,9 @@ def test_backward_bytes_bounds_what_autograd_keeps():
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=64)).eval()
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
     base = engines.record(model, ids, [SITE])
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
     r = torch.zeros(3)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        attribution.gradients(model, ids, base, SITE, "prob-diff", TARGET, FOIL, r, r)
-    saved, estimate = sum(seen.values()), attribution.backward_bytes(model.config, 24, SITE, True)
+    saved = saved_bytes(model, lambda: attribution.gradients(model, ids, base, SITE, "prob-diff", TARGET, FOIL, r, r))
+    estimate = attribution.backward_bytes(model.config, 24, SITE, True)
     assert saved <= estimate <= 3 * saved, (saved, estimate)
 
 

@@ -7,28 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from mingpt.model import GPT, GPTConfig
+from mingpt.model import GPT
 from mingpt.sites import HEAD_SITES, SITES, Edit, Patch, Recording
 from patching.core import engines
-from conftest import assert_close, hf_model, large_init
+from conftest import assert_close, hf_model, random_gpt
 
 CONFIGS = {  # name: (GPTConfig kwargs, seed)
     "1L1H8": (dict(n_layer=1, n_head=1, n_embd=8, vocab_size=37, block_size=64), 0),
     "2L2H16": (dict(n_layer=2, n_head=2, n_embd=16, vocab_size=53, block_size=80), 1),
     "3L4H32i": (dict(n_layer=3, n_head=4, n_embd=32, vocab_size=97, block_size=64, n_inner=48), 2),
 }
-_MODELS: dict[str, GPT] = {}
 
 
 def model_of(name: str) -> GPT:
     """A random GPT with O(1) activations (large init std), so patches move the logits visibly."""
-    if name not in _MODELS:
-        kwargs, seed = CONFIGS[name]
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig(**kwargs)).eval()
-        large_init(model)
-        _MODELS[name] = model
-    return _MODELS[name]
+    return random_gpt(*CONFIGS[name])
 
 
 def pair(model: GPT, T: int, differ: list[int], seed: int):
