@@ -53,7 +53,7 @@ from mingpt.errors import quote
 from patching.analyses.base import NOTHING, Analysis, Events
 from patching.core.context import Context
 from patching.core.errors import PatchingError
-from patching.core.figures import figure, png_bytes, show
+from patching.core.figures import figure, layer_head_figure, png_bytes, show
 from patching.core.options import Options, option
 from patching.core.prompts import single_token
 from patching.core.serial import csv_text, json_floats, json_text, slug
@@ -448,24 +448,7 @@ def weights(ctx: Context, options: WeightsOptions, events: Events | None = None)
 
 def grid_figure(values: np.ndarray, title: str, vmin: float, vmax: float, cmap: str):
     """An L x H grid of one score per head, on a fixed colour scale, each value written in its cell."""
-    L, H = values.shape
-    fig = figure(max(4.8, 2.5 + 0.5 * H), max(3.0, 1.6 + 0.4 * L), layout="constrained")
-    ax = fig.add_subplot()
-    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    if L * H <= 200:
-        for l in range(L):
-            for h in range(H):
-                v = values[l, h]
-                light = (v - vmin) / (vmax - vmin) if math.isfinite(v) else 0.5
-                dark = light > 0.8 or light < 0.2 if cmap == "RdBu_r" else light < 0.6
-                ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
-    ax.set_xticks(range(H))
-    ax.set_yticks(range(L))
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax)
-    return fig
+    return layer_head_figure(values, title, (vmin, vmax), cmap, ".2f")
 
 
 def copying_figure(r: WeightsResult):

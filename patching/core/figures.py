@@ -8,6 +8,7 @@ This module imports neither torch nor numpy when it is imported: the heatmap hel
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -56,19 +57,29 @@ def diverging(values):
     return TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
 
 
-def layer_head_figure(values, title: str):
-    """An L x H heatmap of a signed quantity, centred on zero, with each value written in its cell."""
+def layer_head_figure(values, title: str, scale: tuple[float, float] | None = None, cmap: str = "RdBu_r",
+                      digits: str = ".3g"):
+    """An L x H heatmap of one value per head, each value written in its cell: a signed quantity
+    centred on zero, or on a fixed colour range `scale` (vmin, vmax), e.g. a score in [0, 1]."""
     L, H = values.shape
     fig = figure(max(5.5, 2.5 + 0.5 * H), max(3.2, 1.6 + 0.4 * L), layout="constrained")
     ax = fig.add_subplot()
-    norm = diverging(values)
-    im = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
+    if scale is None:
+        norm = diverging(values)
+        im = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto")
+        dark = lambda v: abs(v) > 0.6 * norm.vmax  # noqa: E731 - white text on the saturated colours
+    else:
+        vmin, vmax = scale
+        im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+
+        def dark(v):  # white text where the colour map is dark: both ends of a diverging one, the low end else
+            light = (v - vmin) / (vmax - vmin) if math.isfinite(v) else 0.5
+            return light > 0.8 or light < 0.2 if cmap == "RdBu_r" else light < 0.6
     if L * H <= 200:
         for l in range(L):
             for h in range(H):
-                dark = abs(values[l, h]) > 0.6 * norm.vmax  # white text on the saturated colours
-                ax.text(h, l, f"{values[l, h]:.3g}", ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
+                ax.text(h, l, f"{values[l, h]:{digits}}", ha="center", va="center", fontsize=7,
+                        color="white" if dark(values[l, h]) else "black")
     ax.set_xticks(range(H))
     ax.set_yticks(range(L))
     ax.set_xlabel("head")
