@@ -5,11 +5,12 @@ circuit.graph). With the base run (the corrupt prompt when denoising) and the so
 one), the edge's delta is the sender's source output minus its base output, (T, C).
 
 - exact: the base run with only that reader's input shifted by the delta, everything downstream
-  recomputed; score = metric(that run) - metric(base run). Built on the resumable engine
-  (mingpt.resume.forward_cells): the reader's new value is computed from the shifted input (a head's
-  q, k or v through ln_1 and its rows of c_attn; an MLP's output through ln_2 and the MLP; the logits
-  through ln_f), then patched into the base run at the reader's block, which is where the run resumes.
-  One slab per edge, every slab of a block in one batch (chunks of at most max_rows suffix rows).
+  recomputed; score = metric(that run) - metric(base run). A reader in block l changes that block's
+  output only through itself, so the block's new output is computed from the base run's recording (a
+  head's q, k or v from the shifted input through ln_1 and its rows of c_attn, that head's attention
+  and its slice of c_proj, then the MLP; an MLP's input through ln_2 and the MLP; the logits through
+  ln_f), and the run resumes at block l+1 on the resumable engine (mingpt.resume.forward_cells). One
+  slab per edge, every slab of a block in one batch (chunks of at most max_rows suffix rows).
 - eap (Nanda 2023; Syed et al. 2023, "Attribution Patching Outperforms Automated Circuit
   Discovery"): delta . d metric / d reader input at the base run, one forward and one backward. The
   gradient of a head's q/k/v input is the gradient at its q, k or v, through its c_attn rows and ln_1
@@ -82,12 +83,6 @@ def sender_outputs(model, rec: Recording) -> torch.Tensor:
     return torch.cat(out)
 
 
-def qkv_of(block, x: torch.Tensor) -> torch.Tensor:
-    """q, k and v of every head from residual inputs x (n, T, C): (n, 3, H, T, hs)."""
-    q, k, v = block.attn.heads(block.attn.c_attn(block.ln_1(x)))
-    return torch.stack([q, k, v], dim=1)
-
-
 def _deltas(delta: torch.Tensor, per_position: bool) -> torch.Tensor:
     """(n, T, C) deltas, or with per_position (n * T, T, C): each delta at one position only."""
     if not per_position:
@@ -146,7 +141,7 @@ def exact(model, base: Recording, delta: torch.Tensor, graph: Graph, value: Call
             senders = np.flatnonzero(graph.adjacency[j])
             d = _deltas(delta[senders], per_position)  # (n, T, C)
             mid = base["resid_mid", l][0][start:]  # (R, C)
-            put(j, senders, resume(l, start, len(d), lambda a, b: _plus_mlp(block, mid + d[a:b, start:], mid)))
+            put(j, senders, resume(l, start, len(d), lambda a, b: _block_output(block, mid, mid + d[a:b, start:])))
     # logits read the final residual stream: only its last position matters
     j = reader_of["logits"]
     senders = np.flatnonzero(graph.adjacency[j])
@@ -157,9 +152,10 @@ def exact(model, base: Recording, delta: torch.Tensor, graph: Graph, value: Call
     return out if per_position else out[..., 0]
 
 
-def _plus_mlp(block, shifted: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
-    """Block output for the MLP reader: mid + the MLP of its input shifted by the delta, (n, R, C)."""
-    return mid + block.mlp(block.ln_2(shifted))
+def _block_output(block, mid: torch.Tensor, mlp_input: torch.Tensor) -> torch.Tensor:
+    """A block's output from its residual after attention, mid, and what its MLP reads (mid itself, or
+    for an MLP reader mid shifted by the delta): mid + MLP(ln_2(mlp_input)), (n, R, C)."""
+    return mid + block.mlp(block.ln_2(mlp_input))
 
 
 def _head_readers(block, base, l, delta, graph, per_position, reader_of, first, start, resume, put):
@@ -187,7 +183,7 @@ def _head_readers(block, base, l, delta, graph, per_position, reader_of, first, 
                 z = F.scaled_dot_product_attention(qq[:, start:], kk, vv, attn_mask=causal)  # (m, R, hs)
                 rows.append(mid + (z - z0[h]) @ w_o[h])  # (m, R, C): the head's change through c_proj
             shifted = torch.cat(rows)  # (b - a, R, C)
-            return shifted + block.mlp(block.ln_2(shifted))
+            return _block_output(block, shifted, shifted)
         got = resume(l, start, H * n, outputs)  # (H * n, K)
         for h in range(H):
             put(reader_of[f"a{l}.h{h}<{site}>"], senders, got[h * n:(h + 1) * n])

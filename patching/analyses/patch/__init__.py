@@ -101,7 +101,8 @@ class RunSummary:
 class PatchResult:
     """Everything one run produced. `matrix` is numpy with axes `axes`: (layer, position) for residual
     sites (row l of resid_post = block l's output), (layer, head, position) for head sites, (layer,
-    neuron, position) for neuron sites, (layer, head) or (layer, neuron) with all_positions; `metrics` holds every metric computed (all of them with every_metric)."""
+    neuron, position) for neuron sites, (layer, head) or (layer, neuron) with all_positions; `metrics`
+    holds every metric computed (all of them with every_metric)."""
 
     prepared: Prepared
     options: PatchOptions
