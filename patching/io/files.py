@@ -40,6 +40,17 @@ MARKER = ".patch-run.json"
 Content = Union[str, bytes, Callable[[Path], None]]
 
 
+def replace_file(path: Path, write: Callable[[Path], None]):
+    """Replace `path` atomically: write(tmp) fills a hidden file beside it, which os.replace then puts in
+    its place; written and renamed, failed or interrupted, no temporary file stays."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_marker(folder: Path) -> dict | None:
     """The marker of a folder patch-run wrote, or None when there is none (or it is damaged)."""
     try:
@@ -399,24 +410,16 @@ class Claim:
         if not self.owns(name):
             raise PatchingError(f"{self.folder / name} was not written by patch-run: move it away, it is never replaced.")
         self.claim_entries([name])
-        tmp = self.folder / f".{name}.tmp-{os.getpid()}"
         try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.folder / name)
+            replace_file(self.folder / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         except OSError as exc:
             raise _fail(self.folder / name, exc) from None
-        finally:  # written and renamed, or failed, or interrupted: no temporary file stays
-            tmp.unlink(missing_ok=True)
 
     def _set_marker(self, names):
-        tmp = self.folder / f".{MARKER}.tmp-{os.getpid()}"
         try:
-            tmp.write_text(marker_text(self.kind, names))
-            os.replace(tmp, self.folder / MARKER)
+            replace_file(self.folder / MARKER, lambda tmp: tmp.write_text(marker_text(self.kind, names)))
         except OSError as exc:
             raise _fail(self.folder, exc) from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def _names(entries: list[str], n: int = 3) -> str:

@@ -42,7 +42,7 @@ from typing import Callable
 
 from patching.core.errors import PatchingError
 from patching.core.serial import slug
-from patching.io.files import claim, expand
+from patching.io.files import claim, expand, replace_file
 from patching.study import merge
 from patching.study.pairs import whole
 from patching.study.run import Study, read_study, run_study
@@ -235,12 +235,7 @@ def read_state(layout: Layout) -> dict | None:
 
 
 def write_state(layout: Layout, state: dict):
-    tmp = layout.root / f".slurm.json.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, layout.state)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_file(layout.state, lambda tmp: tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8"))
 
 
 def finished_shard(layout: Layout, k: int, n: int, study: str) -> dict | None:

@@ -17,7 +17,6 @@ index equals an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from patching.analyses.top import fold as folds
 from patching.analyses.top.scan import Observe, TopK, make_batch, reduce, width
 from patching.core.errors import PatchingError
 from patching.core.serial import json_text
+from patching.io.files import replace_file
 
 FORMAT = "patch-run top index 2"
 FAMILY = "patch-run top index "  # every format of this index starts so
@@ -126,10 +126,12 @@ class Builder:
 
 
 def _save_state(folder: Path, builder: Builder):
-    tmp = folder / f".state-{os.getpid()}.npz"
-    with open(tmp, "wb") as f:
-        np.savez(f, **builder.arrays())
-    os.replace(tmp, folder / "state.npz")
+    arrays = builder.arrays()
+
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a bare name
+            np.savez(f, **arrays)
+    replace_file(folder / "state.npz", write)
 
 
 def load_state(folder: Path) -> dict:
