@@ -120,8 +120,8 @@ def loop_cells(model, ids, site, slabs, source, cells, target_id, foil_id, lse, 
     for k, (i, j) in enumerate(cells):
         (l, h), p = slabs[i], None if every else j
         value = src[i] if p is None else src[i, p]
-        unit = dict(neuron=h) if site in NEURON_SITES else dict(head=h)
-        logits, _ = model(ids, patch=Patch(l, p, value, site=site, **unit), last_only=True)
+        # h is a head, or a neuron site's neuron (Patch takes it as head= too)
+        logits, _ = model(ids, patch=Patch(l, p, value, site=site, head=h), last_only=True)
         out[k] = readout(logits[0, -1], target_id, foil_id, lse).cpu()
         if progress:
             progress(k + 1, len(cells))
