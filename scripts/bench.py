@@ -1,6 +1,7 @@
 """Benchmarks of patch-run: the sweep against the loop oracle, the floor and TransformerLens; start-up.
 
     python scripts/bench.py [--sizes 11 35 128] [--device cpu] [--long 1024] [--tl-python PY ...] [--json FILE]
+    python scripts/bench.py --dtype bfloat16 --versus float32 [--sizes 11 35]
     python scripts/bench.py --startup [--runs 5] [--threads 2] [--src DIR]
     python scripts/bench.py --top [--threads 1] [--top-batches 20] [--top-batch 4] [--top-window 512] [--top-k 20]
 
@@ -47,6 +48,8 @@ and the process's peak resident memory over the timed batches.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import platform
@@ -66,6 +69,7 @@ import torch  # noqa: E402
 SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
 sys.path.insert(0, str(ROOT))
+import mingpt.linear  # noqa: E402
 from mingpt import ragged  # noqa: E402
 from mingpt.bpe import gpt2_vocabulary  # noqa: E402
 from mingpt.model import GPT, GPTConfig, Linear, dense  # noqa: E402
@@ -253,16 +257,101 @@ def sample_loop(model, corrupt, rec_clean, target, foil, device, budget_s: float
         return None, (time.perf_counter() - t0) / done * L * T, True
 
 
+def isa() -> str:
+    """The CPU's vector extensions that the sweep's kernels can use (Linux flags; x86)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return "unknown ISA"
+    have = [name for flag, name in (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"),
+                                    ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
+    return " ".join(have) or "no AVX"
+
+
 def machine() -> str:
-    """CPU model, the ATen kernel family torch uses, threads and load: what every figure depends on."""
+    """CPU model and ISA, the ATen kernel family torch uses, threads and load: what every figure depends on."""
     cpu = platform.processor() or "unknown CPU"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, kernels {torch.backends.cpu.get_cpu_capability()}, "
+    return (f"{cpu} ({isa()}), {os.cpu_count()} cores, kernels {torch.backends.cpu.get_cpu_capability()}, "
             f"{torch.get_num_threads()} threads; sweep attention: {ragged.status()}; load average {load}")
+
+
+PATH_PROBE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from mingpt.linear import Linear
+x = torch.randn(64, 768, dtype=getattr(torch, sys.argv[2]))
+lin = Linear(768, 768, dtype=x.dtype)
+lin.keep_packed = True
+with torch.no_grad():
+    lin(x)
+"""
+
+
+def matmul_path(device: torch.device, dtype) -> str:
+    """Which kernel runs the model's products in `dtype`: oneDNN's implementation as its own log names it
+    for one packed product (e.g. brg_matmul:avx512_core, ..._amx in bfloat16; the log is switched on by
+    ONEDNN_VERBOSE before oneDNN starts, so in a child process), or F.linear."""
+    x = torch.randn(64, 768, device=device, dtype=dtype)
+    with torch.no_grad():
+        used = mingpt.linear.onednn(x, torch.empty(768, 768, device=device, dtype=dtype))
+    if not used:
+        return "F.linear" + (" (cuBLAS)" if device.type == "cuda" else "")
+    env = dict(os.environ, ONEDNN_VERBOSE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-c", PATH_PROBE, str(ROOT), str(dtype).split(".")[-1]],
+                          env=env, capture_output=True, text=True)
+    lines = [line.split(",") for line in proc.stdout.splitlines() if line.startswith("onednn_verbose")]
+    impl = next((f[6] for f in lines if len(f) > 7 and f[3] == "exec" and f[5] in ("inner_product", "matmul")), None)
+    version = next((f[3].split("(")[0].strip() for f in lines if len(f) > 3 and f[3].startswith("oneDNN")), "oneDNN")
+    isa_ = next((f[4].split(":", 1)[1] for f in lines if len(f) > 4 and f[2] == "info" and f[4].startswith("isa:")), "")
+    where = f" (oneDNN's ISA: {isa_})" if isa_ else ""
+    return f"{version} {impl}, weights packed{where}" if impl else "oneDNN (its log named no product)"
+
+
+def time_parts(model, sweep) -> dict[str, float]:
+    """One sweep with a clock around each part: the products (mingpt.linear.dense, with their FLOPs), the
+    attention kernel (ragged.attend) and the layer norms; the rest (indexing, sums, Python) by difference.
+    A separate sweep from the timed ones: the clocks cost a little."""
+    parts = dict(products=0.0, product_flop=0.0, attention=0.0, layer_norms=0.0)
+    real = (mingpt.linear.dense, ragged.attend, torch.nn.functional.layer_norm)
+
+    def clocked(name, fn, flop=None):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            parts[name] += time.perf_counter() - t
+            if flop:
+                parts["product_flop"] += flop(*a)
+            return out
+        return run
+
+    mingpt.linear.dense = clocked("products", real[0], lambda x, w, *_: 2 * x.numel() * w.shape[0])
+    ragged.attend = clocked("attention", real[1])
+    torch.nn.functional.layer_norm = clocked("layer_norms", real[2])
+    try:
+        t = time.perf_counter()
+        sweep()
+        parts["total"] = time.perf_counter() - t
+    finally:
+        mingpt.linear.dense, ragged.attend, torch.nn.functional.layer_norm = real
+    parts["rest"] = parts["total"] - parts["products"] - parts["attention"] - parts["layer_norms"]
+    return parts
+
+
+def describe_parts(parts: dict[str, float], peak: float) -> str:
+    """time_parts as one line: each part's share of the sweep, and the products' rate against the peak
+    (their rate times their share is the most of the floor a sweep at that rate could reach)."""
+    total, rate = parts["total"], parts["product_flop"] / parts["products"] / 1e9
+    return (f"products {1e3 * parts['products']:.1f} ms ({parts['products'] / total:.0%} of the sweep) at "
+            f"{rate:.0f} GFLOP/s = {rate / peak:.0%} of the peak; attention kernel {1e3 * parts['attention']:.1f} ms "
+            f"({parts['attention'] / total:.0%}); layer norms {1e3 * parts['layer_norms']:.1f} ms "
+            f"({parts['layer_norms'] / total:.0%}); the rest (indexing, sums, Python) {1e3 * parts['rest']:.1f} ms "
+            f"({parts['rest'] / total:.0%})")
 
 
 # ----------------------------------------------------------------------------- TransformerLens
@@ -292,7 +381,8 @@ def sweep_bench(args):
     model = GPT.from_pretrained(str(folder)).to(device=device, dtype=dtype)
     peaks = matmul_peaks(device, dtype)
     peak = max(peaks.values())
-    print(f"# patch-run sweep benchmark\nmodel: {kind}\nmachine: {machine()}\ndevice: {device}, {args.dtype}; "
+    path = matmul_path(device, dtype)
+    print(f"# patch-run sweep benchmark\nmodel: {kind}\nmachine: {machine()}\ndevice: {device}, {args.dtype}; products: {path}; "
           f"torch {torch.__version__}; matmul peak {peak:.1f} GFLOP/s (best of "
           f"{', '.join(f'{k} {v:.1f}' for k, v in peaks.items())})\n")
     rows, L = [], model.config.n_layer
@@ -316,6 +406,7 @@ def sweep_bench(args):
         with model.packed():  # as a batch or a study holds it: the first sweep reorders the weights for all
             fast, fast_times = sweeps(3)
             packs = packed_mb(model)
+            parts = time_parts(model, lambda: engines.fast_sweep(model, rk, rc, TARGET, FOIL, False))
         mem_rise, process_peak = (max(r[i] for r in rises) for i in (0, 1))
         s_fast = min(fast_times)
         for k, v in matmul_peaks(device, dtype).items():  # again after each size: the floor takes the best seen
@@ -331,11 +422,12 @@ def sweep_bench(args):
             if loop is not None else None
         rows.append(dict(n=T, fast_s=s_fast, first_s=fast_times[0], single_s=min(single), loop_s=s_loop, loop_extrapolated=loop_est, fast_peak_mb=mem_rise,
                          process_peak_mb=process_peak, useful_gflop=useful, floor_gflop=floor,
-                         floor_s=floor / peak, peak_gflops=peak, max_diff_vs_loop=diff_loop, tl={},
+                         floor_s=floor / peak, peak_gflops=peak, max_diff_vs_loop=diff_loop, tl={}, parts=parts,
                          _fast_matrix=fast_m, _ids=(clean[0].tolist(), corrupt[0].tolist())))
         print(f"n={T}: fast {s_fast:.3f}s (first sweep {fast_times[0]:.3f}s, single run {min(single):.3f}s), floor {floor / peak:.3f}s ({100 * floor / peak / s_fast:.0f}% of floor), "
               f"loop {'~' if loop_est else ''}{s_loop:.2f}s, memory +{mem_rise:.0f} MB (process peak "
               f"{process_peak:.0f} MB; packed weights {packs:.0f} MB), useful {useful:.1f} GFLOP, floor {floor:.1f} GFLOP", flush=True)
+        print("  " + describe_parts(parts, peak), flush=True)
 
     tl_names = []
     if not args.fast_only and device.type == "cpu" and dtype == torch.float32:
@@ -359,7 +451,7 @@ def sweep_bench(args):
     for r in rows:  # every row against the best peak of the whole run
         r["floor_s"], r["peak_gflops"] = r["floor_gflop"] / peak, peak
     tl_head = "".join(f" {n} | {n} / fast | {n} / floor |" for n in tl_names)
-    print(f"\nmachine: {machine()}; matmul peak {peak:.1f} GFLOP/s (best seen in this run: "
+    print(f"\nmachine: {machine()}; products: {path}; matmul peak {peak:.1f} GFLOP/s (best seen in this run: "
           f"{', '.join(f'{k} {v:.1f}' for k, v in peaks.items())}); {time.strftime('%Y-%m-%d')}")
     print("| tokens | fast engine | first sweep | single run | floor | % of floor | loop (oracle) | loop / fast |" + tl_head +
           " memory rise (process peak) | useful GFLOP (no savings) | floor GFLOP | max diff vs loop" +
@@ -381,6 +473,8 @@ def sweep_bench(args):
           "first, which also reorders the weights for oneDNN; single run = best sweep outside it, as one CLI run "
           "sweeps (plain weights unless the sweep has several chunks); floor = floor GFLOP / matmul peak; % of floor = "
           "floor time / fast time; X / floor = how far exact patching could go at most against X")
+    for r in rows:
+        print(f"n={r['n']}, where one sweep's time goes: {describe_parts(r['parts'], peak)}")
 
     long = None
     if args.long:
@@ -411,7 +505,7 @@ def sweep_bench(args):
     if args.json:
         clean_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
         Path(args.json).write_text(json.dumps({"model": kind, "machine": machine(), "device": str(device),
-                                               "rows": clean_rows, "long": long}, indent=1))
+                                               "products": path, "rows": clean_rows, "long": long}, indent=1))
 
 
 def head_bench(args):
@@ -702,6 +796,64 @@ def top_bench(args):
                                                "peak_mb": mem.peak_total_mb}, indent=1))
 
 
+def versus_bench(args):
+    """--dtype D --versus E: the same sweeps in two precisions in one process, alternating sweep by sweep
+    (this machine's speed drifts by minutes, and a second run would meet another machine), each against
+    the matmul peak of its own precision measured in the same run."""
+    device = torch.device(args.device)
+    dtypes = [getattr(torch, args.dtype), getattr(torch, args.versus)]
+    tmp = tempfile.TemporaryDirectory()
+    kind = save_checkpoint(Path(tmp.name))
+    base = GPT.from_pretrained(tmp.name)
+    models = {dt: copy.deepcopy(base).to(device=device, dtype=dt) for dt in dtypes}
+    del base
+    names = {dt: str(dt).split(".")[-1] for dt in dtypes}
+    paths = {dt: matmul_path(device, dt) for dt in dtypes}
+    peaks = {dt: max(matmul_peaks(device, dt).values()) for dt in dtypes}
+    print(f"# patch-run sweep benchmark, {names[dtypes[0]]} against {names[dtypes[1]]}\nmodel: {kind}\n"
+          f"machine: {machine()}\n" + "\n".join(f"{names[dt]}: products {paths[dt]}" for dt in dtypes) + "\n")
+    rows = []
+    with contextlib.ExitStack() as stack:
+        for m in models.values():
+            stack.enter_context(m.packed())  # as a batch or study holds them
+        for T in args.sizes:
+            clean, corrupt = (t.to(device) for t in prompts(T))
+            recs = {dt: (engines.record(m, clean), engines.record(m, corrupt)) for dt, m in models.items()}
+            sweep = {dt: (lambda dt=dt: engines.fast_sweep(models[dt], recs[dt][1], recs[dt][0], TARGET, FOIL, False))
+                     for dt in dtypes}
+            for dt in dtypes:
+                sweep[dt]()  # packs the weights
+            best, spent = {dt: float("inf") for dt in dtypes}, 0.0
+            for i in range(30):
+                for dt in dtypes:
+                    _, t = timed(sweep[dt], device)
+                    best[dt], spent = min(best[dt], t), spent + t
+                if i + 1 >= args.repeats and spent > 6 or spent > 40:
+                    break
+            for dt in dtypes:  # again after each size: each floor takes the best peak seen
+                peaks[dt] = max(peaks[dt], *matmul_peaks(device, dt).values())
+            positions = [p for p in range(T) if not torch.equal(recs[dtypes[1]][0].resid[:, 0, p], recs[dtypes[1]][1].resid[:, 0, p])]
+            floor = floor_flops(models[dtypes[0]].config, T, positions) / 1e9
+            rows.append(dict(n=T, seconds={names[dt]: best[dt] for dt in dtypes}, floor_gflop=floor, sweeps=i + 1))
+            print(f"n={T}: " + ", ".join(f"{names[dt]} {best[dt]:.3f}s" for dt in dtypes) +
+                  f"; {names[dtypes[0]]} is {best[dtypes[1]] / best[dtypes[0]]:.2f}x as fast ({i + 1} sweeps each)", flush=True)
+    tmp.cleanup()
+    a, b = dtypes
+    print(f"\nmachine: {machine()}; matmul peaks " + ", ".join(f"{names[dt]} {peaks[dt]:.0f} GFLOP/s" for dt in dtypes) +
+          f"; {time.strftime('%Y-%m-%d')}")
+    print(f"| tokens | {names[b]} | {names[a]} | {names[a]} / {names[b]} | % of floor ({names[b]} / {names[a]}) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        sa, sb = r["seconds"][names[a]], r["seconds"][names[b]]
+        share = " / ".join(f"{100 * r['floor_gflop'] / peaks[dt] / r['seconds'][names[dt]]:.0f} %" for dt in (b, a))
+        print(f"| {r['n']} | {sb:.3f} s | {sa:.3f} s | {sb / sa:.1f}x faster | {share} |")
+    print("each figure: the best of the sweeps, the two precisions alternating sweep by sweep inside GPT.packed(); "
+          "floor = floor GFLOP / the matmul peak of that precision")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": kind, "machine": machine(), "products": {names[dt]: paths[dt] for dt in dtypes},
+                                               "peaks": {names[dt]: peaks[dt] for dt in dtypes}, "rows": rows}, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--startup", action="store_true", help="benchmark a whole run's start-up instead of the sweep")
@@ -723,6 +875,8 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[11, 35, 128])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--versus", choices=["float32", "bfloat16", "float16"], help="also sweep in this precision, "
+                    "alternating with --dtype's sweeps in one process, and compare the two")
     ap.add_argument("--long", type=int, default=1024, help="prompt length of the bounded-memory run (0: skip)")
     ap.add_argument("--long-chunks", type=int, default=3)
     ap.add_argument("--loop-budget", type=float, default=60.0, help="seconds before the loop is extrapolated")
@@ -738,6 +892,8 @@ def main():
         return circuit_bench(args)
     if args.top:
         return top_bench(args)
+    if args.versus:
+        return versus_bench(args)
     startup_bench(args) if args.startup else head_bench(args) if args.heads else sweep_bench(args)
 
 
