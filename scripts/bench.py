@@ -313,17 +313,20 @@ def matmul_path(device: torch.device, dtype) -> str:
     return f"{version} {impl}, weights packed{where}" if impl else "oneDNN (its log named no product)"
 
 
-def time_parts(model, sweep) -> dict[str, float]:
+def time_parts(sweep, device: torch.device) -> dict[str, float]:
     """One sweep with a clock around each part: the products (mingpt.linear.dense, with their FLOPs), the
     attention kernel (ragged.attend) and the layer norms; the rest (indexing, sums, Python) by difference.
-    A separate sweep from the timed ones: the clocks cost a little."""
+    A separate sweep from the timed ones: the clocks cost a little (on a GPU each waits for the device)."""
     parts = dict(products=0.0, product_flop=0.0, attention=0.0, layer_norms=0.0)
     real = (mingpt.linear.dense, ragged.attend, torch.nn.functional.layer_norm)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def clocked(name, fn, flop=None):
         def run(*a, **kw):
+            sync()
             t = time.perf_counter()
             out = fn(*a, **kw)
+            sync()
             parts[name] += time.perf_counter() - t
             if flop:
                 parts["product_flop"] += flop(*a)
@@ -336,6 +339,7 @@ def time_parts(model, sweep) -> dict[str, float]:
     try:
         t = time.perf_counter()
         sweep()
+        sync()
         parts["total"] = time.perf_counter() - t
     finally:
         mingpt.linear.dense, ragged.attend, torch.nn.functional.layer_norm = real
@@ -406,7 +410,7 @@ def sweep_bench(args):
         with model.packed():  # as a batch or a study holds it: the first sweep reorders the weights for all
             fast, fast_times = sweeps(3)
             packs = packed_mb(model)
-            parts = time_parts(model, lambda: engines.fast_sweep(model, rk, rc, TARGET, FOIL, False))
+            parts = time_parts(lambda: engines.fast_sweep(model, rk, rc, TARGET, FOIL, False), device)
         mem_rise, process_peak = (max(r[i] for r in rises) for i in (0, 1))
         s_fast = min(fast_times)
         for k, v in matmul_peaks(device, dtype).items():  # again after each size: the floor takes the best seen
