@@ -21,6 +21,11 @@ layers use, from a plain weight and from one packed in oneDNN's layout):
   is floor FLOP / matmul peak; "% of floor" is floor time / fast time. The fast time is the best sweep
   inside GPT.packed() (as a batch or study runs); the first of those (which packs) and the best sweep
   outside it (as one CLI run sweeps) are reported beside it.
+The header names the CPU's vector extensions and the kernel that runs the products (oneDNN's own name
+for it, from its log); each size adds where one more sweep's time goes: the products (and their rate
+against the peak), the attention kernel, the layer norms and the rest.
+`--versus E` (with `--dtype D`) sweeps in both precisions in one process, alternating sweep by sweep
+(a drifting machine then slows both alike), each against its own precision's peak.
 TransformerLens runs in its own venv (`--tl-python /path/to/venv/bin/python`, repeatable: e.g. one
 venv with TL 4.x, one with TL 3.9), as a subprocess running scripts/tl_baseline.py on the same
 checkpoint, so patch-run's venv never needs it; TL's resid_pre rows 1..L-1 are compared with ours.
