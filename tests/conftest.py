@@ -43,7 +43,7 @@ def tol(scale) -> float:
     - a probability p = exp(z - lse): p * (logit scale), since dp = p dz;
     - a ratio x / d (recovery): (scale of x) / |d|.
     """
-    return ULPS * EPS32 * float(scale)
+    return ULPS * EPS32 * float(scale.detach() if isinstance(scale, torch.Tensor) else scale)  # a scale from autograd too
 
 
 def _float64(x) -> np.ndarray:
