@@ -133,6 +133,11 @@ def merge(shards: list[Path], out: Path, say: Callable[[str], None] = print, ove
     return summary
 
 
+def wrote(out) -> str:
+    """The line that names a merged study's files (`patch-run merge`, and --slurm once its merge ran)."""
+    return f"wrote {out}/index.html, aggregate.json, aggregate.csv, results.csv, summary.json"
+
+
 def exit_status(summary: dict) -> int:
     """`patch-run merge`'s exit status for a merged study: 1 when a pair failed or none ran."""
     c = summary["counts"]
@@ -145,6 +150,5 @@ def command(shards: list[str], out: str | None, say, overwrite: bool = False) ->
         raise PatchingError("merge needs --out DIR: the folder of the merged study.")
     summary = merge(shards, expand(out), say=say, overwrite=overwrite)
     c = summary["counts"]
-    getattr(say, "result", print)(f"wrote {out}/index.html, aggregate.json, aggregate.csv, results.csv, "
-                                  f"summary.json ({len(shards)} shards, {c['ok']} pairs)")
+    getattr(say, "result", print)(f"{wrote(out)} ({len(shards)} shards, {c['ok']} pairs)")
     return exit_status(summary)

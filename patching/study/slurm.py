@@ -577,8 +577,7 @@ def _merge_outcome(layout: Layout, sub: Submission, study: str, say) -> int:
     done = merged(layout, study)
     if got and got[0] == "success" and done:
         c = done["counts"]
-        getattr(say, "result", print)(f"wrote {layout.out}/index.html, aggregate.json, aggregate.csv, results.csv, "
-                                      f"summary.json (merged by job {sub.merge}): {c['ok']} pairs ok, "
+        getattr(say, "result", print)(f"{merge.wrote(layout.out)} (merged by job {sub.merge}): {c['ok']} pairs ok, "
                                       f"{c['skipped']} skipped, {c['failed']} failed")
         return int(got[1]["code"])
     _show_tail(layout, sub.merge, "the merge")
