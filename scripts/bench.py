@@ -168,6 +168,12 @@ def packed_mb(model: GPT) -> float:
     return sum(t.numel() * t.element_size() for t in packs) / 2**20
 
 
+def changed_positions(rc, rk) -> list[int]:
+    """The positions where the two recordings' residual streams differ at some layer: the live columns
+    of a sweep (the rest are no-ops and cost nothing)."""
+    return [p for p in range(rc.resid.shape[2]) if not torch.equal(rc.resid[:, 0, p], rk.resid[:, 0, p])]
+
+
 def useful_flops(config: GPTConfig, T: int, positions: list[int]) -> float:
     """FLOPs of the sweep without the two savings: for patch (l, p), blocks l+1.. over positions
     p..T-1 (weights and attention), plus two unembedding columns. Columns identical in both runs
@@ -421,7 +427,7 @@ def sweep_bench(args):
         for k, v in matmul_peaks(device, dtype).items():  # again after each size: the floor takes the best seen
             peaks[k] = max(peaks[k], v)
         peak = max(peaks.values())
-        positions = [p for p in range(T) if not torch.equal(rc.resid[:, 0, p], rk.resid[:, 0, p])]
+        positions = changed_positions(rc, rk)
         useful = useful_flops(model.config, T, positions) / 1e9
         floor = floor_flops(model.config, T, positions) / 1e9
         loop, s_loop, loop_est = (None, float("nan"), False) if args.fast_only else \
@@ -841,7 +847,7 @@ def versus_bench(args):
                     break
             for dt in dtypes:  # again after each size: each floor takes the best peak seen
                 peaks[dt] = max(peaks[dt], *matmul_peaks(device, dt).values())
-            positions = [p for p in range(T) if not torch.equal(recs[dtypes[1]][0].resid[:, 0, p], recs[dtypes[1]][1].resid[:, 0, p])]
+            positions = changed_positions(*recs[dtypes[1]])
             floor = floor_flops(models[dtypes[0]].config, T, positions) / 1e9
             rows.append(dict(n=T, seconds={names[dt]: best[dt] for dt in dtypes}, floor_gflop=floor, sweeps=i + 1))
             print(f"n={T}: " + ", ".join(f"{names[dt]} {best[dt]:.3f}s" for dt in dtypes) +
