@@ -6,8 +6,11 @@
  * start..start+i. Only those keys are visited, so no score is computed to be masked away.
  *
  * Vectors are GCC/Clang vector extensions (16 floats), lowered to whatever the compiler targets;
- * head sizes that are not a multiple of 16 finish with scalar tails. Work is split over (slab, head)
- * pairs between the OpenMP threads of the caller (torch's own runtime once torch is loaded).
+ * head sizes that are not a multiple of 16 finish with scalar tails. Work is split over (slab, group)
+ * items, in memory order and in runs of equal work, between the OpenMP threads of the caller (torch's
+ * own runtime once torch is loaded): a group's rows are consecutive, so a thread reads whole rows of
+ * q, k and v (every head) in turn, which the CPU's prefetchers follow; by (slab, head) it would read
+ * one head's 256 bytes per row, rows a few kilobytes apart.
  * Compiled and loaded by mingpt/ragged.py; every number is checked there against torch at load and
  * in tests/test_kernels.py.
  */
@@ -77,49 +80,53 @@ static inline float dot(const i64 C, const i64 tail, const vf* qv, const float* 
     return s;
 }
 
-/* Every query row of slab s, head h. C: whole vectors per head (a constant where inlined), tail: the
- * rest; sc: scratch for one row's scores, padded to whole vectors. */
-static inline __attribute__((always_inline)) void slab_head(const i64 C, const job* J, i64 s, i64 h, float* sc) {
+/* Every query row of group g of slab s, head h. C: whole vectors per head (a constant where inlined),
+ * tail: the rest; sc: scratch for one row's scores, padded to whole vectors. */
+static inline __attribute__((always_inline)) void group_head(const i64 C, const job* J, i64 s, i64 g, i64 h, float* sc) {
     const i64 tail = J->hs - W * C;
     const float* kb = J->k + s * J->ks[0] + h * J->ks[1];
     const float* vb = J->v + s * J->vs[0] + h * J->vs[1];
     const float* pkb = J->pk + h * J->pks[0];
     const float* pvb = J->pv + h * J->pvs[0];
-    for (i64 g = 0; g < J->G; g++) {
-        const i64 p = J->pos[g], a = J->start[g], S = J->size[g];
-        if (S < 1) continue;  /* an empty group has no rows, and no last row */
-        for (i64 i = J->last_only ? S - 1 : 0; i < S; i++) {
-            const i64 row = J->last_only ? g : a + i, keys = p + i + 1, padded = (keys + W - 1) / W * W;
-            const float* qp = J->q + s * J->qs[0] + h * J->qs[1] + row * J->qs[2];
-            vf qv[MAX_CHUNKS], o[MAX_CHUNKS];
-            float qt[W], ot[W];
-            for (i64 c = 0; c < C; c++) qv[c] = load(qp + W * c) * J->scale;
-            for (i64 d = 0; d < tail; d++) qt[d] = qp[W * C + d] * J->scale;
-            for (i64 j = 0; j < p; j++) sc[j] = dot(C, tail, qv, qt, pkb + j * J->pks[1]);
-            for (i64 j = 0; j <= i; j++) sc[p + j] = dot(C, tail, qv, qt, kb + (a + j) * J->ks[2]);
-            for (i64 j = keys; j < padded; j++) sc[j] = -INFINITY;  /* never the max of a real score; exp gives 0 */
-            vf m = *(vf*)sc, total = {0};
-            for (i64 j = W; j < padded; j += W) m = max2(m, *(vf*)(sc + j));
-            const float top = max16(m);
-            for (i64 j = 0; j < padded; j += W) {
-                vf e = exp_neg(*(vf*)(sc + j) - top);
-                *(vf*)(sc + j) = e;
-                total += e;
-            }
-            for (i64 c = 0; c < C; c++) o[c] = (vf){0};
-            for (i64 d = 0; d < tail; d++) ot[d] = 0.0f;
-            for (i64 j = 0; j < keys; j++) {
-                const float* vp = j < p ? pvb + j * J->pvs[1] : vb + (a + j - p) * J->vs[2];
-                const float w = sc[j];
-                for (i64 c = 0; c < C; c++) o[c] += w * load(vp + W * c);
-                for (i64 d = 0; d < tail; d++) ot[d] += w * vp[W * C + d];
-            }
-            const float inv = 1.0f / sum16(total);
-            float* zp = J->z + s * J->zs[0] + row * J->zs[1] + h * J->zs[2];
-            for (i64 c = 0; c < C; c++) *(vfu*)(zp + W * c) = o[c] * inv;
-            for (i64 d = 0; d < tail; d++) zp[W * C + d] = ot[d] * inv;
+    const i64 p = J->pos[g], a = J->start[g], S = J->size[g];
+    for (i64 i = J->last_only ? S - 1 : 0; i < S; i++) {
+        const i64 row = J->last_only ? g : a + i, keys = p + i + 1, padded = (keys + W - 1) / W * W;
+        const float* qp = J->q + s * J->qs[0] + h * J->qs[1] + row * J->qs[2];
+        vf qv[MAX_CHUNKS], o[MAX_CHUNKS];
+        float qt[W], ot[W];
+        for (i64 c = 0; c < C; c++) qv[c] = load(qp + W * c) * J->scale;
+        for (i64 d = 0; d < tail; d++) qt[d] = qp[W * C + d] * J->scale;
+        for (i64 j = 0; j < p; j++) sc[j] = dot(C, tail, qv, qt, pkb + j * J->pks[1]);
+        for (i64 j = 0; j <= i; j++) sc[p + j] = dot(C, tail, qv, qt, kb + (a + j) * J->ks[2]);
+        for (i64 j = keys; j < padded; j++) sc[j] = -INFINITY;  /* never the max of a real score; exp gives 0 */
+        vf m = *(vf*)sc, total = {0};
+        for (i64 j = W; j < padded; j += W) m = max2(m, *(vf*)(sc + j));
+        const float top = max16(m);
+        for (i64 j = 0; j < padded; j += W) {
+            vf e = exp_neg(*(vf*)(sc + j) - top);
+            *(vf*)(sc + j) = e;
+            total += e;
         }
+        for (i64 c = 0; c < C; c++) o[c] = (vf){0};
+        for (i64 d = 0; d < tail; d++) ot[d] = 0.0f;
+        for (i64 j = 0; j < keys; j++) {
+            const float* vp = j < p ? pvb + j * J->pvs[1] : vb + (a + j - p) * J->vs[2];
+            const float w = sc[j];
+            for (i64 c = 0; c < C; c++) o[c] += w * load(vp + W * c);
+            for (i64 d = 0; d < tail; d++) ot[d] += w * vp[W * C + d];
+        }
+        const float inv = 1.0f / sum16(total);
+        float* zp = J->z + s * J->zs[0] + row * J->zs[1] + h * J->zs[2];
+        for (i64 c = 0; c < C; c++) *(vfu*)(zp + W * c) = o[c] * inv;
+        for (i64 d = 0; d < tail; d++) zp[W * C + d] = ot[d] * inv;
     }
+}
+
+/* The work of group g (score and value terms of the rows it computes, plus one per row). */
+static inline i64 cost(const job* J, i64 g) {
+    const i64 p = J->pos[g], S = J->size[g];
+    if (S < 1) return 0;
+    return J->last_only ? p + S + 1 : S * p + S * (S + 1) / 2 + S;
 }
 
 /* meta: n, nh, hs, G, last_only, then the strides (q 3, k 3, v 3, pk 2, pv 2, z 3), then the number
@@ -138,6 +145,8 @@ int ragged_attend(const i64* meta, const i64* groups, const float* q, const floa
     for (i64 g = 0; g < J.G; g++) T = J.pos[g] + J.size[g] > T ? J.pos[g] + J.size[g] : T;
     const i64 padded = (T + W - 1) / W * W;
     int failed = 0;
+    i64 per_slab = 0;
+    for (i64 g = 0; g < J.G; g++) per_slab += cost(&J, g);
 #pragma omp parallel num_threads(meta[21] > 0 ? meta[21] : 1)
     {
         int threads = 1, id = 0;
@@ -145,17 +154,26 @@ int ragged_attend(const i64* meta, const i64* groups, const float* q, const floa
         threads = omp_get_num_threads();
         id = omp_get_thread_num();
 #endif
-        i64 items = J.n * J.nh, lo = items * id / threads, hi = items * (id + 1) / threads;
+        /* items (slab, group) in memory order, split into runs of equal work: a group's rows are
+         * consecutive, so each thread streams through whole rows of q, k, v, every head at once */
+        const i64 total = J.n * per_slab, lo = total * id / threads, hi = total * (id + 1) / threads;
         float* sc = aligned_alloc(64, sizeof(float) * padded);
-        if (!sc) {
-            failed = 1;
-            hi = lo;
-        }
-        for (i64 it = lo; it < hi; it++) {
-            if (C == 4 && J.hs == 64)
-                slab_head(4, &J, it / J.nh, it % J.nh, sc);  /* GPT-2's head size, unrolled */
-            else
-                slab_head(C, &J, it / J.nh, it % J.nh, sc);
+        if (!sc) failed = 1;
+        i64 done = 0;
+        for (i64 s = 0; sc && s < J.n; s++) {
+            if (done + per_slab <= lo) { done += per_slab; continue; }
+            if (done >= hi) break;
+            for (i64 g = 0; g < J.G; g++) {
+                const i64 w = cost(&J, g), mid = done + w / 2;
+                done += w;
+                if (w == 0 || mid < lo || mid >= hi) continue;  /* an item belongs to the thread of its midpoint */
+                for (i64 h = 0; h < J.nh; h++) {
+                    if (C == 4 && J.hs == 64)
+                        group_head(4, &J, s, g, h, sc);  /* GPT-2's head size, unrolled */
+                    else
+                        group_head(C, &J, s, g, h, sc);
+                }
+            }
         }
         free(sc);
     }
