@@ -345,6 +345,40 @@ def test_ragged_kernel_equals_per_row_softmax_and_torch_buckets(hs, last_only, m
 
 
 @needs_cc
+@pytest.mark.parametrize("threads", [2, 3, 7])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("last_only", [False, True])
+def test_ragged_kernel_splits_its_work_between_threads_without_gaps(threads, n, last_only):
+    """The kernel's threads share (slab, group) items by their work (the suite otherwise runs one
+    thread): with more threads than items of one slab, and groups of very different sizes (one empty),
+    every row is written, and each to the bit as one thread writes it (a row's sums do not depend on
+    which thread computes it)."""
+    groups, start = [], 0
+    for p, S in [(0, 40), (1, 1), (2, 0), (5, 12), (20, 3), (30, 25)]:
+        groups.append((p, start, S))
+        start += S
+    q, k, v, prefix = _ragged_case(n, 3, 16, groups, seed=threads)
+    last = [st + S - 1 for _, st, S in groups if S]
+    table = ragged.table([g for g in groups if g[2]] if last_only else groups)
+    qq = q[:, :, last] if last_only else q
+    rows = len(last) if last_only else start
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.full((n, rows, 3, 16), float("nan"))
+        assert ragged.attend(qq, k, v, prefix, table, one, last_only)
+        torch.set_num_threads(threads)
+        many = torch.full_like(one, float("nan"))
+        assert ragged.attend(qq, k, v, prefix, table, many, last_only)
+    finally:
+        torch.set_num_threads(before)
+    assert not many.isnan().any(), "a row was left unwritten"
+    assert torch.equal(many, one)
+    want = _per_row(q, k, v, prefix, [g for g in groups if g[2]], last if last_only else list(range(start)))
+    assert_close(many, want, scale=want.abs().max(), what="kernel with several threads vs per-row softmax")
+
+
+@needs_cc
 @pytest.mark.parametrize("site", ["resid_pre", "resid_post", "attn_out", "mlp_out", "q", "k", "v", "z"])
 def test_sweeps_with_the_kernel_equal_the_loop(site, monkeypatch):
     """Every site's fast sweep runs its attention in the kernel (each call is counted) and equals the
