@@ -44,14 +44,19 @@ _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _LINEAR_
 
 
 @lru_cache(maxsize=1)
-def cpu_bf16() -> str | None:
-    """The CPU's native bfloat16 matmul ("AMX" or "AVX512-BF16", from /proc/cpuinfo's flags), or None
-    where it has none (oneDNN would then emulate bfloat16, slower than float32) or we cannot tell."""
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 Linux), or None where they cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
         return None
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's native bfloat16 matmul ("AMX" or "AVX512-BF16", from its flags), or None where it has
+    none (oneDNN would then emulate bfloat16, slower than float32) or we cannot tell."""
+    flags = cpu_flags() or frozenset()
     return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
 
 

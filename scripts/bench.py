@@ -270,10 +270,8 @@ def sample_loop(model, corrupt, rec_clean, target, foil, device, budget_s: float
 
 def isa() -> str:
     """The CPU's vector extensions that the sweep's kernels can use (Linux flags; x86)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
+    flags = mingpt.linear.cpu_flags()
+    if flags is None:
         return "unknown ISA"
     have = [name for flag, name in (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"),
                                     ("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16")) if flag in flags]
