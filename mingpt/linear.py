@@ -72,8 +72,8 @@ def onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
           packed: torch.Tensor | None = None) -> torch.Tensor:
     """act(x @ weight.T + bias), act one of ACTIVATIONS or None: oneDNN in one pass where `onednn` says
-    so (from `packed`, the same weight in oneDNN's layout, if given), else F.linear."""
-    if onednn(x, weight):
+    so (from `packed`, the same weight in oneDNN's layout, given only where `onednn` holds), else F.linear."""
+    if packed is not None or onednn(x, weight):  # a packed weight was made for oneDNN: checked then
         attr, algorithm = FUSED[act] if act else ("none", "")
         return _LINEAR_POINTWISE(x, weight if packed is None else packed, bias, attr, [], algorithm)
     y = F.linear(x, weight, bias)
@@ -89,6 +89,9 @@ def free_memory() -> int | None:
         return None
 
 
+_ALL = slice(None)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names) computed by `dense`, optionally with an activation and
     for some output features only (`rows`, a slice of the weight's rows). Weights edited through
@@ -97,7 +100,9 @@ class Linear(nn.Linear):
     keep_packed = False  # set per module by packed()
 
     def forward(self, x: torch.Tensor, act: str | None = None, rows: slice = slice(None)) -> torch.Tensor:
-        w, b = self.weight[rows], None if self.bias is None else self.bias[rows]
+        w, b = self.weight, self.bias
+        if rows != _ALL:  # some output features only
+            w, b = w[rows], None if b is None else b[rows]
         # one row takes oneDNN's matrix-vector path, which rounds differently with a packed weight: plain
         # then, so that packing never changes a result (with more rows the two agree to the bit)
         pack = self.keep_packed and _REORDER is not None and x.numel() > x.shape[-1] and onednn(x, w)
