@@ -70,10 +70,6 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
     firsts = torch.tensor(starts[:-1], device=dev)  # each group's first row: the patched position
     layout = _Layout(groups, last, dev)  # attention buckets and their masks, the same in every block
     joins = [sum(first[i] == k for i in order) for k in range(L + 2)]  # slabs starting at each block
-    # only each group's first row differs from the base run's input: the rest keep its q, k, v
-    use_known = edit_site == "resid_pre" and not every and "q" in base
-    # (L, T, 3C): the base run's q | k | v as c_attn lays them out, made once (rows gathered per block)
-    qkv = torch.cat([base[s][:, 0] for s in "qkv"], dim=1).transpose(1, 2).flatten(-2) if use_known else None
     x, joined = None, 0
     for k in range(first[order[0]], L + 1):
         new = [i for i in order if first[i] == k]
@@ -85,7 +81,8 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
             if edit_site == "resid_pre":  # the input itself is patched: each group's first row (every row)
                 mine = values.index_select(0, torch.tensor(new, device=values.device))  # (n_new, X, C)
                 slab[:, slice(None) if every else firsts] = mine.to(slab)
-                fresh = len(new) if use_known else 0
+                # only each group's first row differs from the base run's input: the rest keep its q, k, v
+                fresh = len(new) if not every and "q" in base else 0
             else:  # edits address the new slabs where the edited tensor holds them: after the earlier slabs,
                 # except at the last block, where the new slabs run on their own
                 edits = _edits(edit_site, k, new, 0 if k == L - 1 else joined, slabs, groups, every, values, dev)
@@ -100,7 +97,7 @@ def forward_cells(model, base, site: str, slabs: Sequence[tuple[int, int | None]
         prefix = (base["k", k][0], base["v", k][0])  # (nh, T, hs) each: keys/values of the base run
         at = At(k, None, [edits] if edits is not None else ())
         mix = _Groups(block.attn, layout, prefix)
-        known = _Known(qkv[k].index_select(0, suffix), firsts, fresh) if fresh else None
+        known = _Known(base, k, suffix, firsts, fresh) if fresh else None
         if k < L - 1:
             room = joins[k + 1] if k + 1 < L else 0  # the slabs of the next block, written in place there
             x = block(x, at, mix) if known is None else _block(block, x, known, mix, room)  # (n [+ room], R, C)
@@ -150,12 +147,15 @@ def _edits(site, k, new, offset, slabs, groups, every, values, dev) -> Edits:
 
 
 class _Known:
-    """The base run's q, k, v of a block for the last `fresh` slabs of a batch: those slabs differ from
-    the base run's input only at rows `firsts`, so every other row's q, k, v are the base run's.
-    qkv: (R, 3C), those rows as c_attn lays them out, a fresh tensor this object may write into."""
+    """The base run's q, k, v of block k for the last `fresh` slabs of a batch: those slabs differ from
+    the base run's input only at rows `firsts`, so every other row's q, k, v are the base run's."""
 
-    def __init__(self, qkv: torch.Tensor, firsts: torch.Tensor, fresh: int):
-        self.qkv, self.firsts, self.fresh = qkv, firsts, fresh
+    def __init__(self, base, k: int, suffix: torch.Tensor, firsts: torch.Tensor, fresh: int):
+        heads = torch.cat([base[s, k][0] for s in "qkv"])  # (3nh, T, hs)
+        # (T, 3C) as c_attn lays them out, then the rows of the flat groups (R, 3C): a fresh tensor of
+        # this block's own, which linear() may write into; whole-row copies, unlike x[suffix]
+        self.qkv = heads.transpose(0, 1).flatten(-2).index_select(0, suffix)
+        self.firsts, self.fresh = firsts, fresh
 
     def linear(self, c_attn, h: torch.Tensor, cols: slice) -> list[torch.Tensor]:
         """c_attn(h, rows=cols) for h = ln_1 of the block input (n, R, C), computed only where it is not
