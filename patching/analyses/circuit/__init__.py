@@ -186,7 +186,7 @@ def circuit(ctx: Context, pair: Pair, options: CircuitOptions, events: Events | 
     clean_value, corrupt_value = (float(value(r.last_logits[0][None])[0]) for r in (clean, corrupt))
     t1 = time.perf_counter()
     s = scores_of(ctx, options.method, base_ids, base, source, delta, graph, value, options, events)
-    scores = s.detach()[graph.edges[:, 0], graph.edges[:, 1]].numpy()  # (n_edges[, T])
+    scores = s.detach().cpu()[graph.edges[:, 0], graph.edges[:, 1]].numpy()  # (n_edges[, T])
     t2 = time.perf_counter()
     summed = scores.sum(-1) if scores.ndim == 2 else scores
     # oriented toward the source run: positive = moves the metric the way the source run differs
@@ -220,7 +220,7 @@ def circuit(ctx: Context, pair: Pair, options: CircuitOptions, events: Events | 
         result.hypothesis = test_hypothesis(hypothesis, run, full, empty, graph)
     if options.check:
         want = exact(model, base, delta, graph, value, False, options.max_rows)[graph.edges[:, 0], graph.edges[:, 1]]
-        result.check = compare(summed, want.numpy(), graph)
+        result.check = compare(summed, want.cpu().numpy(), graph)
     result.timing = {"record_seconds": round(t1 - t0, 6), "scores_seconds": round(t2 - t1, 6),
                      "faithfulness_seconds": round(t3 - t2, 6)}
     return result

@@ -285,7 +285,7 @@ def eap_ig_activations(model, base_ids: torch.Tensor, base: Recording, source: R
                 z0, z1 = base["z", l][0, h], source["z", l][0, h]
                 edit = Patch(l, None, z0 + a * (z1 - z0), site="z", head=h)
             g = g + reader_gradients(model, base_ids, value, [edit])
-        col = torch.einsum("tc,rtc->rt", delta[i].double(), (g / steps).double())
+        col = torch.einsum("tc,rtc->rt", delta[i].double(), (g / steps).double()).cpu()  # out is on the CPU
         out[:, i] = torch.where(adj[:, i, None], col, torch.tensor(float("nan"), dtype=torch.float64))
         if progress:
             progress(i + 1, len(graph.senders))

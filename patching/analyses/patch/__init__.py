@@ -231,7 +231,7 @@ class Patching(Analysis):
         timing = {"record_seconds": round(t1 - t0, 6), "sweep_seconds": round(t2 - t1 if attrib else t3 - t2, 6)}
         check = None
         if o.check:
-            live = ~engines.noop_cells(rec[base], source, site, o.all_positions).numpy().reshape(exact[o.metric].shape)
+            live = ~engines.noop_cells(rec[base], source, site, o.all_positions).cpu().numpy().reshape(exact[o.metric].shape)
             check = attribution.compare(exact[o.metric], metrics[o.metric], value(o.metric, r[base]), live,
                                         axes_of(site, o.all_positions), prep.tokens,
                                         source_value=value(o.metric, r[src]))

@@ -47,7 +47,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def compare(ctx, prep, options, matrix: np.ndarray, own_base: float, base: str, src: str) -> dict:
     """The float32 reference of a sample of a half-precision sweep's cells (matrix: its metric values,
     axes as the sweep's; own_base: its base run's value), as results.json's `precision`."""
-    model = float32_model(ctx.spec.model, str(ctx.device))
+    model = float32_model(ctx.spec.model, ctx.device.type)  # ModelSpec names a kind of device, not cuda:0
     ids = {"clean": torch.tensor([prep.clean_ids], device=ctx.device),
            "corrupt": torch.tensor([prep.corrupt_ids], device=ctx.device)}
     rec = {k: engines.record(model, v, [options.site]) for k, v in ids.items()}
