@@ -25,17 +25,22 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import contextlib
 import math
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mingpt import ragged
 from mingpt.sites import HEAD_SITES, At, Edits
 
 BUCKET_ROWS = 32  # rows of short groups that share one attention call
 SHORT_KEYS = 128  # attention over at most this many keys is written out (see _attend)
+# On a GPU, the fused kernels that take a mask, but not cuDNN's: it builds a graph for every new shape
+# (hundreds of ms; each bucket of rows has its own shape), which made long bfloat16 sweeps up to 16x slower
+GPU_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @torch.no_grad()
@@ -291,7 +296,8 @@ def _attend(q, k, v, mask: torch.Tensor) -> torch.Tensor:
     is 0, as (n, Q, nh, hs). Written out for short keys: on small, many-headed shapes two matmuls beat
     the fused kernel; long ones take the fused kernel, which never holds the (Q, K) weights."""
     if k.shape[-2] > SHORT_KEYS:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)).transpose(1, 2)
+        with sdpa_kernel(GPU_ATTENTION) if q.is_cuda else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)).transpose(1, 2)
     w = torch.matmul(q, k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.shape[-1])).add_(mask)  # (n, nh, Q, K)
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(v.dtype)  # half precision: normalise in float32
     return torch.matmul(w, v).transpose(1, 2)  # (n, Q, nh, hs)
