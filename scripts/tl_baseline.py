@@ -5,10 +5,17 @@
 patch-run's venv stays free of TransformerLens: bench.py writes a request, runs this file with
 another venv's python (`--tl-python`), and reads the result. Nothing here imports patch-run.
 
-REQUEST: {"checkpoint": a folder in Hugging Face layout, "target": id, "foil": id,
-          "jobs": [{"sweep": "resid_pre", "clean": [ids], "corrupt": [ids]}, ...]}
+REQUEST: {"checkpoint": a folder in Hugging Face layout, "target": id, "foil": id, "device": "cpu" (default)
+          or "cuda", "jobs": [{"sweep": "resid_pre", "clean": [ids], "corrupt": [ids],
+          "dtype": "float32" (default) or "bfloat16", "budget": seconds (optional)}, ...]}
 RESULT:  {"transformer_lens": version, "torch": version, "model": how it was built,
           "jobs": [{"sweep": ..., "seconds": the sweep call alone, "matrix": [[...], ...]}, ...]}
+
+A job with a budget whose whole sweep would take longer (timed on a sample of its patched forwards,
+which all cost the same: each runs the whole model) is not run whole: TL's own
+`generic_activation_patch` runs a random sample of its cells (`index_df`), and the result has
+"seconds" projected to every cell, "projected": true, and "cells"/"values" (patch-run's axis order)
+instead of "matrix".
 
 The model is built from the same checkpoint patch-run loads, with no weight processing (no LayerNorm
 folding or centering), so its residual stream is numerically GPT-2's:
@@ -20,6 +27,8 @@ Sweeps (metric logit(foil) - logit(target) at the last position; a new one is on
 - "resid_pre": `transformer_lens.patching.get_act_patch_resid_pre`, one patched forward per
   (layer, position). Row l patches the input of block l, i.e. the output of block l-1: TL's rows
   1..L-1 are patch-run's rows 0..L-2 (its row 0, the embeddings, has no patch-run counterpart).
+- "resid_post": `generic_activation_patch` with TL's `layer_pos_patch_setter` at `resid_post` (row l is
+  block l's output, as patch-run's).
 - "z": `get_act_patch_attn_head_out_by_pos`, one patched forward per (layer, head, position),
   returned in patch-run's axis order (layer, head, position) to compare with `--site z`.
 - "edges" (TransformerLens >= 4.3): `tools.analysis.attribution_patching.attribution_patch` at edge
@@ -41,15 +50,15 @@ def tl_major() -> int:
     return int(version("transformer-lens").split(".")[0])
 
 
-def load_model(folder: str):
-    """(model, description) for the checkpoint folder, with unprocessed weights, fp32, eval mode."""
+def load_model(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, description) for the checkpoint folder, with unprocessed weights, eval mode."""
     if tl_major() >= 4:
         from transformer_lens.model_bridge import TransformerBridge
-        model = TransformerBridge.boot_transformers(folder, device="cpu", dtype=torch.float32)
+        model = TransformerBridge.boot_transformers(folder, device=device, dtype=dtype)
         return model.eval(), "TransformerBridge.boot_transformers (raw weights)"
     from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
-    return hooked_from_hf(hf), "HookedTransformer (convert_gpt2_weights, no processing)"
+    return hooked_from_hf(hf).to(device=device, dtype=dtype), "HookedTransformer (convert_gpt2_weights, no processing)"
 
 
 def hooked_from_hf(hf_model):
@@ -90,6 +99,47 @@ def z(model, clean: torch.Tensor, corrupt: torch.Tensor, metric) -> tuple[torch.
     t0 = time.perf_counter()
     out = get_act_patch_attn_head_out_by_pos(model, corrupt, cache, metric)
     return out.transpose(1, 2), time.perf_counter() - t0
+
+
+def generic(model, clean: torch.Tensor, corrupt: torch.Tensor, metric, site: str, budget: float | None) -> dict:
+    """TL's generic_activation_patch at `site` ("resid_post": (layer, pos); "z": (layer, pos, head)) over
+    every cell, or, when that would outlast `budget` seconds, over a random sample of them (module
+    docstring). Cells and matrices in patch-run's axis order (layer, [head,] position)."""
+    import numpy as np
+    from transformer_lens import patching as tp
+    axes = ("layer", "pos") if site == "resid_post" else ("layer", "pos", "head")
+    setter = tp.layer_pos_patch_setter if site == "resid_post" else tp.layer_pos_head_vector_patch_setter
+    _, cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith(f"hook_{site}"))
+    sizes = {"layer": model.cfg.n_layers, "pos": clean.shape[1], "head": model.cfg.n_heads}
+    every = tp.make_df_from_ranges([sizes[a] for a in axes], list(axes))
+
+    def patch(index_df) -> tuple[torch.Tensor, float]:
+        sync()
+        t0 = time.perf_counter()
+        out = tp.generic_activation_patch(model, corrupt, cache, metric, setter, site, index_df=index_df)
+        out = out.detach().float().cpu()  # waits for the device
+        return out, time.perf_counter() - t0
+
+    sample = every.sample(n=min(len(every), 24), random_state=0).reset_index(drop=True)
+    patch(sample.iloc[:2])  # warm-up: the first forwards of a model pay one-time costs
+    values, s = patch(sample)
+    per_cell = s / len(sample)
+    if budget is None or per_cell * len(every) <= budget:
+        full, s = patch(every)
+        matrix = full.view(*[sizes[a] for a in axes])
+        if site == "z":
+            matrix = matrix.permute(0, 2, 1)  # (layer, pos, head) -> (layer, head, pos)
+        return {"seconds": s, "projected": False, "matrix": matrix.double().tolist()}
+    cells = sample[list(axes)].to_numpy()
+    if site == "z":
+        cells = cells[:, [0, 2, 1]]
+    return {"seconds": per_cell * len(every), "projected": True, "sampled": len(sample),
+            "cells": np.asarray(cells).tolist(), "values": values.double().tolist()}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def tl_node(name: str, position: int, n_layers: int, reader: bool):
@@ -146,8 +196,9 @@ SWEEPS = {"resid_pre": resid_pre, "z": z}
 
 def main(request_path: str, result_path: str):
     req = json.loads(open(request_path).read())
-    model, how = load_model(req["checkpoint"])
+    device = req.get("device", "cpu")
     target, foil = req["target"], req["foil"]
+    models: dict[str, tuple] = {}
 
     def metric(logits):
         return logits[0, -1, foil] - logits[0, -1, target]
@@ -155,13 +206,23 @@ def main(request_path: str, result_path: str):
     jobs = []
     with torch.no_grad():
         for job in req["jobs"]:
-            clean, corrupt = torch.tensor([job["clean"]]), torch.tensor([job["corrupt"]])
+            dtype = job.get("dtype", "float32")
+            if dtype not in models:  # one model per precision, the last one freed first
+                models.clear()
+                models[dtype] = load_model(req["checkpoint"], device, getattr(torch, dtype))
+            model, how = models[dtype]
+            clean, corrupt = torch.tensor([job["clean"]], device=device), torch.tensor([job["corrupt"]], device=device)
+            if job["sweep"] == "resid_post" or "budget" in job:
+                jobs.append({"sweep": job["sweep"], "dtype": dtype,
+                             **generic(model, clean, corrupt, metric, job["sweep"], job.get("budget"))})
+                continue
             if job["sweep"] == "edges":
                 jobs.append({"sweep": "edges", **edges(model, clean, corrupt, metric, job)})
                 continue
             matrix, seconds = SWEEPS[job["sweep"]](model, clean, corrupt, metric)
             jobs.append({"sweep": job["sweep"], "seconds": seconds, "matrix": matrix.detach().cpu().double().tolist()})
-    result = {"transformer_lens": version("transformer-lens"), "torch": torch.__version__, "model": how,
+    result = {"transformer_lens": version("transformer-lens"), "torch": torch.__version__,
+              "model": how if models else "none loaded",
               "threads": torch.get_num_threads(), "jobs": jobs}
     with open(result_path, "w") as f:
         json.dump(result, f)
