@@ -4,7 +4,8 @@ Without gradients, in float32 on an x86 CPU (and in bfloat16 on one that multipl
 AVX512-BF16), `dense` computes act(x @ W.T + b) with oneDNN's matmul
 with the bias and the activation fused into it (the kernel torch's own inductor uses for CPU linears),
 10-20% faster than BLAS followed by a separate activation pass; elsewhere it is F.linear. The two
-differ only in float32 rounding.
+differ only in float32 rounding. On a CPU without AVX-512, GPT-2's GELU (tanh) is torch's own, after
+the product: there oneDNN's fused one is the slower (7-8 % of a c_fc call on a Zen 1 EPYC).
 
 Given a plain weight, oneDNN reorders it into its blocked layout on every call, which costs as much as
 the product itself for a few dozen rows. Inside `packed(modules)` (GPT.packed) each `Linear` keeps
@@ -60,6 +61,14 @@ def cpu_bf16() -> str | None:
     return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
+@lru_cache(maxsize=1)
+def fuse_gelu() -> bool:
+    """Whether oneDNN computes a GELU (tanh) inside the product: yes with AVX-512; on an AVX2-only CPU
+    torch's GELU after it is faster (measured on a Zen 1 EPYC at 16 to 2,000 rows of GPT-2's c_fc)."""
+    flags = cpu_flags()
+    return flags is None or "avx512f" in flags
+
+
 def onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `dense` computes x @ weight.T with oneDNN: no gradients, on the CPU, in float32, or in
     bfloat16 where the CPU multiplies it natively."""
@@ -74,8 +83,11 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act:
     """act(x @ weight.T + bias), act one of ACTIVATIONS or None: oneDNN in one pass where `onednn` says
     so (from `packed`, the same weight in oneDNN's layout, given only where `onednn` holds), else F.linear."""
     if packed is not None or onednn(x, weight):  # a packed weight was made for oneDNN: checked then
+        w = weight if packed is None else packed
+        if act and FUSED[act][1] == "tanh" and not fuse_gelu():
+            return ACTIVATIONS[act](_LINEAR_POINTWISE(x, w, bias, "none", [], ""))
         attr, algorithm = FUSED[act] if act else ("none", "")
-        return _LINEAR_POINTWISE(x, weight if packed is None else packed, bias, attr, [], algorithm)
+        return _LINEAR_POINTWISE(x, w, bias, attr, [], algorithm)
     y = F.linear(x, weight, bias)
     return ACTIVATIONS[act](y) if act else y
 

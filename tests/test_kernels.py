@@ -47,8 +47,10 @@ def random_model(seed=0, **kw) -> GPT:
     return model.eval()
 
 
+@pytest.mark.parametrize("fuse", [True, False])  # the GELU inside oneDNN's product (AVX-512) or after it (AVX2)
 @pytest.mark.parametrize("act", [None, *ACTIVATIONS])
-def test_dense_equals_linear_and_activation(act):
+def test_dense_equals_linear_and_activation(act, fuse, monkeypatch):
+    monkeypatch.setattr(linear_module, "fuse_gelu", lambda: fuse)
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(3, 37, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
     want = F.linear(x, w, b)
