@@ -123,7 +123,8 @@ def save(shape: str, folder: Path, device) -> None:
 
 
 def our_sweep(model, T: int, site: str, budget: float, max_rows: int):
-    """(best seconds, projected?, readouts, cells' floor FLOPs): module docstring."""
+    """(best seconds, projected?, readouts (None when projected), the live cells' floor FLOPs, (clean
+    ids, corrupt ids)): module docstring."""
     device = next(model.parameters()).device
     clean, corrupt = (t.to(device) for t in bench.prompts(T))
     rc, rk = engines.record(model, clean, [site]), engines.record(model, corrupt, [site])
