@@ -11,7 +11,7 @@ REQUEST: {"checkpoint": a folder in Hugging Face layout, "target": id, "foil": i
 RESULT:  {"transformer_lens": version, "torch": version, "model": how it was built,
           "jobs": [{"sweep": ..., "seconds": the sweep call alone, "matrix": [[...], ...]}, ...]}
 
-A job with a budget whose whole sweep would take longer (timed on a sample of its patched forwards,
+A resid_post or z job with a budget whose whole sweep would take longer (timed on a sample of its patched forwards,
 which all cost the same: each runs the whole model) is not run whole: TL's own
 `generic_activation_patch` runs a random sample of its cells (`index_df`), and the result has
 "seconds" projected to every cell, "projected": true, and "cells"/"values" (patch-run's axis order)
@@ -212,7 +212,7 @@ def main(request_path: str, result_path: str):
                 models[dtype] = load_model(req["checkpoint"], device, getattr(torch, dtype))
             model, how = models[dtype]
             clean, corrupt = torch.tensor([job["clean"]], device=device), torch.tensor([job["corrupt"]], device=device)
-            if job["sweep"] == "resid_post" or "budget" in job:
+            if job["sweep"] == "resid_post" or (job["sweep"] == "z" and "budget" in job):
                 jobs.append({"sweep": job["sweep"], "dtype": dtype,
                              **generic(model, clean, corrupt, metric, job["sweep"], job.get("budget"))})
                 continue
