@@ -225,10 +225,15 @@ def save_checkpoint(folder: Path) -> str:
         hf = GPT2LMHeadModel(GPT2Config(attn_implementation="eager"))
         kind = "random weights, GPT-2 small shape (12 layers, 768 wide, 50257 vocab)"
     hf.eval().save_pretrained(folder)
-    encoder, merges = gpt2_vocabulary()  # Hub layout: the same files under the Hub's names
+    add_vocabulary(folder)
+    return kind
+
+
+def add_vocabulary(folder: Path):
+    """GPT-2's vocabulary beside a saved checkpoint, in Hub layout (the same files under the Hub's names)."""
+    encoder, merges = gpt2_vocabulary()
     shutil.copyfile(encoder, folder / "vocab.json")
     shutil.copyfile(merges, folder / "merges.txt")
-    return kind
 
 
 def prompts(T: int, seed: int = 0):
@@ -370,11 +375,12 @@ def describe_parts(parts: dict[str, float], peak: float) -> str:
 # ----------------------------------------------------------------------------- TransformerLens
 
 
-def run_tl(python: str, folder: Path, jobs: list[dict]) -> dict:
+def run_tl(python: str, folder: Path, jobs: list[dict], device: str = "cpu") -> dict:
     """Run scripts/tl_baseline.py with another venv's python on `jobs`; its result, or {"error": ...}."""
     with tempfile.TemporaryDirectory() as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"checkpoint": str(folder), "target": TARGET, "foil": FOIL, "jobs": jobs}))
+        request.write_text(json.dumps({"checkpoint": str(folder), "target": TARGET, "foil": FOIL, "device": device,
+                                       "jobs": jobs}))
         env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), TQDM_DISABLE="1")
         proc = subprocess.run([python, str(SCRIPTS / "tl_baseline.py"), str(request), str(result)],
                               env=env, capture_output=True, text=True)

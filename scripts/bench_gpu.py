@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,6 @@ import torch
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 import bench  # noqa: E402  (puts the repository on sys.path)
-from mingpt.bpe import gpt2_vocabulary  # noqa: E402
 from mingpt.model import GPT  # noqa: E402
 from patching.core import engines  # noqa: E402
 
@@ -117,9 +114,7 @@ def save(shape: str, folder: Path, device) -> None:
         hf = GPT2LMHeadModel(GPT2Config(attn_implementation="eager", **SHAPES[shape]))
     hf.eval().save_pretrained(folder)
     del hf
-    encoder, merges = gpt2_vocabulary()
-    shutil.copyfile(encoder, folder / "vocab.json")
-    shutil.copyfile(merges, folder / "merges.txt")
+    bench.add_vocabulary(folder)
 
 
 def our_sweep(model, T: int, site: str, budget: float, max_rows: int):
@@ -161,20 +156,6 @@ def our_sweep(model, T: int, site: str, budget: float, max_rows: int):
             out, s, _ = once(float("inf"))
             best, spent = min(best, s), spent + s
     return best, projected, out, live_floor, (clean[0].tolist(), corrupt[0].tolist())
-
-
-def run_tl(python: str, folder: Path, device: str, jobs: list[dict]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"checkpoint": str(folder), "target": bench.TARGET, "foil": bench.FOIL,
-                                       "device": device, "jobs": jobs}))
-        env = dict(os.environ, TQDM_DISABLE="1")
-        proc = subprocess.run([python, str(SCRIPTS / "tl_baseline.py"), str(request), str(result)],
-                              env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines()
-            return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
-        return json.loads(result.read_text())
 
 
 def compare(ours: torch.Tensor, job: dict) -> float:
@@ -225,6 +206,8 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU (or --device cpu --shapes tiny for a dry run).")
     out = Path(args.out)
+    if any((out / name).exists() for name in ("gpu.json", "gpu.md")):
+        sys.exit(f"bench_gpu.py: {out} already holds gpu.json or gpu.md: give another --out (nothing is overwritten).")
     out.mkdir(parents=True, exist_ok=True)
     head = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "none (a dry run on the CPU)", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "tf32": torch.backends.cuda.matmul.allow_tf32, "max_rows": args.max_rows, "peaks": {}}
@@ -277,7 +260,7 @@ def main():
             torch.cuda.empty_cache()
         if not args.no_tl and tl_jobs and time.perf_counter() - t_start < args.deadline + 60:
             t = time.perf_counter()
-            res = run_tl(args.tl_python, folder, device.type, tl_jobs)
+            res = bench.run_tl(args.tl_python, folder, tl_jobs, device.type)
             if "error" in res:
                 print(f"TransformerLens on {shape}: failed ({res['error']})", flush=True)
             else:
