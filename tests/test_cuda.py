@@ -94,11 +94,11 @@ def test_every_command_on_cuda_gives_the_cpu_numbers(name, tmp_path):
     cpu = run([*COMMANDS[name], "--device", "cpu"], tmp_path / "cpu")
     gpu = run([*COMMANDS[name], "--device", "cuda"], tmp_path / "gpu")
     assert cpu.keys() == gpu.keys()
+    section = lambda k: k.split("/")[1].split("[")[0]  # noqa: E731 -- a path's top-level key
     scale = {}  # floats are compared against the largest of their top-level key; integers (ids, counts) exactly
     for k, v in cpu.items():
         if isinstance(v, float) and math.isfinite(v):
-            top = k.split("/")[1].split("[")[0]
-            scale[top] = max(scale.get(top, 0.0), abs(v))
+            scale[section(k)] = max(scale.get(section(k), 0.0), abs(v))
 
     def same(k):
         a, b = cpu[k], gpu[k]
@@ -106,7 +106,7 @@ def test_every_command_on_cuda_gives_the_cpu_numbers(name, tmp_path):
             return a == b
         if math.isnan(a) or math.isnan(b):
             return math.isnan(a) and math.isnan(b)
-        return abs(a - b) <= 1e-3 * max(scale.get(k.split("/")[1].split("[")[0], 0.0), 1e-6)
+        return abs(a - b) <= 1e-3 * max(scale.get(section(k), 0.0), 1e-6)
 
     bad = {k: (cpu[k], gpu[k]) for k in cpu if not same(k)}
     assert not bad, dict(list(bad.items())[:10])
