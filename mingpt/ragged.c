@@ -5,8 +5,13 @@
  * base run's keys 0..pos-1 (pk, pv: one copy shared by every slab) and to its own group's rows
  * start..start+i. Only those keys are visited, so no score is computed to be masked away.
  *
- * Vectors are GCC/Clang vector extensions (16 floats), lowered to whatever the compiler targets;
- * head sizes that are not a multiple of 16 finish with scalar tails. Work is split over (slab, group)
+ * Sums run over 16 lanes (W): lane l of a row's score gathers dimensions l, l + 16, ... of q * k,
+ * in that order, and lanes are added as a tree (l + 8, then + 4, + 2, + 1), so every result is the
+ * same on every CPU. They are computed on the target's own vectors (NB bytes: 64 with AVX-512, 32
+ * with AVX, else 16), PARTS of them per 16 lanes, with GCC's vector extensions: compilers split
+ * wider vectors into registers well for sums and products, but broadcast scalars, compare and
+ * shuffle them one lane at a time through memory (on AVX2 that took over half of the kernel's time).
+ * Head sizes that are not a multiple of 16 finish with scalar tails. Work is split over (slab, group)
  * items, in memory order and in runs of equal work, between the OpenMP threads of the caller (torch's
  * own runtime once torch is loaded): a group's rows are consecutive, so a thread reads whole rows of
  * q, k and v (every head) in turn, which the CPU's prefetchers follow; by (slab, head) it would read
@@ -22,30 +27,66 @@
 #endif
 
 typedef int64_t i64;
-typedef float vf __attribute__((vector_size(64)));
-typedef float vfu __attribute__((vector_size(64), aligned(4)));  /* unaligned loads and stores */
-typedef int32_t vi __attribute__((vector_size(64)));
 
-#define W 16        /* floats per vector */
+#define W 16        /* lanes of every sum */
 #define MAX_CHUNKS 16  /* head sizes up to 256 (GPT-2's are 64) */
+#if defined(__AVX512F__)
+#define NB 64
+#elif defined(__AVX__)
+#define NB 32
+#else
+#define NB 16
+#endif
+#define NW (NB / 4)      /* floats per native vector */
+#define PARTS (W / NW)   /* native vectors per W lanes */
+typedef float nv __attribute__((vector_size(NB)));
+typedef float nvu __attribute__((vector_size(NB), aligned(4)));  /* unaligned loads and stores */
+typedef int32_t ni __attribute__((vector_size(NB)));
 
-static inline vf load(const float* p) { return *(const vfu*)p; }
+static inline nv load(const float* p) { return *(const nvu*)p; }
 
-static inline float sum16(vf a) {  /* tree reduction: 4 shuffles, not 15 scalar adds */
-    a += __builtin_shuffle(a, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    a += __builtin_shuffle(a, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    a += __builtin_shuffle(a, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    a += __builtin_shuffle(a, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+static inline nv nmax(nv a, nv b) { ni gt = a > b; return (nv)(((ni)a & gt) | ((ni)b & ~gt)); }
+
+/* The total of W lanes held as PARTS vectors (s is overwritten): lane l + lane l + 8, + 4, + 2, + 1;
+ * between parts with vector adds, then within one with shuffles (4 steps, not 15 scalar adds). */
+static inline float sum16(nv* s) {
+    for (int w = PARTS / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) s[i] += s[i + w];
+    nv a = s[0];
+#if NW == 16
+    a += __builtin_shuffle(a, (ni){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    a += __builtin_shuffle(a, (ni){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    a += __builtin_shuffle(a, (ni){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    a += __builtin_shuffle(a, (ni){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+#elif NW == 8
+    a += __builtin_shuffle(a, (ni){4, 5, 6, 7, 0, 1, 2, 3});
+    a += __builtin_shuffle(a, (ni){2, 3, 0, 1, 6, 7, 4, 5});
+    a += __builtin_shuffle(a, (ni){1, 0, 3, 2, 5, 4, 7, 6});
+#else
+    a += __builtin_shuffle(a, (ni){2, 3, 0, 1});
+    a += __builtin_shuffle(a, (ni){1, 0, 3, 2});
+#endif
     return a[0];
 }
 
-static inline vf max2(vf a, vf b) { vi gt = a > b; return (vf)(((vi)a & gt) | ((vi)b & ~gt)); }
-
-static inline float max16(vf a) {
-    a = max2(a, __builtin_shuffle(a, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-    a = max2(a, __builtin_shuffle(a, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
-    a = max2(a, __builtin_shuffle(a, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
-    a = max2(a, __builtin_shuffle(a, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+/* The largest of W lanes held as PARTS vectors (s is overwritten), in sum16's order. */
+static inline float max16(nv* s) {
+    for (int w = PARTS / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) s[i] = nmax(s[i], s[i + w]);
+    nv a = s[0];
+#if NW == 16
+    a = nmax(a, __builtin_shuffle(a, (ni){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+    a = nmax(a, __builtin_shuffle(a, (ni){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+    a = nmax(a, __builtin_shuffle(a, (ni){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+    a = nmax(a, __builtin_shuffle(a, (ni){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+#elif NW == 8
+    a = nmax(a, __builtin_shuffle(a, (ni){4, 5, 6, 7, 0, 1, 2, 3}));
+    a = nmax(a, __builtin_shuffle(a, (ni){2, 3, 0, 1, 6, 7, 4, 5}));
+    a = nmax(a, __builtin_shuffle(a, (ni){1, 0, 3, 2, 5, 4, 7, 6}));
+#else
+    a = nmax(a, __builtin_shuffle(a, (ni){2, 3, 0, 1}));
+    a = nmax(a, __builtin_shuffle(a, (ni){1, 0, 3, 2}));
+#endif
     return a[0];
 }
 
@@ -53,14 +94,14 @@ static inline float max16(vf a) {
  * |r| <= ln2 / 2 (ln 2 split in two for an exact r), e^r by its degree-6 Taylor polynomial
  * (truncation < 2e-7 relative); x < -87 (e^x below float32's normal range) gives 0, and NaN stays
  * NaN, as in torch, so that a damaged activation still shows in the output. */
-static inline vf exp_neg(vf x) {
+static inline nv exp_neg(nv x) {
     const float shift = 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
-    vf k = (x * 1.44269504088896341f + shift) - shift;
-    vf r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    vf p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    vi bits = (vi)p + (__builtin_convertvector(k, vi) << 23);  /* times 2^k, in the exponent field */
-    vi nan = x != x;
-    return (vf)((bits & ~(x < -87.0f) & ~nan) | ((vi)x & nan));
+    nv k = (x * 1.44269504088896341f + shift) - shift;
+    nv r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    nv p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    ni bits = (ni)p + (__builtin_convertvector(k, ni) << 23);  /* times 2^k, in the exponent field */
+    ni nan = x != x;
+    return (nv)((bits & ~(x < -87.0f) & ~nan) | ((ni)x & nan));
 }
 
 typedef struct {
@@ -72,18 +113,26 @@ typedef struct {
     float scale;
 } job;
 
-static inline float dot(const i64 C, const i64 tail, const vf* qv, const float* qt, const float* kp) {
-    vf acc = {0};
-    for (i64 c = 0; c < C; c++) acc += qv[c] * load(kp + W * c);
-    float s = C ? sum16(acc) : 0.0f;
-    for (i64 d = 0; d < tail; d++) s += qt[d] * kp[W * C + d];
+/* q . k for one key: native chunk m goes to lane part m % PARTS, so each of the W lanes sums its
+ * dimensions in order; then the lanes (sum16) and the scalar tail. N: whole native vectors per head. */
+static inline float dot(const i64 N, const i64 tail, const nv* qv, const float* qt, const float* kp) {
+    nv acc[PARTS] = {0};
+    for (i64 m = 0; m < N; m++) acc[m % PARTS] += qv[m] * load(kp + NW * m);
+    float s = N ? sum16(acc) : 0.0f;
+    for (i64 d = 0; d < tail; d++) s += qt[d] * kp[NW * N + d];
     return s;
+}
+
+/* o += w * v for one key's value row (N native vectors, then the scalar tail) */
+static inline void add_value(const i64 N, const i64 tail, nv* o, float* ot, const float w, const float* vp) {
+    for (i64 m = 0; m < N; m++) o[m] += w * load(vp + NW * m);
+    for (i64 d = 0; d < tail; d++) ot[d] += w * vp[NW * N + d];
 }
 
 /* Every query row of group g of slab s, head h. C: whole vectors per head (a constant where inlined),
  * tail: the rest; sc: scratch for one row's scores, padded to whole vectors. */
 static inline __attribute__((always_inline)) void group_head(const i64 C, const job* J, i64 s, i64 g, i64 h, float* sc) {
-    const i64 tail = J->hs - W * C;
+    const i64 tail = J->hs - W * C, N = C * PARTS;
     const float* kb = J->k + s * J->ks[0] + h * J->ks[1];
     const float* vb = J->v + s * J->vs[0] + h * J->vs[1];
     const float* pkb = J->pk + h * J->pks[0];
@@ -92,32 +141,32 @@ static inline __attribute__((always_inline)) void group_head(const i64 C, const 
     for (i64 i = J->last_only ? S - 1 : 0; i < S; i++) {
         const i64 row = J->last_only ? g : a + i, keys = p + i + 1, padded = (keys + W - 1) / W * W;
         const float* qp = J->q + s * J->qs[0] + h * J->qs[1] + row * J->qs[2];
-        vf qv[MAX_CHUNKS], o[MAX_CHUNKS];
+        nv qv[MAX_CHUNKS * PARTS], o[MAX_CHUNKS * PARTS];
         float qt[W], ot[W];
-        for (i64 c = 0; c < C; c++) qv[c] = load(qp + W * c) * J->scale;
+        for (i64 m = 0; m < N; m++) qv[m] = load(qp + NW * m) * J->scale;
         for (i64 d = 0; d < tail; d++) qt[d] = qp[W * C + d] * J->scale;
-        for (i64 j = 0; j < p; j++) sc[j] = dot(C, tail, qv, qt, pkb + j * J->pks[1]);
-        for (i64 j = 0; j <= i; j++) sc[p + j] = dot(C, tail, qv, qt, kb + (a + j) * J->ks[2]);
+        for (i64 j = 0; j < p; j++) sc[j] = dot(N, tail, qv, qt, pkb + j * J->pks[1]);
+        for (i64 j = 0; j <= i; j++) sc[p + j] = dot(N, tail, qv, qt, kb + (a + j) * J->ks[2]);
         for (i64 j = keys; j < padded; j++) sc[j] = -INFINITY;  /* never the max of a real score; exp gives 0 */
-        vf m = *(vf*)sc, total = {0};
-        for (i64 j = W; j < padded; j += W) m = max2(m, *(vf*)(sc + j));
+        nv m[PARTS], total[PARTS] = {0};
+        for (int u = 0; u < PARTS; u++) m[u] = *(nv*)(sc + NW * u);
+        for (i64 j = W; j < padded; j += W)
+            for (int u = 0; u < PARTS; u++) m[u] = nmax(m[u], *(nv*)(sc + j + NW * u));
         const float top = max16(m);
-        for (i64 j = 0; j < padded; j += W) {
-            vf e = exp_neg(*(vf*)(sc + j) - top);
-            *(vf*)(sc + j) = e;
-            total += e;
-        }
-        for (i64 c = 0; c < C; c++) o[c] = (vf){0};
+        for (i64 j = 0; j < padded; j += W)
+            for (int u = 0; u < PARTS; u++) {
+                nv e = exp_neg(*(nv*)(sc + j + NW * u) - top);
+                *(nv*)(sc + j + NW * u) = e;
+                total[u] += e;
+            }
+        for (i64 m = 0; m < N; m++) o[m] = (nv){0};
         for (i64 d = 0; d < tail; d++) ot[d] = 0.0f;
-        for (i64 j = 0; j < keys; j++) {
-            const float* vp = j < p ? pvb + j * J->pvs[1] : vb + (a + j - p) * J->vs[2];
-            const float w = sc[j];
-            for (i64 c = 0; c < C; c++) o[c] += w * load(vp + W * c);
-            for (i64 d = 0; d < tail; d++) ot[d] += w * vp[W * C + d];
-        }
+        /* the base run's values, then the group's own */
+        for (i64 j = 0; j < p; j++) add_value(N, tail, o, ot, sc[j], pvb + j * J->pvs[1]);
+        for (i64 j = 0; j <= i; j++) add_value(N, tail, o, ot, sc[p + j], vb + (a + j) * J->vs[2]);
         const float inv = 1.0f / sum16(total);
         float* zp = J->z + s * J->zs[0] + row * J->zs[1] + h * J->zs[2];
-        for (i64 c = 0; c < C; c++) *(vfu*)(zp + W * c) = o[c] * inv;
+        for (i64 m = 0; m < N; m++) *(nvu*)(zp + NW * m) = o[m] * inv;
         for (i64 d = 0; d < tail; d++) zp[W * C + d] = ot[d] * inv;
     }
 }
