@@ -32,10 +32,13 @@ typedef int64_t i64;
 #define MAX_CHUNKS 16  /* head sizes up to 256 (GPT-2's are 64) */
 #if defined(__AVX512F__)
 #define NB 64
+#define LANES {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
 #elif defined(__AVX__)
 #define NB 32
+#define LANES {0, 1, 2, 3, 4, 5, 6, 7}
 #else
 #define NB 16
+#define LANES {0, 1, 2, 3}
 #endif
 #define NW (NB / 4)      /* floats per native vector */
 #define PARTS (W / NW)   /* native vectors per W lanes */
@@ -47,25 +50,19 @@ static inline nv load(const float* p) { return *(const nvu*)p; }
 
 static inline nv nmax(nv a, nv b) { ni gt = a > b; return (nv)(((ni)a & gt) | ((ni)b & ~gt)); }
 
+/* a with lanes l and l ^ h swapped (h a power of two below NW): a tree's step within one vector */
+static inline nv swap(nv a, const int h) {
+    const ni lanes = LANES;
+    return __builtin_shuffle(a, lanes ^ h);
+}
+
 /* The total of W lanes held as PARTS vectors (s is overwritten): lane l + lane l + 8, + 4, + 2, + 1;
  * between parts with vector adds, then within one with shuffles (4 steps, not 15 scalar adds). */
 static inline float sum16(nv* s) {
     for (int w = PARTS / 2; w >= 1; w /= 2)
         for (int i = 0; i < w; i++) s[i] += s[i + w];
     nv a = s[0];
-#if NW == 16
-    a += __builtin_shuffle(a, (ni){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    a += __builtin_shuffle(a, (ni){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    a += __builtin_shuffle(a, (ni){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    a += __builtin_shuffle(a, (ni){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-#elif NW == 8
-    a += __builtin_shuffle(a, (ni){4, 5, 6, 7, 0, 1, 2, 3});
-    a += __builtin_shuffle(a, (ni){2, 3, 0, 1, 6, 7, 4, 5});
-    a += __builtin_shuffle(a, (ni){1, 0, 3, 2, 5, 4, 7, 6});
-#else
-    a += __builtin_shuffle(a, (ni){2, 3, 0, 1});
-    a += __builtin_shuffle(a, (ni){1, 0, 3, 2});
-#endif
+    for (int h = NW / 2; h >= 1; h /= 2) a += swap(a, h);
     return a[0];
 }
 
@@ -74,19 +71,7 @@ static inline float max16(nv* s) {
     for (int w = PARTS / 2; w >= 1; w /= 2)
         for (int i = 0; i < w; i++) s[i] = nmax(s[i], s[i + w]);
     nv a = s[0];
-#if NW == 16
-    a = nmax(a, __builtin_shuffle(a, (ni){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-    a = nmax(a, __builtin_shuffle(a, (ni){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
-    a = nmax(a, __builtin_shuffle(a, (ni){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
-    a = nmax(a, __builtin_shuffle(a, (ni){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
-#elif NW == 8
-    a = nmax(a, __builtin_shuffle(a, (ni){4, 5, 6, 7, 0, 1, 2, 3}));
-    a = nmax(a, __builtin_shuffle(a, (ni){2, 3, 0, 1, 6, 7, 4, 5}));
-    a = nmax(a, __builtin_shuffle(a, (ni){1, 0, 3, 2, 5, 4, 7, 6}));
-#else
-    a = nmax(a, __builtin_shuffle(a, (ni){2, 3, 0, 1}));
-    a = nmax(a, __builtin_shuffle(a, (ni){1, 0, 3, 2}));
-#endif
+    for (int h = NW / 2; h >= 1; h /= 2) a = nmax(a, swap(a, h));
     return a[0];
 }
 
