@@ -108,12 +108,6 @@ static inline float dot(const i64 N, const i64 tail, const nv* qv, const float* 
     return s;
 }
 
-/* o += w * v for one key's value row (N native vectors, then the scalar tail) */
-static inline void add_value(const i64 N, const i64 tail, nv* o, float* ot, const float w, const float* vp) {
-    for (i64 m = 0; m < N; m++) o[m] += w * load(vp + NW * m);
-    for (i64 d = 0; d < tail; d++) ot[d] += w * vp[NW * N + d];
-}
-
 /* Every query row of group g of slab s, head h. C: whole vectors per head (a constant where inlined),
  * tail: the rest; sc: scratch for one row's scores, padded to whole vectors. */
 static inline __attribute__((always_inline)) void group_head(const i64 C, const job* J, i64 s, i64 g, i64 h, float* sc) {
@@ -146,9 +140,12 @@ static inline __attribute__((always_inline)) void group_head(const i64 C, const 
             }
         for (i64 m = 0; m < N; m++) o[m] = (nv){0};
         for (i64 d = 0; d < tail; d++) ot[d] = 0.0f;
-        /* the base run's values, then the group's own */
-        for (i64 j = 0; j < p; j++) add_value(N, tail, o, ot, sc[j], pvb + j * J->pvs[1]);
-        for (i64 j = 0; j <= i; j++) add_value(N, tail, o, ot, sc[p + j], vb + (a + j) * J->vs[2]);
+        for (i64 j = 0; j < keys; j++) {
+            const float* vp = j < p ? pvb + j * J->pvs[1] : vb + (a + j - p) * J->vs[2];
+            const float w = sc[j];
+            for (i64 m = 0; m < N; m++) o[m] += w * load(vp + NW * m);
+            for (i64 d = 0; d < tail; d++) ot[d] += w * vp[W * C + d];
+        }
         const float inv = 1.0f / sum16(total);
         float* zp = J->z + s * J->zs[0] + row * J->zs[1] + h * J->zs[2];
         for (i64 m = 0; m < N; m++) *(nvu*)(zp + NW * m) = o[m] * inv;
