@@ -6,8 +6,8 @@
  * start..start+i. Only those keys are visited, so no score is computed to be masked away.
  *
  * Sums run over 16 lanes (W): lane l of a row's score gathers dimensions l, l + 16, ... of q * k,
- * in that order, and lanes are added as a tree (l + 8, then + 4, + 2, + 1), so every result is the
- * same on every CPU. They are computed on the target's own vectors (NB bytes: 64 with AVX-512, 32
+ * in that order, and lanes are added as a tree (l + 8, then + 4, + 2, + 1), so the vector width
+ * never changes a result. They are computed on the target's own vectors (NB bytes: 64 with AVX-512, 32
  * with AVX, else 16), PARTS of them per 16 lanes, with GCC's vector extensions: compilers split
  * wider vectors into registers well for sums and products, but broadcast scalars, compare and
  * shuffle them one lane at a time through memory (on AVX2 that took over half of the kernel's time).
@@ -127,11 +127,11 @@ static inline __attribute__((always_inline)) void group_head(const i64 C, const 
         for (i64 j = 0; j < p; j++) sc[j] = dot(N, tail, qv, qt, pkb + j * J->pks[1]);
         for (i64 j = 0; j <= i; j++) sc[p + j] = dot(N, tail, qv, qt, kb + (a + j) * J->ks[2]);
         for (i64 j = keys; j < padded; j++) sc[j] = -INFINITY;  /* never the max of a real score; exp gives 0 */
-        nv m[PARTS], total[PARTS] = {0};
-        for (int u = 0; u < PARTS; u++) m[u] = *(nv*)(sc + NW * u);
+        nv big[PARTS], total[PARTS] = {0};
+        for (int u = 0; u < PARTS; u++) big[u] = *(nv*)(sc + NW * u);
         for (i64 j = W; j < padded; j += W)
-            for (int u = 0; u < PARTS; u++) m[u] = nmax(m[u], *(nv*)(sc + j + NW * u));
-        const float top = max16(m);
+            for (int u = 0; u < PARTS; u++) big[u] = nmax(big[u], *(nv*)(sc + j + NW * u));
+        const float top = max16(big);
         for (i64 j = 0; j < padded; j += W)
             for (int u = 0; u < PARTS; u++) {
                 nv e = exp_neg(*(nv*)(sc + j + NW * u) - top);
