@@ -6,7 +6,8 @@
 - mingpt.resume's attention buckets (any bucket size) and its first-block saving (the base run's
   q, k, v reused) against the loop oracle, and against the resumed forward without the saving;
 - mingpt.ragged's compiled attention against a plain per-row softmax and against the torch buckets,
-  sweeps that use it against the loop, and the torch fallback when it cannot be built;
+  built for two vector widths against itself (the same bits), sweeps that use it against the loop,
+  and the torch fallback when it cannot be built;
 - patching.painter: the helper process draws the same PNG bytes as this process, the fallback when
   the helper is gone, and which arguments start one.
 """
@@ -344,6 +345,45 @@ def test_ragged_kernel_equals_per_row_softmax_and_torch_buckets(hs, last_only, m
     zt = torch.full_like(z, float("nan"))
     (mix.fill_last if last_only else mix.fill)(zt, qq, k, v)
     assert_close(z, zt, scale=zt.abs().max(), what="kernel vs torch buckets")
+
+
+def _build(flags, folder: Path):
+    """ragged.c built with these flags into folder, loaded as the kernel's entry point."""
+    import ctypes
+    lib = folder / f"ragged{len(list(folder.iterdir()))}.so"
+    subprocess.run([*ragged.compiler(), *flags, "-shared", "-fPIC", "-o", str(lib), str(ragged.SOURCE)], check=True)
+    run = ctypes.CDLL(str(lib)).ragged_attend
+    run.restype, run.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_float]
+    return run
+
+
+@needs_cc
+@pytest.mark.skipif("avx" not in (linear_module.cpu_flags() or ()),
+                    reason="an x86 CPU with AVX: its native vectors are wider than the baseline's 16 bytes")
+def test_ragged_kernel_gives_the_same_bits_at_every_vector_width(tmp_path):
+    """The kernel sums 16 lanes in one order whatever the CPU's vector width (ragged.c): built for this
+    CPU's widest vectors and for x86-64's baseline (SSE2, 4 floats), both without FMA (a fused
+    multiply-add rounds once, so FMA or not may change a result), the two give the same bits, with
+    and without scalar tails, for all rows and last rows, NaN included."""
+    wide, narrow = _build(["-O3", "-march=native", "-mno-fma"], tmp_path), _build(["-O3", "-mno-fma"], tmp_path)
+    groups, start = [], 0
+    for p, S in [(0, 35), (3, 32), (20, 15), (33, 2), (34, 1)]:
+        groups.append((p, start, S))
+        start += S
+    last = torch.tensor([st + S - 1 for _, st, S in groups])
+    for hs in (16, 20, 64, 72):
+        q, k, v, prefix = _ragged_case(2, 3, hs, groups, seed=hs)
+        k[1, 2, 40] = float("nan")  # a damaged key: NaN where it is seen, in both builds
+        for last_only in (False, True):
+            qq = q[:, :, last] if last_only else q
+            outs = []
+            for run in (wide, narrow):
+                z = torch.full((2, len(last) if last_only else start, 3, hs), 7.0)
+                assert ragged._call(run, qq, k, v, prefix, ragged.table(groups), z, last_only) == 0
+                outs.append(z)
+            assert outs[0].isnan().any() and not outs[0].isnan().all()
+            assert torch.equal(outs[0].isnan(), outs[1].isnan())
+            assert torch.equal(outs[0].nan_to_num(), outs[1].nan_to_num()), (hs, last_only)
 
 
 @needs_cc
