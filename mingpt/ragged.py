@@ -136,17 +136,23 @@ def _load():
                     _write(lib.with_suffix(".failed"), why.encode())
                 continue
         try:
-            run = _dlopen(fd, lib).ragged_attend
+            run = _entry(fd, lib)
         except (OSError, AttributeError) as e:
             why = f"{lib} did not load: {e}"
             continue
-        run.restype, run.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_float]
         if not _agrees(run):
             why = f"{lib} disagreed with torch"
             continue
         where = f", built in a private temporary folder because {refused}" if refused else ""
         return run, f"C kernel ({' '.join([Path(cc[0]).name, *cc[1:], *flags])}){where}"
     return None, f"torch ops (no usable C kernel: {why})"
+
+
+def _entry(fd: int, lib: Path):
+    """ragged_attend of the library open at fd (see _dlopen), typed as _call calls it."""
+    run = _dlopen(fd, lib).ragged_attend
+    run.restype, run.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_float]
+    return run
 
 
 def _compile(cc: list[str], flags, lib: Path) -> tuple[int | None, str | None, bool]:

@@ -348,13 +348,11 @@ def test_ragged_kernel_equals_per_row_softmax_and_torch_buckets(hs, last_only, m
 
 
 def _build(flags, folder: Path):
-    """ragged.c built with these flags into folder, loaded as the kernel's entry point."""
-    import ctypes
-    lib = folder / f"ragged{len(list(folder.iterdir()))}.so"
-    subprocess.run([*ragged.compiler(), *flags, "-shared", "-fPIC", "-o", str(lib), str(ragged.SOURCE)], check=True)
-    run = ctypes.CDLL(str(lib)).ragged_attend
-    run.restype, run.argtypes = ctypes.c_int, [ctypes.c_void_p] * 8 + [ctypes.c_float]
-    return run
+    """ragged.c built with these flags into folder as the cache builds it, loaded as the kernel's entry point."""
+    lib = folder / f"ragged-{len(list(folder.glob('*.so')))}.so"
+    fd, why, _ = ragged._compile(ragged.compiler(), flags, lib)
+    assert fd is not None, why
+    return ragged._entry(fd, lib)
 
 
 @needs_cc
