@@ -8,9 +8,9 @@
  * Sums run over 16 lanes (W): lane l of a row's score gathers dimensions l, l + 16, ... of q * k,
  * in that order, and lanes are added as a tree (l + 8, then + 4, + 2, + 1), so the vector width
  * never changes a result. They are computed on the target's own vectors (NB bytes: 64 with AVX-512, 32
- * with AVX, else 16), PARTS of them per 16 lanes, with GCC's vector extensions: compilers split
- * wider vectors into registers well for sums and products, but broadcast scalars, compare and
- * shuffle them one lane at a time through memory (on AVX2 that took over half of the kernel's time).
+ * with AVX, else 16), PARTS of them per 16 lanes, with GCC's vector extensions (clang has them too):
+ * compilers split wider vectors into registers well for sums and products, but broadcast scalars,
+ * compare and shuffle them one lane at a time through memory (on AVX2: over half of the kernel's time).
  * Head sizes that are not a multiple of 16 finish with scalar tails. Work is split over (slab, group)
  * items, in memory order and in runs of equal work, between the OpenMP threads of the caller (torch's
  * own runtime once torch is loaded): a group's rows are consecutive, so a thread reads whole rows of
@@ -22,7 +22,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef _OPENMP
+#if defined(_OPENMP) && defined(__clang__)
+/* torch runs GNU's OpenMP (libgomp); clang's (libomp) would add a second pool of threads, spinning
+ * against torch's after every call: the build without OpenMP (one thread) is taken instead */
+#error "clang's OpenMP runtime is not torch's"
+#elif defined(_OPENMP)
 #include <omp.h>
 #endif
 
@@ -30,15 +34,19 @@ typedef int64_t i64;
 
 #define W 16        /* lanes of every sum */
 #define MAX_CHUNKS 16  /* head sizes up to 256 (GPT-2's are 64) */
+#define X2(h, l) (l) ^ (h), (l + 1) ^ (h)  /* lanes l.. of a vector, each xor h */
+#define X4(h, l) X2(h, l), X2(h, l + 2)
+#define X8(h, l) X4(h, l), X4(h, l + 4)
+#define X16(h, l) X8(h, l), X8(h, l + 8)
 #if defined(__AVX512F__)
 #define NB 64
-#define LANES {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+#define XOR(h) X16(h, 0)  /* lanes 0..NW-1 of a native vector, each xor h */
 #elif defined(__AVX__)
 #define NB 32
-#define LANES {0, 1, 2, 3, 4, 5, 6, 7}
+#define XOR(h) X8(h, 0)
 #else
 #define NB 16
-#define LANES {0, 1, 2, 3}
+#define XOR(h) X4(h, 0)
 #endif
 #define NW (NB / 4)      /* floats per native vector */
 #define PARTS (W / NW)   /* native vectors per W lanes */
@@ -51,10 +59,25 @@ static inline nv load(const float* p) { return *(const nvu*)p; }
 static inline nv nmax(nv a, nv b) { ni gt = a > b; return (nv)(((ni)a & gt) | ((ni)b & ~gt)); }
 
 /* a with lanes l and l ^ h swapped (h a power of two below NW): a tree's step within one vector */
+#if defined(__clang__)
+/* clang has no __builtin_shuffle, and its __builtin_shufflevector takes the lanes as constants: one
+ * list per step (h is a constant once sum16 and max16 are unrolled, so the switch folds away) */
 static inline nv swap(nv a, const int h) {
-    const ni lanes = LANES;
-    return __builtin_shuffle(a, lanes ^ h);
+    switch (h) {
+    case 1: return __builtin_shufflevector(a, a, XOR(1));
+    case 2: return __builtin_shufflevector(a, a, XOR(2));
+#if NW > 4
+    case 4: return __builtin_shufflevector(a, a, XOR(4));
+#endif
+#if NW > 8
+    case 8: return __builtin_shufflevector(a, a, XOR(8));
+#endif
+    }
+    return a;  /* not reached: h < NW */
 }
+#else
+static inline nv swap(nv a, const int h) { return __builtin_shuffle(a, (ni){XOR(0)} ^ h); }
+#endif
 
 /* The total of W lanes held as PARTS vectors (s is overwritten): lane l + lane l + 8, + 4, + 2, + 1;
  * between parts with vector adds, then within one with shuffles (4 steps, not 15 scalar adds). */

@@ -347,12 +347,36 @@ def test_ragged_kernel_equals_per_row_softmax_and_torch_buckets(hs, last_only, m
     assert_close(z, zt, scale=zt.abs().max(), what="kernel vs torch buckets")
 
 
-def _build(flags, folder: Path):
-    """ragged.c built with these flags into folder as the cache builds it, loaded as the kernel's entry point."""
+def _build(flags, folder: Path, cc=None):
+    """ragged.c built with these flags (and this compiler, else the cache's) into folder as the cache
+    builds it, loaded as the kernel's entry point."""
     lib = folder / f"ragged-{len(list(folder.glob('*.so')))}.so"
-    fd, why, _ = ragged._compile(ragged.compiler(), flags, lib)
+    fd, why, _ = ragged._compile(cc or ragged.compiler(), flags, lib)
     assert fd is not None, why
     return ragged._entry(fd, lib)
+
+
+def _assert_same_bits(*runs):
+    """The builds give the same bits, with and without scalar tails, for all rows and last rows, NaN included."""
+    groups, start = [], 0
+    for p, S in [(0, 35), (3, 32), (20, 15), (33, 2), (34, 1)]:
+        groups.append((p, start, S))
+        start += S
+    last = torch.tensor([st + S - 1 for _, st, S in groups])
+    for hs in (16, 20, 64, 72):
+        q, k, v, prefix = _ragged_case(2, 3, hs, groups, seed=hs)
+        k[1, 2, 40] = float("nan")  # a damaged key: NaN where it is seen, in every build
+        for last_only in (False, True):
+            qq = q[:, :, last] if last_only else q
+            outs = []
+            for run in runs:
+                z = torch.full((2, len(last) if last_only else start, 3, hs), 7.0)
+                assert ragged._call(run, qq, k, v, prefix, ragged.table(groups), z, last_only) == 0
+                outs.append(z)
+            assert outs[0].isnan().any() and not outs[0].isnan().all()
+            for z in outs[1:]:
+                assert torch.equal(outs[0].isnan(), z.isnan())
+                assert torch.equal(outs[0].nan_to_num(), z.nan_to_num()), (hs, last_only)
 
 
 @needs_cc
@@ -362,28 +386,20 @@ def test_ragged_kernel_gives_the_same_bits_at_every_vector_width(tmp_path):
     """The kernel sums 16 lanes in one order whatever the CPU's vector width (ragged.c): built for this
     CPU's widest vectors and for x86-64's baseline (SSE2, 4 floats), both with every product rounded
     before its sum (-ffp-contract=off: a fused multiply-add rounds once, so FMA or not may change a
-    result; -mno-fma would not do, AVX-512 has FMA of its own), the two give the same bits, with and
-    without scalar tails, for all rows and last rows, NaN included."""
-    wide, narrow = _build(["-O3", "-march=native", "-ffp-contract=off"], tmp_path), \
-        _build(["-O3", "-ffp-contract=off"], tmp_path)
-    groups, start = [], 0
-    for p, S in [(0, 35), (3, 32), (20, 15), (33, 2), (34, 1)]:
-        groups.append((p, start, S))
-        start += S
-    last = torch.tensor([st + S - 1 for _, st, S in groups])
-    for hs in (16, 20, 64, 72):
-        q, k, v, prefix = _ragged_case(2, 3, hs, groups, seed=hs)
-        k[1, 2, 40] = float("nan")  # a damaged key: NaN where it is seen, in both builds
-        for last_only in (False, True):
-            qq = q[:, :, last] if last_only else q
-            outs = []
-            for run in (wide, narrow):
-                z = torch.full((2, len(last) if last_only else start, 3, hs), 7.0)
-                assert ragged._call(run, qq, k, v, prefix, ragged.table(groups), z, last_only) == 0
-                outs.append(z)
-            assert outs[0].isnan().any() and not outs[0].isnan().all()
-            assert torch.equal(outs[0].isnan(), outs[1].isnan())
-            assert torch.equal(outs[0].nan_to_num(), outs[1].nan_to_num()), (hs, last_only)
+    result; -mno-fma would not do, AVX-512 has FMA of its own), the two give the same bits."""
+    _assert_same_bits(_build(["-O3", "-march=native", "-ffp-contract=off"], tmp_path),
+                      _build(["-O3", "-ffp-contract=off"], tmp_path))
+
+
+@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("clang")), reason="needs both gcc and clang")
+def test_ragged_kernel_gives_the_same_bits_with_gcc_and_clang(tmp_path):
+    """The kernel's one sum order holds in either compiler's build (each has its own lane shuffles):
+    gcc's and clang's, for this CPU (and for x86-64's baseline where this CPU has AVX), with every
+    product rounded before its sum, give the same bits."""
+    flags = [["-O3", "-march=native", "-ffp-contract=off"]]
+    if "avx" in (linear_module.cpu_flags() or ()):
+        flags.append(["-O3", "-ffp-contract=off"])
+    _assert_same_bits(*(_build(f, tmp_path, [cc]) for f in flags for cc in ("gcc", "clang")))
 
 
 @needs_cc
