@@ -127,7 +127,7 @@ def our_sweep(model, T: int, site: str, budget: float, max_rows: int):
     noop = engines.noop_cells(rk, source, site, False)  # (slabs, T)
     cell_floor = floor_cells(model.config, T, site).reshape(noop.shape)
     live_floor = float(cell_floor[~noop.cpu().numpy()].sum())
-    chunks = engines._chunks(noop, T, False, max_rows, False)
+    chunks = engines.chunk_cells(noop, T, False, max_rows, False)
     done_at = np.cumsum([len(r) * len(p) for r, p in chunks])
     chunk_flop = [float(cell_floor[np.ix_(r, p)].sum()) for r, p in chunks]
 

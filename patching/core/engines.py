@@ -144,7 +144,7 @@ def noop_cells(base: Recording, source: torch.Tensor, site: str, every: bool) ->
     return noop.all(1, keepdim=True) if every else noop
 
 
-def _chunks(noop: torch.Tensor, T: int, every: bool, max_rows: int, lse: bool) -> list[tuple[list[int], list[int]]]:
+def chunk_cells(noop: torch.Tensor, T: int, every: bool, max_rows: int, lse: bool) -> list[tuple[list[int], list[int]]]:
     """(slab indices, positions) chunks covering every live cell in at most max_rows suffix rows."""
     live = (~noop.all(1)).nonzero().squeeze(1).tolist()  # a neuron site has n_inner slabs per layer
     if every:
@@ -187,7 +187,7 @@ def plan(config, T: int, site: str, every: bool, max_rows: int, lse: bool, noop:
     n_slabs = config.n_layer * n_units(config, site)
     if noop is None:
         noop = torch.zeros(n_slabs, 1 if every else T, dtype=torch.bool)
-    chunks = _chunks(noop, T, every, max_rows, lse)
+    chunks = chunk_cells(noop, T, every, max_rows, lse)
     cells = int(noop.numel())
     return Plan(site, cells, cells - int(noop.sum()), len(chunks),
                 recording_bytes(config, T, site) + chunk_bytes(config, T, site, every, lse, chunks))
@@ -224,7 +224,7 @@ def _fast(model, base, site, slabs, source, target_id, foil_id, lse, every, max_
         values_of = lambda rows, pos: src[rows] if pos is None else src[rows][:, pos]  # noqa: E731
     out = readout(base.last_logits[0], target_id, foil_id, lse).cpu().repeat(len(slabs), noop.shape[1], 1)
     ids = None if lse else torch.tensor([target_id, foil_id])
-    chunks = _chunks(noop, T, every, max_rows, lse)
+    chunks = chunk_cells(noop, T, every, max_rows, lse)
     done, total = 0, sum(len(rows) * len(pos) for rows, pos in chunks)
     # weights used more than once (several chunks) are worth reordering for oneDNN once, if memory allows
     # beside the largest chunk; a run of many sweeps (batch, study) holds model.packed() around them all

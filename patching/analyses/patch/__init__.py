@@ -206,8 +206,9 @@ class Patching(Analysis):
             check_recovery(r["clean"], r["corrupt"], rec["clean"].last_logits.dtype)
         base, src = ("corrupt", "clean") if o.direction == "denoise" else ("clean", "corrupt")
         source = rec[src][site][:, 0]
+        noop = engines.noop_cells(rec[base], source, site, o.all_positions)  # for the plan shown and the check
         if events.plan:
-            events.plan(planned(engines.noop_cells(rec[base], source, site, o.all_positions)))
+            events.plan(planned(noop))
         # each metric's value: 0 = the patched run's own and 1 = the other run's, for recovery
         value = lambda m, x: float(metric_values(m, x, r[src], r[base]))  # noqa: E731
         t1 = time.perf_counter()
@@ -231,7 +232,7 @@ class Patching(Analysis):
         timing = {"record_seconds": round(t1 - t0, 6), "sweep_seconds": round(t2 - t1 if attrib else t3 - t2, 6)}
         check = None
         if o.check:
-            live = ~engines.noop_cells(rec[base], source, site, o.all_positions).cpu().numpy().reshape(exact[o.metric].shape)
+            live = ~noop.cpu().numpy().reshape(exact[o.metric].shape)
             check = attribution.compare(exact[o.metric], metrics[o.metric], value(o.metric, r[base]), live,
                                         axes_of(site, o.all_positions), prep.tokens,
                                         source_value=value(o.metric, r[src]))
