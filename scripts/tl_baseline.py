@@ -58,7 +58,8 @@ def load_model(folder: str, device: str = "cpu", dtype: torch.dtype = torch.floa
         return model.eval(), "TransformerBridge.boot_transformers (raw weights)"
     from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
-    return hooked_from_hf(hf).to(device=device, dtype=dtype), "HookedTransformer (convert_gpt2_weights, no processing)"
+    model = hooked_from_hf(hf).to(device, print_details=False).to(dtype, print_details=False)  # one at a time in 3.x
+    return model, "HookedTransformer (convert_gpt2_weights, no processing)"
 
 
 def hooked_from_hf(hf_model):
