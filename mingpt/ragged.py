@@ -7,8 +7,8 @@ to itself. In torch ops that is many small batched matmuls over buckets of group
 GPT-2-small sweep. ragged.c visits only the visible keys, for every slab, head and row, in one call.
 
 The kernel is compiled on first use with the system's C compiler (CC, else cc, gcc or clang) for
-this CPU (-march=native, OpenMP: torch's own threads once torch is loaded; clang's build has no OpenMP,
-its runtime is not torch's) into a per-user cache
+this CPU (-march=native, OpenMP: torch's own threads once torch is loaded; clang builds it without, as
+its OpenMP runtime is not torch's) into a per-user cache
 (PATCH_RUN_CACHE, else $XDG_CACHE_HOME/patch-run or ~/.cache/patch-run), one file per source,
 compiler, flags and CPU, loaded with ctypes (no Python headers needed), and checked once per process
 against torch on small cases. Loading a library runs its code, so the cache is used only if it is our
