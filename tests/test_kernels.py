@@ -6,8 +6,8 @@
 - mingpt.resume's attention buckets (any bucket size) and its first-block saving (the base run's
   q, k, v reused) against the loop oracle, and against the resumed forward without the saving;
 - mingpt.ragged's compiled attention against a plain per-row softmax and against the torch buckets,
-  built for two vector widths against itself (the same bits), sweeps that use it against the loop,
-  and the torch fallback when it cannot be built;
+  built for two vector widths and by gcc and clang against itself (the same bits), sweeps that use it
+  against the loop, and the torch fallback when it cannot be built;
 - patching.painter: the helper process draws the same PNG bytes as this process, the fallback when
   the helper is gone, and which arguments start one.
 """
