@@ -347,6 +347,11 @@ def test_ragged_kernel_equals_per_row_softmax_and_torch_buckets(hs, last_only, m
     assert_close(z, zt, scale=zt.abs().max(), what="kernel vs torch buckets")
 
 
+# the kernel built for this CPU and for x86-64's baseline, every product rounded before its sum
+NATIVE, BASELINE = ["-O3", "-march=native", "-ffp-contract=off"], ["-O3", "-ffp-contract=off"]
+WIDER = "avx" in (linear_module.cpu_flags() or ())  # this CPU's vectors are wider than the baseline's
+
+
 def _build(flags, folder: Path, cc=None):
     """ragged.c built with these flags (and this compiler, else the cache's) into folder as the cache
     builds it, loaded as the kernel's entry point."""
@@ -380,15 +385,13 @@ def _assert_same_bits(*runs):
 
 
 @needs_cc
-@pytest.mark.skipif("avx" not in (linear_module.cpu_flags() or ()),
-                    reason="an x86 CPU with AVX: its native vectors are wider than the baseline's 16 bytes")
+@pytest.mark.skipif(not WIDER, reason="an x86 CPU with AVX: its native vectors are wider than the baseline's 16 bytes")
 def test_ragged_kernel_gives_the_same_bits_at_every_vector_width(tmp_path):
     """The kernel sums 16 lanes in one order whatever the CPU's vector width (ragged.c): built for this
     CPU's widest vectors and for x86-64's baseline (SSE2, 4 floats), both with every product rounded
     before its sum (-ffp-contract=off: a fused multiply-add rounds once, so FMA or not may change a
     result; -mno-fma would not do, AVX-512 has FMA of its own), the two give the same bits."""
-    _assert_same_bits(_build(["-O3", "-march=native", "-ffp-contract=off"], tmp_path),
-                      _build(["-O3", "-ffp-contract=off"], tmp_path))
+    _assert_same_bits(_build(NATIVE, tmp_path), _build(BASELINE, tmp_path))
 
 
 @pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("clang")), reason="needs both gcc and clang")
@@ -396,9 +399,7 @@ def test_ragged_kernel_gives_the_same_bits_with_gcc_and_clang(tmp_path):
     """The kernel's one sum order holds in either compiler's build (each has its own lane shuffles):
     gcc's and clang's, for this CPU (and for x86-64's baseline where this CPU has AVX), with every
     product rounded before its sum, give the same bits."""
-    flags = [["-O3", "-march=native", "-ffp-contract=off"]]
-    if "avx" in (linear_module.cpu_flags() or ()):
-        flags.append(["-O3", "-ffp-contract=off"])
+    flags = [NATIVE, BASELINE] if WIDER else [NATIVE]
     _assert_same_bits(*(_build(f, tmp_path, [cc]) for f in flags for cc in ("gcc", "clang")))
 
 
