@@ -206,7 +206,8 @@ class Patching(Analysis):
             check_recovery(r["clean"], r["corrupt"], rec["clean"].last_logits.dtype)
         base, src = ("corrupt", "clean") if o.direction == "denoise" else ("clean", "corrupt")
         source = rec[src][site][:, 0]
-        noop = engines.noop_cells(rec[base], source, site, o.all_positions)  # for the plan shown and the check
+        # the no-op cells, for the plan shown and the check (the sweep finds its own)
+        noop = engines.noop_cells(rec[base], source, site, o.all_positions) if events.plan or o.check else None
         if events.plan:
             events.plan(planned(noop))
         # each metric's value: 0 = the patched run's own and 1 = the other run's, for recovery
